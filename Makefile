@@ -1,0 +1,46 @@
+# nfmig — every entry point a user or CI needs.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+YANG    := yang
+APT_PKGS := libyang2-dev libyang2-tools conntrack nftables iptables iproute2 \
+            iputils-arping ethtool openvswitch-switch tcpdump
+MODULES := $(wildcard $(YANG)/*.yang)
+
+.PHONY: setup system-packages test demo bench lint clean
+
+setup: system-packages $(VENV)/.installed
+
+# Installs only what is missing, so it is cheap to run again.
+system-packages:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make setup: missing Debian packages:$$missing (run as root)"; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(BIN)/pytest -q -ra tests
+
+demo: setup
+	$(BIN)/nfmig demo
+
+bench: setup
+	$(BIN)/python bench/netconf_bulk.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/pyang --strict -p $(YANG) $(MODULES)
+	yanglint -p $(YANG) $(MODULES)
+	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.json
+	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.xml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,28 @@
+"""NAT implementations behind one small interface (see :mod:`nfmig.nf_backends.base`)."""
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    NatPolicy,
+    Session,
+    SessionChanges,
+    SessionKey,
+)
+
+__all__ = [
+    "Backend", "BackendError", "BackendStats", "NatPolicy", "Session", "SessionChanges",
+    "SessionKey", "create_backend", "BACKENDS",
+]
+
+BACKENDS = ("simulated",)
+
+
+def create_backend(name: str, **options) -> Backend:
+    """The backend called ``name``, built from the serve command's options."""
+    if name == "simulated":
+        from .simulated import SimulatedBackend
+
+        return SimulatedBackend(seed_sessions=options.get("sessions", 0),
+                                traffic_rate=options.get("traffic", 0.0))
+    raise ValueError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

@@ -1,0 +1,148 @@
+"""The one small interface every NAT implementation meets.
+
+The server speaks to a backend only in model terms (:class:`Session`, :class:`NatPolicy`);
+how a session looks natively (a conntrack entry, a flow pair, a userspace table row) is the
+backend's business and lives in exactly one place inside its module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# The model's key of a nat-session entry, in key order.
+KEY_FIELDS = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
+
+
+class Session(NamedTuple):
+    """One nat-session entry, field for leaf, in the YANG model's order.
+
+    Values are Python natives (str for enums and addresses, int for numbers); None means the
+    leaf is absent.
+    """
+
+    protocol: str
+    src_address: str
+    src_port: int
+    dst_address: str
+    dst_port: int
+    translated_address: str | None = None
+    translated_port: int | None = None
+    translated_dst_address: str | None = None
+    translated_dst_port: int | None = None
+    tcp_state: str | None = None
+    src_window_scale: int | None = None
+    dst_window_scale: int | None = None
+    timeout: int | None = None
+    orig_packets: int | None = None
+    orig_bytes: int | None = None
+    reply_packets: int | None = None
+    reply_bytes: int | None = None
+
+    @property
+    def key(self) -> SessionKey:
+        return self[:5]
+
+
+SessionKey = tuple  # (protocol, src_address, src_port, dst_address, dst_port)
+SESSION_FIELDS: tuple[str, ...] = Session._fields
+NUMERIC_FIELDS = frozenset(
+    f for f, t in Session.__annotations__.items() if "int" in str(t)
+)
+
+
+@dataclass
+class Timeouts:
+    tcp_established: int = 432000
+    tcp_transitory: int = 120
+    udp: int = 120
+    icmp: int = 30
+
+
+@dataclass
+class NatPolicy:
+    """The nat-policy container in Python terms (defaults as in the model)."""
+
+    inside_interface: str | None = None
+    outside_interface: str | None = None
+    inside_prefix: list[str] = field(default_factory=list)
+    external_address: list[str] = field(default_factory=list)
+    port_min: int = 1024
+    port_max: int = 65535
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def timeout_for(self, protocol: str, tcp_state: str | None) -> int:
+        if protocol == "TCP":
+            if tcp_state in (None, "established"):
+                return self.timeouts.tcp_established
+            return self.timeouts.tcp_transitory
+        if protocol == "UDP":
+            return self.timeouts.udp
+        return self.timeouts.icmp
+
+
+@dataclass
+class SessionChanges:
+    """A batch the backend applies all-or-nothing: full entries to write, keys to remove."""
+
+    upserts: list[Session] = field(default_factory=list)
+    deletes: list[SessionKey] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletes)
+
+
+@dataclass
+class BackendStats:
+    implementation: str
+    session_count: int
+    sessions_created: int = 0
+    sessions_expired: int = 0
+    sessions_imported: int = 0
+
+
+class BackendError(Exception):
+    """A batch was refused; nothing of it was applied.
+
+    ``key`` names the entry that failed (None when the failure is not about one entry) and
+    ``reason`` is the implementation's own word for why (e.g. "exists", "port taken").
+    """
+
+    def __init__(self, message: str, key: SessionKey | None = None, reason: str = "failed"):
+        super().__init__(message)
+        self.key = key
+        self.reason = reason
+
+
+class Backend(ABC):
+    """A NAT instance's native state, read and written in model terms."""
+
+    name: str = "abstract"
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin serving (threads, daemons). Called once by the server."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release everything start() acquired."""
+
+    @abstractmethod
+    def sessions(self) -> Iterator[Session]:
+        """A consistent snapshot of every session, in any order."""
+
+    @abstractmethod
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        """The sessions among ``keys`` that exist now."""
+
+    @abstractmethod
+    def apply(self, changes: SessionChanges) -> None:
+        """Apply a batch atomically; raise BackendError and change nothing if any entry fails."""
+
+    @abstractmethod
+    def apply_policy(self, policy: NatPolicy) -> None:
+        """Make the NAT use this policy for new sessions."""
+
+    @abstractmethod
+    def stats(self) -> BackendStats:
+        """Counters for the nat-state container."""

@@ -1,0 +1,266 @@
+"""A userspace NAT: its own session table plus a synthetic traffic generator.
+
+Needs no privileges, so it serves demos, unit tests and benchmarks. Its native table is
+keyed by packed integers like a kernel's, not by the model's strings: the conversion in
+:func:`_to_session` / :func:`_from_session` is this backend's whole mapping to the model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    NatPolicy,
+    Session,
+    SessionChanges,
+    SessionKey,
+)
+
+log = logging.getLogger(__name__)
+
+PROTO_NUM = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58}
+PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+TCP_STATES = (
+    "none", "syn-sent", "syn-recv", "established", "fin-wait", "close-wait",
+    "last-ack", "time-wait", "close", "syn-sent2",
+)
+TCP_STATE_NUM = {s: i for i, s in enumerate(TCP_STATES)}
+DEFAULT_EXTERNAL = "192.0.2.1"  # TEST-NET-1, used when the policy names no address
+
+# Native row layout: [nat_ip, nat_port, dnat_ip, dnat_port, tcp_state, wscale_o, wscale_r,
+#                     expires_at, o_pkts, o_bytes, r_pkts, r_bytes]
+NAT_IP, NAT_PORT, DNAT_IP, DNAT_PORT, STATE, WS_O, WS_R, EXPIRES, OP, OB, RP, RB = range(12)
+
+
+def _ip(text: str | None) -> int | None:
+    return None if text is None else int(ipaddress.ip_address(text))
+
+
+def _ip_text(value: int | None, v6: bool) -> str | None:
+    if value is None:
+        return None
+    return str(ipaddress.IPv6Address(value) if v6 else ipaddress.IPv4Address(value))
+
+
+def _native_key(key: SessionKey) -> tuple:
+    proto, src, sport, dst, dport = key
+    return (PROTO_NUM[proto], _ip(src), sport, _ip(dst), dport, ":" in src)
+
+
+def _to_session(nkey: tuple, row: list, now: float) -> Session:
+    proto, src, sport, dst, dport, v6 = nkey
+    state = row[STATE]
+    return Session(
+        PROTO_NAME[proto], _ip_text(src, v6), sport, _ip_text(dst, v6), dport,
+        _ip_text(row[NAT_IP], v6), row[NAT_PORT],
+        _ip_text(row[DNAT_IP], v6), row[DNAT_PORT],
+        None if state is None else TCP_STATES[state],
+        row[WS_O], row[WS_R],
+        max(0, int(row[EXPIRES] - now)),
+        row[OP], row[OB], row[RP], row[RB],
+    )
+
+
+def _from_session(s: Session, now: float, policy: NatPolicy) -> list:
+    timeout = s.timeout if s.timeout is not None else policy.timeout_for(s.protocol, s.tcp_state)
+    return [
+        _ip(s.translated_address), s.translated_port,
+        _ip(s.translated_dst_address), s.translated_dst_port,
+        None if s.tcp_state is None else TCP_STATE_NUM[s.tcp_state],
+        s.src_window_scale, s.dst_window_scale,
+        now + timeout,
+        s.orig_packets or 0, s.orig_bytes or 0, s.reply_packets or 0, s.reply_bytes or 0,
+    ]
+
+
+class SimulatedBackend(Backend):
+    """An in-memory NAT table; ``traffic_rate`` new sessions per second when > 0."""
+
+    name = "simulated"
+
+    def __init__(self, seed_sessions: int = 0, traffic_rate: float = 0.0, tick: float = 0.5,
+                 rng_seed: int | None = None):
+        self._table: dict[tuple, list] = {}
+        # (protocol, nat_ip, nat_port) -> native key of the session holding that endpoint
+        self._endpoints: dict[tuple[int, int, int], tuple] = {}
+        self._lock = threading.RLock()
+        self._policy = NatPolicy()
+        self._traffic_rate = traffic_rate
+        self._tick = tick
+        self._rng = random.Random(rng_seed)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._created = self._expired = self._imported = 0
+        if seed_sessions:
+            self.seed(seed_sessions)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="simulated-traffic", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    # -- Backend interface -------------------------------------------------------------
+    def sessions(self) -> Iterator[Session]:
+        now = time.monotonic()
+        with self._lock:
+            items = list(self._table.items())
+        return (_to_session(k, row, now) for k, row in items)
+
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        now = time.monotonic()
+        found = {}
+        with self._lock:
+            for key in keys:
+                row = self._table.get(_native_key(key))
+                if row is not None:
+                    found[key] = _to_session(_native_key(key), row, now)
+        return found
+
+    def apply(self, changes: SessionChanges) -> None:
+        now = time.monotonic()
+        with self._lock:
+            deletes = [_native_key(k) for k in changes.deletes]
+            for nkey, key in zip(deletes, changes.deletes, strict=True):
+                if nkey not in self._table:
+                    raise BackendError(f"session {key} does not exist", key, "missing")
+            upserts = [(_native_key(s.key), _from_session(s, now, self._policy), s)
+                       for s in changes.upserts]
+            self._check_ports(upserts, set(deletes))
+            for nkey in deletes:
+                self._release(nkey, self._table.pop(nkey))
+            for nkey, row, _ in upserts:
+                old = self._table.get(nkey)
+                if old is not None:
+                    self._release(nkey, old)
+                self._table[nkey] = row
+                self._claim(nkey, row)
+            self._imported += len(upserts)
+
+    def apply_policy(self, policy: NatPolicy) -> None:
+        with self._lock:
+            self._policy = policy
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(self.name, len(self._table), self._created, self._expired,
+                                self._imported)
+
+    # -- native helpers ----------------------------------------------------------------
+    def _check_ports(self, upserts: list, deleting: set) -> None:
+        """Refuse a batch that would give one external endpoint to two sessions."""
+        claimed: dict[tuple, tuple] = {}
+        for nkey, row, s in upserts:
+            if row[NAT_IP] is None:
+                continue
+            endpoint = (nkey[0], row[NAT_IP], row[NAT_PORT])
+            if endpoint in claimed and claimed[endpoint] != nkey:
+                raise BackendError(
+                    f"translated endpoint {s.translated_address}:{s.translated_port} is given "
+                    f"to two sessions in this batch", s.key, "port taken")
+            claimed[endpoint] = nkey
+            owner = self._endpoints.get(endpoint)
+            if owner is not None and owner != nkey and owner not in deleting:
+                raise BackendError(
+                    f"translated endpoint {s.translated_address}:{s.translated_port} is in "
+                    f"use by another session", s.key, "port taken")
+
+    def _claim(self, nkey: tuple, row: list) -> None:
+        if row[NAT_IP] is not None:
+            self._endpoints[(nkey[0], row[NAT_IP], row[NAT_PORT])] = nkey
+
+    def _release(self, nkey: tuple, row: list) -> None:
+        if row[NAT_IP] is not None:
+            self._endpoints.pop((nkey[0], row[NAT_IP], row[NAT_PORT]), None)
+
+    def _external(self) -> int:
+        addresses = self._policy.external_address or [DEFAULT_EXTERNAL]
+        return _ip(self._rng.choice(addresses))
+
+    def _allocate_port(self, proto: int, nat_ip: int) -> int | None:
+        """A free external port, never one held by another session (imported ones too)."""
+        lo, hi = self._policy.port_min, self._policy.port_max
+        for _ in range(64):
+            port = self._rng.randint(lo, hi)
+            if (proto, nat_ip, port) not in self._endpoints:
+                return port
+        for port in range(lo, hi + 1):
+            if (proto, nat_ip, port) not in self._endpoints:
+                return port
+        return None
+
+    def _open_session(self, now: float, index: int) -> bool:
+        """Create one TCP session as traffic from a subscriber would."""
+        src = (10 << 24) | (index % 0xFFFF + 1)
+        sport = 1024 + index % 60000
+        dst = (198 << 24) | (51 << 16) | (100 << 8) | (1 + index % 250)
+        nkey = (6, src, sport, dst, 443, False)
+        if nkey in self._table:
+            return False
+        nat_ip = self._external()
+        port = self._allocate_port(6, nat_ip)
+        if port is None:
+            return False
+        timeout = self._policy.timeouts.tcp_established
+        row = [nat_ip, port, None, None, TCP_STATE_NUM["established"], 7, 7, now + timeout,
+               3, 180, 2, 120]
+        self._table[nkey] = row
+        self._claim(nkey, row)
+        return True
+
+    def seed(self, count: int) -> None:
+        """Fill the table with ``count`` established sessions (distinct 5-tuples)."""
+        now = time.monotonic()
+        with self._lock:
+            made, index = 0, len(self._table)
+            while made < count:
+                if self._open_session(now, index):
+                    made += 1
+                index += 1
+
+    def _run(self) -> None:
+        carry = 0.0
+        index = 1 << 20
+        while not self._stop.wait(self._tick):
+            now = time.monotonic()
+            with self._lock:
+                self._expire(now)
+                carry += self._traffic_rate * self._tick
+                while carry >= 1:
+                    carry -= 1
+                    index += 1
+                    if self._open_session(now, index):
+                        self._created += 1
+                if self._traffic_rate:
+                    self._advance_counters(now)
+
+    def _expire(self, now: float) -> None:
+        dead = [k for k, row in self._table.items() if row[EXPIRES] <= now]
+        for k in dead:
+            self._release(k, self._table.pop(k))
+        self._expired += len(dead)
+
+    def _advance_counters(self, now: float) -> None:
+        """Some sessions see packets: counters grow and their idle timer restarts."""
+        if not self._table:
+            return
+        keys = self._rng.sample(list(self._table), min(len(self._table), 32))
+        for k in keys:
+            row = self._table[k]
+            row[OP] += 1
+            row[OB] += 100
+            row[RP] += 1
+            row[RB] += 1400
+            row[EXPIRES] = now + self._policy.timeouts.tcp_established

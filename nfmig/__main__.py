@@ -1,0 +1,3 @@
+from nfmig.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The nfmig command: serve an NF instance, manage its users, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+
+from nfmig import __version__
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    scale = units.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    if not number.isdigit() or int(number) < 1024 // scale:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of at least 1024 bytes "
+                                         "(e.g. 65536, 64k, 256m)")
+    return int(number) * scale
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfmig",
+        description="Move the live state of network functions between different "
+                    "implementations through a common YANG model.")
+    parser.add_argument("--version", action="version", version=f"nfmig {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the NETCONF server of one NF instance",
+                           description="Serve one NAT instance's state over NETCONF (SSH). "
+                           "The datastore is the YANG model nfmig-nat, backed by the NAT's "
+                           "own session table.")
+    serve.add_argument("--backend", choices=("simulated",), default="simulated",
+                       help="NAT implementation behind the datastore (default: simulated)")
+    serve.add_argument("--sessions", type=_count, default=0, metavar="N",
+                       help="seed N sessions at start (simulated backend)")
+    serve.add_argument("--traffic", type=float, default=0.0, metavar="RATE",
+                       help="synthetic new sessions per second (simulated backend; default 0)")
+    serve.add_argument("--netconf-port", type=_port, default=830, metavar="PORT",
+                       help="NETCONF over SSH port (default 830; 0 picks a free port)")
+    serve.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
+                       help="address to listen on (default 127.0.0.1, loopback only)")
+    serve.add_argument("--users", type=Path, required=True, metavar="FILE",
+                       help="users file written by 'nfmig adduser'")
+    serve.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                       help="where the host key and the startup datastore live")
+    serve.add_argument("--max-message-size", type=_size, default=256 << 20, metavar="BYTES",
+                       help="largest request accepted, e.g. 64m (default 256m)")
+    serve.add_argument("--port-file", type=Path, metavar="FILE",
+                       help="write the NETCONF port here once listening (useful with port 0)")
+
+    adduser = sub.add_parser("adduser", help="add a user to a users file",
+                             description="Add a password (stored scrypt-hashed) or an SSH "
+                             "public key for NAME to FILE (created with mode 0600).")
+    adduser.add_argument("--users", type=Path, required=True, metavar="FILE")
+    adduser.add_argument("name", metavar="NAME")
+    how = adduser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--password", metavar="PW",
+                     help="the password; '-' reads it from standard input or a prompt")
+    how.add_argument("--key", type=Path, metavar="PUBKEYFILE", help="an OpenSSH public key file")
+
+    demo = sub.add_parser("demo", help="move all sessions between two NAT instances",
+                          description="Start two NAT instances on loopback, then move every "
+                          "session from A to B with get-data, edit-config and a delete on A.")
+    demo.add_argument("--sessions", type=_count, default=1000, metavar="N",
+                      help="sessions on NAT A at the start (default 1000)")
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from nfmig.nf_backends import create_backend
+    from nfmig.server.app import Server, ServerConfig
+    from nfmig.server.auth import UsersFileError
+
+    config = ServerConfig(state_dir=args.state_dir, users_file=args.users, listen=args.listen,
+                          netconf_port=args.netconf_port,
+                          max_message_size=args.max_message_size)
+    backend = create_backend(args.backend, sessions=args.sessions, traffic=args.traffic)
+    try:
+        server = Server(config, backend)
+        server.start()
+    except UsersFileError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.listen} port {args.netconf_port}: "
+                     f"{exc.strerror or exc}")
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    if args.port_file:
+        args.port_file.write_text(f"{server.listener.port}\n")
+    logging.getLogger("nfmig").info("serving %s NAT with %d sessions", args.backend,
+                                    backend.stats().session_count)
+    server.run_forever()
+    return 0
+
+
+def _cmd_adduser(args: argparse.Namespace) -> int:
+    from nfmig.server.auth import UsersFileError, add_user
+
+    password = args.password
+    if password == "-":
+        password = (getpass.getpass(f"password for {args.name}: ") if sys.stdin.isatty()
+                    else sys.stdin.readline().rstrip("\n"))
+    try:
+        add_user(args.users, args.name, password=password, pubkey_file=args.key)
+    except (UsersFileError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"added {args.name} to {args.users}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nfmig.client.demo import run_demo
+
+    return run_demo(args.sessions)
+
+
+def _fail(message: str) -> int:
+    print(f"nfmig: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("paramiko", "ncclient", "sshutil", "netconf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    handlers = {"serve": _cmd_serve, "adduser": _cmd_adduser, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

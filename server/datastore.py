@@ -1,0 +1,467 @@
+"""The NMDA datastores of one NF instance, over its backend.
+
+- running: the NAT policy (kept here) and the sessions (kept by the backend: the NF is the
+  source of truth, so nothing here copies them);
+- candidate: running plus pending changes, which commit applies as one backend batch;
+- startup: a file in the state directory;
+- operational: running plus state (nat-state, yang-library, netconf-state).
+
+Every edit is checked against the model before anything is applied, and applied
+all-or-nothing: the backend takes the whole session batch or none of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from nfmig.nf_backends.base import (
+    Backend,
+    BackendError,
+    NatPolicy,
+    Session,
+    SessionChanges,
+    Timeouts,
+)
+
+from . import errors
+from .errors import RpcError, RpcErrors
+from .schema import ListEntryChecker, Schema, YangError
+from .session_codec import OPERATION_ATTR, SessionDecoder, SessionEdit, sessions_to_xml
+from .tree_edit import edit_node
+
+log = logging.getLogger(__name__)
+
+CONFIG_DATASTORES = ("running", "candidate", "startup")
+
+
+@dataclass
+class EditOptions:
+    default_operation: str = "merge"       # merge | replace | none
+    test_option: str = "test-then-set"     # test-then-set | set | test-only
+    error_option: str = "stop-on-error"    # stop-on-error | continue-on-error | rollback-on-error
+
+
+@dataclass
+class Candidate:
+    """Pending changes over running: policy as a whole, sessions by key (None = delete)."""
+
+    policy: etree._Element | None
+    sessions: dict[tuple, Session | None] = field(default_factory=dict)
+    policy_changed: bool = False
+
+    @property
+    def modified(self) -> bool:
+        return self.policy_changed or bool(self.sessions)
+
+
+class Datastores:
+    def __init__(self, schema: Schema, backend: Backend, state_dir: Path):
+        self.schema = schema
+        self.backend = backend
+        self.state_dir = Path(state_dir)
+        self.ns = schema.nat_ns
+        self.decoder = SessionDecoder(ListEntryChecker(schema, "/nfmig-nat:nat-session"), self.ns)
+        self._policy_schema = schema.find("/nfmig-nat:nat-policy")
+        self._lock = threading.RLock()
+        self._policy: etree._Element | None = None
+        self._candidate: Candidate | None = None
+        self.locks: dict[str, int] = {}
+        self.startup_path = self.state_dir / "startup.xml"
+
+    # -- start-up ----------------------------------------------------------------------
+    def load_startup(self) -> None:
+        """Make running what startup holds, if the state directory has one."""
+        if not self.startup_path.exists():
+            return
+        text = self.startup_path.read_text()
+        try:
+            config = etree.fromstring(f"<config>{text}</config>".encode())
+            self._replace_running(config)
+        except (etree.XMLSyntaxError, RpcError) as exc:
+            raise RuntimeError(f"{self.startup_path}: not a valid startup configuration: "
+                               f"{exc}") from None
+        log.info("running loaded from %s", self.startup_path)
+
+    # -- reads -------------------------------------------------------------------------
+    def config_parts(self, datastore: str) -> Iterator[str]:
+        """The configuration of a datastore as XML fragments (top-level nodes)."""
+        if datastore == "startup":
+            if self.startup_path.exists():
+                yield self.startup_path.read_text()
+            return
+        with self._lock:
+            candidate = self._candidate if datastore == "candidate" else None
+            policy = candidate.policy if candidate else self._policy
+            overlay = dict(candidate.sessions) if candidate else {}
+        if policy is not None:
+            yield etree.tostring(policy, encoding="unicode")
+        yield from sessions_to_xml(self._sessions_with(overlay), self.ns)
+
+    def _sessions_with(self, overlay: dict) -> Iterator[Session]:
+        for s in self.backend.sessions():
+            if s.key in overlay:
+                continue
+            yield s
+        for s in overlay.values():
+            if s is not None:
+                yield s
+
+    def state_parts(self) -> Iterator[str]:
+        stats = self.backend.stats()
+        yield (f'<nat-state xmlns="{self.ns}"><implementation>{stats.implementation}'
+               f"</implementation><session-count>{stats.session_count}</session-count>"
+               f"<sessions-created>{stats.sessions_created}</sessions-created>"
+               f"<sessions-expired>{stats.sessions_expired}</sessions-expired>"
+               f"<sessions-imported>{stats.sessions_imported}</sessions-imported></nat-state>")
+
+    @property
+    def policy(self) -> NatPolicy:
+        with self._lock:
+            return self._policy_from_xml(self._policy)
+
+    # -- locks -------------------------------------------------------------------------
+    def lock(self, datastore: str, session_id: int) -> None:
+        with self._lock:
+            holder = self.locks.get(datastore)
+            if holder is not None:
+                raise errors.lock_denied(
+                    f"{datastore} is already locked by session {holder}", holder)
+            if datastore == "candidate" and self._candidate and self._candidate.modified:
+                raise errors.lock_denied("candidate has uncommitted changes; commit or "
+                                         "discard-changes first", 0)
+            self.locks[datastore] = session_id
+
+    def unlock(self, datastore: str, session_id: int) -> None:
+        with self._lock:
+            holder = self.locks.get(datastore)
+            if holder is None:
+                raise errors.operation_failed(f"{datastore} is not locked", type="protocol")
+            if holder != session_id:
+                raise errors.lock_denied(f"{datastore} is locked by session {holder}", holder)
+            del self.locks[datastore]
+
+    def release_locks(self, session_id: int) -> list[str]:
+        with self._lock:
+            held = [ds for ds, sid in self.locks.items() if sid == session_id]
+            for ds in held:
+                del self.locks[ds]
+            if "candidate" in held and self._candidate:
+                self._candidate = None  # RFC 6241 §8.3.5.2: a lock holder's edits go
+            return held
+
+    def check_writable(self, datastore: str, session_id: int) -> None:
+        holder = self.locks.get(datastore)
+        if holder is not None and holder != session_id:
+            raise errors.in_use(f"{datastore} is locked by session {holder}")
+
+    # -- edits -------------------------------------------------------------------------
+    def edit(self, datastore: str, config: etree._Element, options: EditOptions,
+             session_id: int) -> None:
+        """edit-config / edit-data of ``config``'s children into ``datastore``."""
+        if datastore not in ("running", "candidate"):
+            raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
+                                       "running or candidate", info={"bad-element": "target"})
+        with self._lock:
+            self.check_writable(datastore, session_id)
+            if options.default_operation == "replace":
+                if options.test_option == "test-only":
+                    self._plan_replace(config)
+                    return
+                self._replace_datastore(datastore, config)
+                return
+            policy_edits, session_edits = self._split(config, options.default_operation)
+            base = self._base_for(datastore)
+            new_policy = self._plan_policy(base.policy, policy_edits)
+            changes, failed = self._plan_sessions(base.sessions, session_edits,
+                                                  options.error_option)
+            if options.test_option == "test-only":
+                if failed:
+                    raise RpcErrors(failed)
+                return
+            if datastore == "running":
+                self._commit_changes(new_policy, policy_edits != [], changes)
+            else:
+                self._stage(new_policy, policy_edits != [], changes)
+            if failed:
+                raise RpcErrors(failed)
+
+    def _base_for(self, datastore: str) -> Candidate:
+        if datastore == "candidate" and self._candidate:
+            return self._candidate
+        return Candidate(policy=self._policy)
+
+    def _split(self, config: etree._Element, default_op: str
+               ) -> tuple[list[etree._Element], list[SessionEdit]]:
+        policy_edits, session_edits = [], []
+        inherited = config.get(OPERATION_ATTR, default_op)
+        for child in config:
+            if not isinstance(child.tag, str):
+                continue
+            qname = etree.QName(child)
+            if qname.localname == "nat-session" and qname.namespace in (self.ns, None):
+                session_edits.append(self.decoder.decode(child, inherited))
+            elif qname.localname == "nat-policy" and qname.namespace in (self.ns, None):
+                policy_edits.append(child)
+            else:
+                raise self._unknown_top_level(child)
+        return policy_edits, session_edits
+
+    def _unknown_top_level(self, element: etree._Element) -> RpcError:
+        """Let libyang name what is wrong with a node we do not edit (unknown, or state)."""
+        try:
+            self.schema.parse_xml(etree.tostring(element), validate=False)
+        except YangError as exc:
+            return exc.to_rpc_error()
+        qname = etree.QName(element)
+        return errors.invalid_value(f"{qname.localname} is state data and cannot be edited",
+                                    path=f"/{qname.localname}")
+
+    # The policy: small, edited as a tree and validated whole by libyang.
+    def _plan_policy(self, current: etree._Element | None,
+                     edits: list[etree._Element]) -> etree._Element | None:
+        if not edits:
+            return current
+        holder = etree.Element("config")
+        if current is not None:
+            holder.append(copy.deepcopy(current))
+        for edit in edits:
+            if etree.QName(edit).namespace is None:  # lenient: a client that left ns out
+                edit = _with_namespace(edit, self.ns)
+            edit_node(holder, edit, self._policy_schema, edit.get(OPERATION_ATTR, "merge"),
+                      "/nfmig-nat:nat-policy")
+        policy = holder[0] if len(holder) else None
+        if policy is not None:
+            self._validate_policy(policy)
+        return policy
+
+    def _validate_policy(self, policy: etree._Element) -> None:
+        try:
+            tree = self.schema.parse_xml(etree.tostring(policy))
+        except YangError as exc:
+            raise exc.to_rpc_error() from None
+        if tree is not None:
+            tree.free()
+
+    def _policy_from_xml(self, policy: etree._Element | None) -> NatPolicy:
+        if policy is None:
+            return NatPolicy()
+        tree = self.schema.parse_xml(etree.tostring(policy))
+        try:
+            data = tree.print_dict(include_implicit_defaults=True, absolute=False)
+        finally:
+            tree.free()
+        p = data.get("nat-policy", {})
+        t = p.get("timeouts", {})
+        return NatPolicy(
+            inside_interface=p.get("inside-interface"),
+            outside_interface=p.get("outside-interface"),
+            inside_prefix=list(p.get("inside-prefix", [])),
+            external_address=list(p.get("external-address", [])),
+            port_min=p.get("port-min", 1024), port_max=p.get("port-max", 65535),
+            timeouts=Timeouts(t.get("tcp-established", 432000), t.get("tcp-transitory", 120),
+                              t.get("udp", 120), t.get("icmp", 30)),
+        )
+
+    # The sessions: checked entry by entry against the view they edit.
+    def _plan_sessions(self, overlay: dict, edits: list[SessionEdit], error_option: str
+                       ) -> tuple[dict[tuple, Session | None], list[RpcError]]:
+        if not edits:
+            return {}, []
+        seen: dict[tuple, SessionEdit] = {}
+        for edit in edits:
+            if edit.key in seen:
+                raise errors.invalid_value(
+                    f"nat-session {_key_text(edit.key)} appears twice in this edit",
+                    path=edit.path, app_tag="data-not-unique")
+            seen[edit.key] = edit
+        pending = [k for k in seen if k not in overlay]
+        current = self.backend.lookup(pending) if pending else {}
+        current.update({k: v for k, v in overlay.items() if k in seen and v is not None})
+        changes: dict[tuple, Session | None] = {}
+        failed: list[RpcError] = []
+        for key, edit in seen.items():
+            try:
+                changes[key] = self._plan_entry(edit, current.get(key))
+            except RpcError as exc:
+                if error_option != "continue-on-error":
+                    raise
+                failed.append(exc)
+        return changes, failed
+
+    @staticmethod
+    def _plan_entry(edit: SessionEdit, existing: Session | None) -> Session | None:
+        op = edit.operation
+        if op == "create" and existing is not None:
+            raise errors.data_exists(f"nat-session {_key_text(edit.key)} already exists",
+                                     edit.path)
+        if op == "delete" and existing is None:
+            raise errors.data_missing(f"nat-session {_key_text(edit.key)} does not exist, so "
+                                      "it cannot be deleted", edit.path)
+        if op in ("delete", "remove"):
+            return None
+        if existing is None and op == "merge" and edit.removed:
+            missing = [f for f, how in edit.removed.items() if how == "delete"]
+            if missing:
+                raise errors.data_missing(f"leaf {missing[0]} does not exist", edit.path)
+        return edit.apply_to(existing)
+
+    def _commit_changes(self, policy: etree._Element | None, policy_changed: bool,
+                        sessions: dict[tuple, Session | None]) -> None:
+        """Apply to the backend: policy first (new sessions need it), sessions as one batch."""
+        old_policy = self._policy
+        if policy_changed:
+            self.backend.apply_policy(self._policy_from_xml(policy))
+            self._policy = policy
+        batch = SessionChanges(
+            upserts=[s for s in sessions.values() if s is not None],
+            deletes=[k for k, s in sessions.items() if s is None])
+        if not batch:
+            return
+        try:
+            self.backend.apply(batch)
+        except BackendError as exc:
+            if policy_changed:
+                self.backend.apply_policy(self._policy_from_xml(old_policy))
+                self._policy = old_policy
+            raise _backend_error(exc, self.decoder) from None
+        log.info("running: %d sessions written, %d removed", len(batch.upserts),
+                 len(batch.deletes))
+
+    def _stage(self, policy: etree._Element | None, policy_changed: bool,
+               sessions: dict[tuple, Session | None]) -> None:
+        candidate = self._candidate or Candidate(policy=self._policy)
+        candidate.sessions.update(sessions)
+        if policy_changed:
+            candidate.policy = policy
+            candidate.policy_changed = True
+        self._candidate = candidate
+
+    # -- replace (default-operation replace, copy-config) -------------------------------
+    def _plan_replace(self, config: etree._Element
+                      ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
+        policy_edits, session_edits = self._split(config, "replace")
+        policy = self._plan_policy(None, [_without_operations(e) for e in policy_edits])
+        wanted = {}
+        for edit in session_edits:
+            if edit.key in wanted:
+                raise errors.invalid_value(
+                    f"nat-session {_key_text(edit.key)} appears twice in this edit",
+                    path=edit.path, app_tag="data-not-unique")
+            wanted[edit.key] = Session(**edit.values)
+        return policy, wanted
+
+    def _replace_datastore(self, datastore: str, config: etree._Element) -> None:
+        policy, wanted = self._plan_replace(config)
+        changes: dict[tuple, Session | None] = dict(wanted)
+        for s in self._sessions_with(self._candidate.sessions if datastore == "candidate"
+                                     and self._candidate else {}):
+            if s.key not in wanted:
+                changes[s.key] = None
+        if datastore == "running":
+            self._commit_changes(policy, True, changes)
+        else:
+            self._stage(policy, True, changes)
+
+    def _replace_running(self, config: etree._Element) -> None:
+        with self._lock:
+            self._replace_datastore("running", config)
+
+    # -- candidate operations ----------------------------------------------------------
+    def commit(self, session_id: int) -> None:
+        with self._lock:
+            self.check_writable("running", session_id)
+            candidate = self._candidate
+            if candidate is None or not candidate.modified:
+                return
+            live = self.backend.lookup([k for k, v in candidate.sessions.items() if v is None])
+            changes = {k: v for k, v in candidate.sessions.items() if v is not None or k in live}
+            self._commit_changes(candidate.policy, candidate.policy_changed, changes)
+            self._candidate = None
+
+    def discard_changes(self, session_id: int) -> None:
+        with self._lock:
+            self.check_writable("candidate", session_id)
+            self._candidate = None
+
+    def validate(self, source: str) -> None:
+        """Full libyang validation of a datastore's configuration."""
+        text = "".join(self.config_parts(source))
+        try:
+            tree = self.schema.parse_xml(text)
+        except YangError as exc:
+            raise exc.to_rpc_error() from None
+        if tree is not None:
+            tree.free()
+
+    # -- copy / delete -----------------------------------------------------------------
+    def copy_config(self, source: str | etree._Element, target: str, session_id: int) -> None:
+        with self._lock:
+            if target != "startup":
+                self.check_writable(target, session_id)
+            if isinstance(source, str):
+                text = "".join(self.config_parts(source))
+                config = etree.fromstring(f"<config>{text}</config>".encode())
+            else:
+                config = source
+            if target == "startup":
+                self._plan_replace(config)  # validates; startup holds only valid config
+                self.check_writable("startup", session_id)
+                self._write_startup("".join(etree.tostring(c, encoding="unicode")
+                                            for c in config if isinstance(c.tag, str)))
+            else:
+                self._replace_datastore(target, config)
+
+    def delete_config(self, target: str, session_id: int) -> None:
+        if target != "startup":
+            raise errors.invalid_value(f"delete-config cannot delete {target}; only startup",
+                                       info={"bad-element": target})
+        with self._lock:
+            self.check_writable("startup", session_id)
+            self.startup_path.unlink(missing_ok=True)
+
+    def _write_startup(self, text: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.startup_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.startup_path)  # never a half-written startup
+
+
+def _key_text(key: tuple) -> str:
+    proto, src, sport, dst, dport = key
+    return f"{proto} {src}:{sport} -> {dst}:{dport}"
+
+
+def _backend_error(exc: BackendError, decoder: SessionDecoder) -> RpcError:
+    path = decoder.checker.entry_path(dict(zip(decoder.checker.keys, map(str, exc.key),
+                                               strict=True))) if exc.key else None
+    tag = {"exists": "data-exists", "missing": "data-missing"}.get(exc.reason,
+                                                                   "operation-failed")
+    return RpcError(tag, f"the NAT refused the change, nothing was applied: {exc}", path=path,
+                    app_tag=exc.reason.replace(" ", "-"))
+
+
+def _with_namespace(element: etree._Element, ns: str) -> etree._Element:
+    clone = copy.deepcopy(element)
+    for node in clone.iter():
+        if isinstance(node.tag, str) and not node.tag.startswith("{"):
+            node.tag = f"{{{ns}}}{node.tag}"
+    return clone
+
+
+def _without_operations(element: etree._Element) -> etree._Element:
+    clone = copy.deepcopy(element)
+    for node in clone.iter():
+        node.attrib.pop(OPERATION_ATTR, None)
+    return clone
+
+
+def iter_text(parts: Iterable[str]) -> str:
+    return "".join(parts)

@@ -1,0 +1,321 @@
+"""NETCONF over SSH (RFC 6241, RFC 6242) on python-netconf's session and SSH server classes.
+
+python-netconf supplies the SSH accept loop and the per-session reader thread; this module
+replaces what it does not do well for this server: binding one address, hello leniency,
+fast and size-limited framing, and sending replies built as text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import paramiko
+import sshutil.server
+from lxml import etree
+from netconf import base as nc_base
+from netconf.error import ChannelClosed
+
+from .auth import SshAuthenticator
+from .errors import RpcError, RpcErrors
+from .framing import (
+    ChannelEOF,
+    FrameReader,
+    FramingError,
+    MessageTooBig,
+    frame_chunked,
+    frame_eom,
+)
+from .operations import NC, Operations, SessionInfo
+
+log = logging.getLogger(__name__)
+
+BASE_10 = "urn:ietf:params:netconf:base:1.0"
+BASE_11 = "urn:ietf:params:netconf:base:1.1"
+_PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True,
+                          remove_comments=True)
+_MESSAGE_ID = re.compile(rb"""message-id\s*=\s*["']([^"']{1,256})["']""")
+WINDOW = 8 << 20
+HELLO_TIMEOUT = 60
+
+
+class NetconfSession(nc_base.NetconfSession):
+    """One client session: hello, then rpc after rpc until close-session or EOF."""
+
+    def __init__(self, channel: paramiko.Channel, server: NetconfListener, _extra, debug):
+        self.server = server
+        self.ops: Operations = server.operations
+        self.channel = channel
+        sid = server.allocate_session_id()
+        super().__init__(channel, debug, sid)
+        self.reader = FrameReader(channel.recv, server.max_message)
+        self.send_lock = threading.Lock()
+        transport = channel.get_transport()
+        peer = transport.getpeername()[0] if transport else "unknown"
+        self.info = SessionInfo(sid, transport.get_username() if transport else "?", peer,
+                                close=self.close)
+        self._open_session(True)
+
+    # -- hello -------------------------------------------------------------------------
+    def _open_session(self, is_server: bool) -> None:
+        self.channel.settimeout(HELLO_TIMEOUT)
+        try:
+            caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.ops.capabilities())
+            hello = (f'<?xml version="1.0" encoding="UTF-8"?><hello xmlns="{NC}"><capabilities>'
+                     f"{caps}</capabilities><session-id>{self.session_id}</session-id></hello>")
+            self.channel.sendall(frame_eom(hello.encode()))
+            client_caps = self._read_client_hello()
+        except (TimeoutError, socket.timeout, ChannelEOF, ValueError, OSError) as exc:
+            log.warning("session %s: no valid hello from the client (%s); closing",
+                        self.session_id, exc or type(exc).__name__)
+            self.close()
+            return
+        self.channel.settimeout(None)
+        if BASE_11 in client_caps:
+            self.new_framing = True
+        elif BASE_10 not in client_caps:
+            log.warning("session %s: client offers neither base 1.0 nor 1.1; closing",
+                        self.session_id)
+            self.close()
+            return
+        self.capabilities = client_caps
+        self.session_open = True
+        self.server.register(self)
+        log.info("session %s opened for %s from %s (base %s)", self.session_id,
+                 self.info.username, self.info.source_host, "1.1" if self.new_framing else "1.0")
+        self.reader_thread = threading.Thread(target=self._read_message_thread,
+                                              name=f"netconf-{self.session_id}", daemon=True)
+        self.reader_thread.keep_running = True
+        self.reader_thread.start()
+
+    def _read_client_hello(self) -> set[str]:
+        raw = self.reader.read_eom().strip()  # some clients send a newline before <?xml
+        root = etree.fromstring(raw, parser=_PARSER)
+        if root.tag != f"{{{NC}}}hello":
+            raise ValueError(f"expected hello, got {root.tag}")
+        if root.find(f"{{{NC}}}session-id") is not None:
+            raise ValueError("client hello carries a session-id")
+        return {(c.text or "").strip() for c in root.iter(f"{{{NC}}}capability")}
+
+    # -- messages ----------------------------------------------------------------------
+    def _receive_message(self):
+        try:
+            message = self.reader.read_chunked() if self.new_framing else self.reader.read_eom()
+            return message or b" "  # an empty message is malformed, not end of session
+        except MessageTooBig as exc:
+            return exc
+        except FramingError as exc:
+            self._send_error(RpcError("malformed-message", f"broken chunked framing: {exc}",
+                                      type="rpc"), None)
+            raise ChannelClosed(self) from None
+        except (ChannelEOF, OSError, EOFError):
+            raise ChannelClosed(self) from None
+
+    def _reader_handle_message(self, message) -> None:
+        if isinstance(message, MessageTooBig):
+            match = _MESSAGE_ID.search(message.head)
+            attrs = {"message-id": match.group(1).decode(errors="replace")} if match else {}
+            log.warning("session %s: message of %d bytes exceeds the limit of %d bytes",
+                        self.session_id, message.size, self.server.max_message)
+            self._send_error(RpcError(
+                "too-big", f"the request is {message.size} bytes; this server accepts at most "
+                f"{self.server.max_message} bytes (--max-message-size)", type="rpc"), attrs)
+            return
+        try:
+            root = etree.fromstring(message.strip(), parser=_PARSER)
+        except etree.XMLSyntaxError as exc:
+            self.info.in_bad_rpcs += 1
+            self._send_error(RpcError("malformed-message" if self.new_framing else
+                                      "operation-failed", f"the message is not well-formed "
+                                      f"XML: {exc}", type="rpc"), None)
+            return
+        if root.tag != f"{{{NC}}}rpc":
+            self.info.in_bad_rpcs += 1
+            self._send_error(RpcError("malformed-message" if self.new_framing else
+                                      "unknown-element", f"expected an rpc element, got "
+                                      f"{etree.QName(root).localname}", type="rpc"), None)
+            return
+        self._handle_rpc(root)
+
+    def _handle_rpc(self, rpc: etree._Element) -> None:
+        attrs = dict(rpc.attrib)
+        self.info.in_rpcs += 1
+        if "message-id" not in attrs:
+            self._send_error(RpcError("missing-attribute", "rpc has no message-id",
+                                      type="rpc", info={"bad-attribute": "message-id",
+                                                        "bad-element": "rpc"}), attrs)
+            return
+        operations = [c for c in rpc if isinstance(c.tag, str)]
+        if len(operations) != 1:
+            self._send_error(RpcError("malformed-message" if self.new_framing else
+                                      "operation-failed", "an rpc must hold exactly one "
+                                      "operation", type="rpc"), attrs)
+            return
+        op = operations[0]
+        name = etree.QName(op).localname
+        try:
+            body = self.ops.dispatch(self.info, op)
+        except RpcError as exc:
+            log.info("session %s: %s failed: %s: %s", self.session_id, name, exc.tag,
+                     exc.message)
+            self._send_error(exc, attrs)
+            return
+        except RpcErrors as exc:
+            self._send_errors(exc.errors, attrs)
+            return
+        except Exception:  # never a traceback to the client, but always one in the log
+            log.exception("session %s: %s failed unexpectedly", self.session_id, name)
+            self._send_error(RpcError("operation-failed", f"internal error while handling "
+                                      f"{name}; see the server log"), attrs)
+            return
+        self._send_reply(body, attrs)
+        if name == "close-session":
+            self.close()
+
+    # -- sending -----------------------------------------------------------------------
+    def _send_reply(self, body: str, attrs: dict | None) -> None:
+        extra = "".join(f" {_attr_name(k)}={quoteattr(v)}" for k, v in (attrs or {}).items())
+        nsdecl = "".join(f' xmlns:{p}="{ns}"' for p, ns in _attr_namespaces(attrs or {}))
+        message = (f'<?xml version="1.0" encoding="UTF-8"?><rpc-reply xmlns="{NC}"'
+                   f"{nsdecl}{extra}>{body}</rpc-reply>").encode()
+        framed = frame_chunked(message) if self.new_framing else frame_eom(message)
+        with self.send_lock:
+            try:
+                self.channel.sendall(framed)
+            except (OSError, EOFError) as exc:
+                log.info("session %s: reply not delivered: %s", self.session_id, exc)
+
+    def _send_error(self, error: RpcError, attrs: dict | None) -> None:
+        self._send_errors([error], attrs)
+
+    def _send_errors(self, errors: list[RpcError], attrs: dict | None) -> None:
+        self.info.out_rpc_errors += 1
+        self._send_reply("".join(e.to_xml() for e in errors), attrs)
+
+    def send_message(self, msg: str) -> None:  # used by python-netconf internals only
+        self._send_reply(msg, None)
+
+    def _reader_exits(self) -> None:
+        self.server.unregister(self)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.server.unregister(self)
+
+
+def _attr_name(name: str) -> str:
+    if name.startswith("{"):
+        ns, local = name[1:].split("}", 1)
+        return f"a{abs(hash(ns)) % 10000}:{local}"
+    return name
+
+
+def _attr_namespaces(attrs: dict) -> list[tuple[str, str]]:
+    out = []
+    for name in attrs:
+        if name.startswith("{"):
+            ns = name[1:].split("}", 1)[0]
+            out.append((f"a{abs(hash(ns)) % 10000}", ns))
+    return out
+
+
+class _SshConnection(sshutil.server.SSHServerSocket):
+    """One SSH connection; wider windows than paramiko's defaults for bulk transfers."""
+
+    def __init__(self, server_ctl, session_class, extra_args, server, newsocket, addr, debug):
+        self.session_class = session_class
+        self.extra_args = extra_args
+        self.server = server
+        self.client_socket = newsocket
+        self.client_addr = addr
+        self.debug = debug
+        self.server_ctl = server_ctl
+        self.sessions = []
+        self.ssh = paramiko.Transport(newsocket, default_window_size=WINDOW,
+                                      default_max_packet_size=1 << 15)
+        self.ssh.add_server_key(server.host_key)
+        self.ssh.start_server(server=server_ctl)
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._accept_chan_thread, name="ssh-channels",
+                                       daemon=True)
+        self.thread.start()
+
+
+class NetconfListener(sshutil.server.SSHServer):
+    """Listens on exactly one address and port; sessions are :class:`NetconfSession`."""
+
+    def __init__(self, operations: Operations, authenticator: SshAuthenticator,
+                 host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 830,
+                 max_message: int = 256 << 20):
+        self.operations = operations
+        self.max_message = max_message
+        self.server_ctl = authenticator
+        self.server_socket_class = _SshConnection
+        self.server_session_class = NetconfSession
+        self.extra_args = None
+        self.debug = False
+        self.host_key = host_key
+        self.lock = threading.Lock()
+        self.sockets = []
+        self._next_sid = 1
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self.ports = {family: self.port}
+        self.close_wsocket, self.close_rsocket = socket.socketpair()
+        self.thread = threading.Thread(target=self._accept_socket_thread, args=[sock],
+                                       name="netconf-accept", daemon=True)
+        self.thread.start()
+        log.info("NETCONF over SSH listening on %s port %d", address, self.port)
+
+    def allocate_session_id(self) -> int:
+        with self.lock:
+            sid = self._next_sid
+            self._next_sid += 1
+            return sid
+
+    def register(self, session: NetconfSession) -> None:
+        self.operations.sessions[session.session_id] = session.info
+
+    def unregister(self, session: NetconfSession) -> None:
+        info = self.operations.sessions.pop(session.info.session_id, None)
+        if info is not None:
+            released = self.operations.ds.release_locks(info.session_id)
+            log.info("session %s closed%s", info.session_id,
+                     f"; released locks on {', '.join(released)}" if released else "")
+
+    def __del__(self):  # sshutil logs an error from its own __del__; nothing to say here
+        pass
+
+
+def load_or_create_host_key(state_dir: Path) -> paramiko.PKey:
+    """The server's SSH host key, generated (ECDSA P-256) into the state dir on first start."""
+    path = Path(state_dir) / "ssh_host_ecdsa_key"
+    if path.exists():
+        return paramiko.ECDSAKey.from_private_key_file(str(path))
+    key = paramiko.ECDSAKey.generate(bits=256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        tmp.chmod(0o600)
+        key.write_private_key(f)
+    tmp.replace(path)
+    log.info("generated SSH host key %s (%s)", path, key.fingerprint)
+    return key
+
+
+__all__ = ["NetconfListener", "NetconfSession", "load_or_create_host_key"]

@@ -1,0 +1,392 @@
+"""NETCONF operations, one small function each: parse the rpc's parameters, call the
+datastores, return the reply's body as XML text (or raise RpcError)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from xml.sax.saxutils import escape
+
+from lxml import etree
+
+from . import errors
+from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
+from .errors import RpcError
+from .filters import limit_depth, subtree_filter, xpath_filter
+from .schema import Schema, is_yang_1_1, module_ns, module_revision
+
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+NCM = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
+DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+YANGLIB_REV = "2019-01-04"
+OK = "<ok/>"
+
+
+@dataclass
+class SessionInfo:
+    """What operations need to know about the session that sent an rpc."""
+
+    session_id: int
+    username: str
+    source_host: str
+    login_time: str = field(default_factory=lambda: datetime.now(UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"))
+    in_rpcs: int = 0
+    in_bad_rpcs: int = 0
+    out_rpc_errors: int = 0
+    close: Callable[[], None] | None = None
+
+
+class Operations:
+    def __init__(self, datastores: Datastores, schema: Schema):
+        self.ds = datastores
+        self.schema = schema
+        self.sessions: dict[int, SessionInfo] = {}
+        self.content_id = hashlib.sha256(
+            ";".join(f"{m.name()}@{module_revision(m)}" for m in schema.modules()).encode()
+        ).hexdigest()[:16]
+        self._handlers: dict[str, Callable[[SessionInfo, etree._Element], str]] = {
+            f"{{{NC}}}get": self.get,
+            f"{{{NC}}}get-config": self.get_config,
+            f"{{{NC}}}edit-config": self.edit_config,
+            f"{{{NC}}}copy-config": self.copy_config,
+            f"{{{NC}}}delete-config": self.delete_config,
+            f"{{{NC}}}lock": self.lock,
+            f"{{{NC}}}unlock": self.unlock,
+            f"{{{NC}}}validate": self.validate,
+            f"{{{NC}}}commit": self.commit,
+            f"{{{NC}}}discard-changes": self.discard_changes,
+            f"{{{NC}}}close-session": self.close_session,
+            f"{{{NC}}}kill-session": self.kill_session,
+            f"{{{NCM}}}get-schema": self.get_schema,
+            f"{{{NCDS}}}get-data": self.get_data,
+            f"{{{NCDS}}}edit-data": self.edit_data,
+        }
+
+    # -- capabilities ------------------------------------------------------------------
+    def capabilities(self) -> list[str]:
+        caps = [
+            "urn:ietf:params:netconf:base:1.0",
+            "urn:ietf:params:netconf:base:1.1",
+            "urn:ietf:params:netconf:capability:writable-running:1.0",
+            "urn:ietf:params:netconf:capability:candidate:1.0",
+            "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
+            "urn:ietf:params:netconf:capability:validate:1.0",
+            "urn:ietf:params:netconf:capability:validate:1.1",
+            "urn:ietf:params:netconf:capability:startup:1.0",
+            "urn:ietf:params:netconf:capability:xpath:1.0",
+            f"urn:ietf:params:netconf:capability:yang-library:1.1?revision={YANGLIB_REV}"
+            f"&content-id={self.content_id}",
+        ]
+        # YANG 1.0 modules are announced in the hello too (RFC 7950 §5.6.4), so clients
+        # that do not read the yang-library still find get-schema and friends.
+        for m in self.schema.modules():
+            if m.implemented() and not is_yang_1_1(m) and m.name() != "ietf-netconf":
+                caps.append(f"{module_ns(m)}?module={m.name()}&revision={module_revision(m)}")
+        return caps
+
+    # -- dispatch ----------------------------------------------------------------------
+    def dispatch(self, session: SessionInfo, operation: etree._Element) -> str:
+        handler = self._handlers.get(operation.tag)
+        if handler is None:
+            qname = etree.QName(operation)
+            raise errors.not_supported(
+                f"operation {qname.localname} ({qname.namespace or 'no namespace'}) is not "
+                "supported by this server")
+        return handler(session, operation)
+
+    # -- reads -------------------------------------------------------------------------
+    def get(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "filter")
+        parts = [*self.ds.config_parts("running"), *self._state_parts()]
+        return self._reply_data(NC, parts, op.find(f"{{{NC}}}filter"))
+
+    def get_config(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "source", "filter")
+        source = _datastore_choice(op, "source", CONFIG_DATASTORES)
+        return self._reply_data(NC, self.ds.config_parts(source), op.find(f"{{{NC}}}filter"))
+
+    def get_data(self, session: SessionInfo, op: etree._Element) -> str:
+        known = ("datastore", "subtree-filter", "xpath-filter", "config-filter", "max-depth",
+                 "origin-filter", "negated-origin-filter", "with-origin", "with-defaults")
+        _only(op, *known, ns=NCDS)
+        datastore = _identity(op.find(f"{{{NCDS}}}datastore"))
+        config_filter = _text(op, "config-filter", NCDS)
+        parts: Iterable[str]
+        if datastore == "operational":
+            parts = [] if config_filter == "false" else list(self.ds.config_parts("running"))
+            if config_filter != "true":
+                parts = [*parts, *self._state_parts()]
+        elif datastore in CONFIG_DATASTORES:
+            parts = [] if config_filter == "false" else self.ds.config_parts(datastore)
+        else:
+            raise errors.invalid_value(f"unknown datastore {datastore!r}",
+                                       info={"bad-element": "datastore"})
+        for unsupported in ("with-origin", "origin-filter", "negated-origin-filter"):
+            if op.find(f"{{{NCDS}}}{unsupported}") is not None:
+                raise errors.not_supported(f"{unsupported} is not supported (the origin "
+                                           "feature is not implemented)", type="application")
+        depth = _text(op, "max-depth", NCDS)
+        max_depth = None
+        if depth not in (None, "unbounded"):
+            if not depth.isdigit() or int(depth) < 1:
+                raise errors.invalid_value(f"max-depth {depth!r} is not a positive integer "
+                                           "or 'unbounded'", info={"bad-element": "max-depth"})
+            max_depth = int(depth)
+        xpath = op.find(f"{{{NCDS}}}xpath-filter")
+        subtree = op.find(f"{{{NCDS}}}subtree-filter")
+        return self._reply_data(NCDS, parts, None, subtree=subtree, xpath=xpath,
+                                max_depth=max_depth)
+
+    def _reply_data(self, ns: str, parts: Iterable[str], nc_filter: etree._Element | None, *,
+                    subtree: etree._Element | None = None, xpath: etree._Element | None = None,
+                    max_depth: int | None = None) -> str:
+        if nc_filter is not None:
+            kind = nc_filter.get("type", "subtree")
+            if kind == "xpath":
+                xpath = nc_filter
+            elif kind == "subtree":
+                subtree = nc_filter
+            else:
+                raise RpcError("bad-attribute", f"filter type {kind!r} is not subtree or xpath",
+                               type="protocol",
+                               info={"bad-attribute": "type", "bad-element": "filter"})
+        if subtree is None and xpath is None and max_depth is None:
+            return f'<data xmlns="{ns}">{"".join(parts)}</data>'
+        data = etree.fromstring(f'<data xmlns="{ns}">{"".join(parts)}</data>'.encode(),
+                                parser=_PARSER)
+        if xpath is not None:
+            select = xpath.get("select") if xpath.tag.endswith("}filter") else xpath.text
+            data = xpath_filter(data, select or "", xpath.nsmap)
+        elif subtree is not None:
+            data = subtree_filter(data, subtree)
+        if max_depth is not None:
+            limit_depth(data, max_depth)
+        return etree.tostring(data, encoding="unicode")
+
+    def _state_parts(self) -> list[str]:
+        return [*self.ds.state_parts(), self.schema.yang_library_xml(self.content_id),
+                self._netconf_state()]
+
+    def _netconf_state(self) -> str:
+        caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.capabilities())
+        stores = "".join(f"<datastore><name>{d}</name>"
+                         + (f"<locks><global-lock><locked-by-session>{sid}</locked-by-session>"
+                            f"<locked-time>{_now()}</locked-time></global-lock></locks>"
+                            if (sid := self.ds.locks.get(d)) else "")
+                         + "</datastore>" for d in CONFIG_DATASTORES)
+        schemas = "".join(
+            f"<schema><identifier>{m.name()}</identifier><version>{module_revision(m)}"
+            f"</version><format>yang</format><namespace>{module_ns(m)}</namespace>"
+            "<location>NETCONF</location></schema>" for m in self.schema.modules())
+        sessions = "".join(
+            f"<session><session-id>{s.session_id}</session-id><transport>ncm:netconf-ssh"
+            f"</transport><username>{escape(s.username)}</username><source-host>"
+            f"{s.source_host}</source-host><login-time>{s.login_time}</login-time>"
+            f"<in-rpcs>{s.in_rpcs}</in-rpcs><in-bad-rpcs>{s.in_bad_rpcs}</in-bad-rpcs>"
+            f"<out-rpc-errors>{s.out_rpc_errors}</out-rpc-errors>"
+            "<out-notifications>0</out-notifications></session>"
+            for s in list(self.sessions.values()))
+        return (f'<netconf-state xmlns="{NCM}" xmlns:ncm="{NCM}"><capabilities>{caps}'
+                f"</capabilities><datastores>{stores}</datastores><schemas>{schemas}</schemas>"
+                f"<sessions>{sessions}</sessions></netconf-state>")
+
+    def get_schema(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "identifier", "version", "format", ns=NCM)
+        identifier = _text(op, "identifier", NCM)
+        if not identifier:
+            raise errors.missing_element("get-schema needs an identifier", "identifier",
+                                         type="protocol")
+        fmt = _text(op, "format", NCM) or "yang"
+        if fmt.split(":")[-1] != "yang":
+            raise errors.invalid_value(f"format {fmt!r} is not available; only yang",
+                                       info={"bad-element": "format"})
+        text = self.schema.schema_text(identifier, _text(op, "version", NCM))
+        if text is None:
+            raise errors.invalid_value(f"no schema {identifier!r} with that version here",
+                                       info={"bad-element": "identifier"})
+        return f'<data xmlns="{NCM}">{escape(text)}</data>'
+
+    # -- writes ------------------------------------------------------------------------
+    def edit_config(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "target", "default-operation", "test-option", "error-option", "config", "url")
+        target = _datastore_choice(op, "target", ("running", "candidate"))
+        options = EditOptions(
+            default_operation=_choice(op, "default-operation", NC,
+                                      ("merge", "replace", "none"), "merge"),
+            test_option=_choice(op, "test-option", NC, ("test-then-set", "set", "test-only"),
+                                "test-then-set"),
+            error_option=_choice(op, "error-option", NC, ("stop-on-error", "continue-on-error",
+                                                          "rollback-on-error"), "stop-on-error"))
+        self.ds.edit(target, _config_param(op, NC), options, session.session_id)
+        return OK
+
+    def edit_data(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "datastore", "default-operation", "config", "url", ns=NCDS)
+        datastore = _identity(op.find(f"{{{NCDS}}}datastore"))
+        options = EditOptions(default_operation=_choice(
+            op, "default-operation", NCDS, ("merge", "replace", "none"), "merge"))
+        self.ds.edit(datastore, _config_param(op, NCDS), options, session.session_id)
+        return OK
+
+    def copy_config(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "target", "source")
+        target = _datastore_choice(op, "target", CONFIG_DATASTORES)
+        source_el = _required(op, "source")
+        inline = source_el.find(f"{{{NC}}}config")
+        if inline is None:
+            inline = source_el.find("config")
+        source = inline if inline is not None else _datastore_choice(op, "source",
+                                                                     CONFIG_DATASTORES)
+        if source == target:
+            raise errors.invalid_value("copy-config source and target are the same datastore",
+                                       info={"bad-element": "target"})
+        self.ds.copy_config(source, target, session.session_id)
+        return OK
+
+    def delete_config(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "target")
+        self.ds.delete_config(_datastore_choice(op, "target", CONFIG_DATASTORES),
+                              session.session_id)
+        return OK
+
+    def lock(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "target")
+        self.ds.lock(_datastore_choice(op, "target", CONFIG_DATASTORES), session.session_id)
+        return OK
+
+    def unlock(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "target")
+        self.ds.unlock(_datastore_choice(op, "target", CONFIG_DATASTORES), session.session_id)
+        return OK
+
+    def validate(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "source")
+        source_el = _required(op, "source")
+        inline = source_el.find(f"{{{NC}}}config")
+        if inline is not None:
+            self.ds.edit("candidate", inline, EditOptions(default_operation="replace",
+                                                          test_option="test-only"),
+                         session.session_id)
+            return OK
+        self.ds.validate(_datastore_choice(op, "source", CONFIG_DATASTORES))
+        return OK
+
+    def commit(self, session: SessionInfo, op: etree._Element) -> str:
+        if op.find(f"{{{NC}}}confirmed") is not None:
+            raise errors.not_supported("confirmed commit is not supported yet",
+                                       type="application")
+        _only(op)
+        self.ds.commit(session.session_id)
+        return OK
+
+    def discard_changes(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op)
+        self.ds.discard_changes(session.session_id)
+        return OK
+
+    def close_session(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op)
+        return OK  # the transport closes the session after sending this reply
+
+    def kill_session(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "session-id")
+        text = _text(op, "session-id", NC)
+        if not text or not text.isdigit():
+            raise errors.missing_element("kill-session needs a numeric session-id",
+                                         "session-id", type="protocol")
+        victim = int(text)
+        if victim == session.session_id:
+            raise errors.invalid_value("a session cannot kill itself; use close-session",
+                                       info={"bad-element": "session-id"})
+        target = self.sessions.get(victim)
+        if target is None:
+            raise errors.invalid_value(f"no session {victim}", info={"bad-element": "session-id"})
+        if target.close:
+            target.close()
+        self.ds.release_locks(victim)
+        return OK
+
+
+_PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _only(op: etree._Element, *names: str, ns: str = NC) -> None:
+    """Refuse parameters the operation does not define (RFC 6241: unknown-element)."""
+    for child in op:
+        if not isinstance(child.tag, str):
+            continue
+        qname = etree.QName(child)
+        if qname.localname not in names or qname.namespace not in (ns, None):
+            raise errors.unknown_element(
+                f"{etree.QName(op).localname} has no parameter {qname.localname}",
+                qname.localname, type="protocol")
+
+
+def _required(op: etree._Element, name: str, ns: str = NC) -> etree._Element:
+    el = op.find(f"{{{ns}}}{name}")
+    if el is None:
+        el = op.find(name)
+    if el is None:
+        raise errors.missing_element(f"{etree.QName(op).localname} needs <{name}>", name,
+                                     type="protocol")
+    return el
+
+
+def _text(op: etree._Element, name: str, ns: str) -> str | None:
+    el = op.find(f"{{{ns}}}{name}")
+    return None if el is None else (el.text or "").strip()
+
+
+def _choice(op: etree._Element, name: str, ns: str, allowed: tuple, default: str) -> str:
+    value = _text(op, name, ns)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise errors.invalid_value(f"{name} {value!r} is not one of {', '.join(allowed)}",
+                                   info={"bad-element": name})
+    return value
+
+
+def _datastore_choice(op: etree._Element, name: str, allowed: tuple) -> str:
+    holder = _required(op, name)
+    chosen = [c for c in holder if isinstance(c.tag, str)]
+    if len(chosen) != 1:
+        raise errors.missing_element(f"<{name}> must name exactly one datastore", name,
+                                     type="protocol")
+    which = etree.QName(chosen[0]).localname
+    if which not in allowed:
+        raise errors.invalid_value(f"{which} cannot be used as {name} here (choose from "
+                                   f"{', '.join(allowed)})", info={"bad-element": name})
+    return which
+
+
+def _identity(el: etree._Element | None) -> str:
+    """The datastore identity named by a get-data/edit-data <datastore> leaf."""
+    if el is None or not (el.text or "").strip():
+        raise errors.missing_element("<datastore> is required", "datastore", type="protocol")
+    prefix, _, name = el.text.strip().rpartition(":")
+    if prefix and el.nsmap.get(prefix) != DS:
+        raise errors.invalid_value(f"datastore {el.text.strip()!r} is not an "
+                                   "ietf-datastores identity", info={"bad-element": "datastore"})
+    return name
+
+
+def _config_param(op: etree._Element, ns: str) -> etree._Element:
+    if op.find(f"{{{ns}}}url") is not None:
+        raise errors.not_supported("the :url capability is not supported", type="application")
+    config = op.find(f"{{{ns}}}config")
+    if config is None:
+        config = op.find("config")  # clients that send <config> without a namespace
+    if config is None:
+        raise errors.missing_element(f"{etree.QName(op).localname} needs <config>", "config",
+                                     type="protocol")
+    return config

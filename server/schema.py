@@ -1,0 +1,281 @@
+"""The libyang context every datastore of one server shares, and thin typed wrappers over it.
+
+libyang is the authority on the model: it loads the modules, parses and validates every
+non-bulk edit, answers get-schema and builds the yang-library. For the bulk list
+(``nat-session``) a full libyang parse costs ~30 µs per entry on this kind of machine, so
+:class:`ListEntryChecker` compiles per-leaf checks *from the libyang schema* instead and asks
+libyang itself for every value its fast paths do not settle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libyang
+from _libyang import ffi, lib
+
+from nfmig.yang import NAT_MODULE, YANG_DIR
+
+from .errors import RpcError
+
+# Modules the server implements, with the features it supports.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    NAT_MODULE: (),
+    "ietf-netconf": ("writable-running", "candidate", "rollback-on-error", "validate",
+                     "startup", "xpath"),
+    "ietf-netconf-monitoring": (),
+    "ietf-netconf-nmda": (),
+    "ietf-datastores": (),
+    "ietf-origin": (),
+    "ietf-netconf-with-defaults": (),
+}
+
+# libyang keeps its error list per context, so parses on one context are serialised.
+_PARSE_LOCK = threading.Lock()
+
+
+@dataclass
+class YangError(Exception):
+    """A libyang validation failure, with the data path it names when it names one."""
+
+    message: str
+    path: str | None = None
+    app_tag: str | None = None
+    validation_code: int = 0
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_rpc_error(self) -> RpcError:
+        tag = "invalid-value"
+        msg = self.message
+        if msg.startswith("No module with namespace"):
+            return RpcError("unknown-namespace", msg, info={"bad-namespace": _quoted(msg)})
+        if " not found as a child of " in msg or msg.startswith("Node \""):
+            return RpcError("unknown-element", msg, path=self.path,
+                            info={"bad-element": _quoted(msg)})
+        if "is missing its key" in msg or "does not exist" in msg and "Mandatory" in msg:
+            return RpcError("missing-element", msg, path=self.path,
+                            info={"bad-element": _quoted(msg)})
+        if self.app_tag in ("must-violation", "too-many-elements", "too-few-elements"):
+            tag = "operation-failed"
+        return RpcError(tag, msg, path=self.path, app_tag=self.app_tag)
+
+
+def module_revision(module: libyang.Module) -> str:
+    """The module's latest revision date, or "" when it has none."""
+    return next((r.date() for r in module.revisions()), "")
+
+
+def module_ns(module: libyang.Module) -> str:
+    return ffi.string(module.cdata.ns).decode()
+
+
+def is_yang_1_1(module: libyang.Module) -> bool:
+    parsed = module.cdata.parsed
+    return bool(parsed) and parsed.version == 2  # LYS_VERSION_1_1
+
+
+def _quoted(message: str) -> str:
+    """The first double-quoted word of a libyang message (the node or namespace it names)."""
+    parts = message.split('"')
+    return parts[1] if len(parts) > 2 else ""
+
+
+def _take_errors(ctx: libyang.Context) -> YangError:
+    err = lib.ly_err_first(ctx.cdata)
+    first = None
+    while err:
+        msg = ffi.string(err.msg).decode() if err.msg else "invalid data"
+        path = ffi.string(err.path).decode() if err.path else None
+        if path:
+            # libyang says 'Data location "/x", line number 1.'; keep only the path itself.
+            quoted = path.split('"')
+            path = quoted[1] if len(quoted) > 2 and quoted[0].endswith("location ") else None
+        apptag = ffi.string(err.apptag).decode() if err.apptag else None
+        if first is None:
+            first = YangError(msg, path, apptag, err.vecode)
+        err = err.next
+    lib.ly_err_clean(ctx.cdata, ffi.NULL)
+    return first or YangError("invalid data")
+
+
+class Schema:
+    """The loaded modules; parse, validate and print through one libyang context."""
+
+    def __init__(self, yang_dir: Path = YANG_DIR):
+        libyang.configure_logging(False)
+        lib.ly_set_log_clb(ffi.NULL, True)  # store data paths with every error
+        self.yang_dir = Path(yang_dir)
+        self.ctx = libyang.Context(str(self.yang_dir))
+        for name, features in IMPLEMENTED.items():
+            module = self.ctx.load_module(name)
+            for feature in features:
+                module.feature_enable(feature)
+        self.nat = self.ctx.get_module(NAT_MODULE)
+        self.nat_ns = module_ns(self.nat)
+
+    # -- data --------------------------------------------------------------------------
+    def parse_xml(self, text: str | bytes, *, config: bool = True,
+                  validate: bool = True) -> libyang.DNode | None:
+        """Parse (and by default fully validate) an XML data forest; raise YangError."""
+        flags = lib.LYD_PARSE_STRICT
+        if not validate:
+            flags |= lib.LYD_PARSE_ONLY
+        vflags = 0
+        if config:
+            flags |= lib.LYD_PARSE_NO_STATE
+            vflags |= lib.LYD_VALIDATE_NO_STATE
+        data = text.encode() if isinstance(text, str) else text
+        with _PARSE_LOCK:
+            inp = ffi.new("struct ly_in **")
+            if lib.ly_in_new_memory(data, inp) != lib.LY_SUCCESS:
+                raise YangError("cannot read the data")
+            tree = ffi.new("struct lyd_node **")
+            ret = lib.lyd_parse_data(self.ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML, flags,
+                                     vflags, tree)
+            lib.ly_in_free(inp[0], 0)
+            if ret != lib.LY_SUCCESS:
+                if tree[0]:
+                    lib.lyd_free_all(tree[0])
+                raise _take_errors(self.ctx)
+        if not tree[0]:
+            return None
+        return libyang.DNode.new(self.ctx, tree[0])
+
+    def check_value(self, snode: libyang.SNode, value: str) -> str | None:
+        """libyang's verdict on one leaf value: None if valid, else its message."""
+        raw = value.encode()
+        with _PARSE_LOCK:
+            ret = lib.lyd_value_validate(self.ctx.cdata, snode.cdata, raw, len(raw), ffi.NULL,
+                                         ffi.NULL, ffi.NULL)
+            if ret in (lib.LY_SUCCESS, lib.LY_EINCOMPLETE):
+                return None
+            return _take_errors(self.ctx).message
+
+    def find(self, path: str) -> libyang.SNode:
+        return next(self.ctx.find_path(path))
+
+    # -- modules -----------------------------------------------------------------------
+    def modules(self) -> list[libyang.Module]:
+        return [m for m in self.ctx if m.implemented() or m.name() in ("ietf-inet-types",
+                                                                      "ietf-yang-types")]
+
+    def schema_text(self, name: str, revision: str | None) -> str | None:
+        """The YANG source of a module the server has, or None."""
+        for module in self.ctx:
+            if module.name() != name:
+                continue
+            rev = module_revision(module)
+            if revision and revision != rev:
+                continue
+            for candidate in (self.yang_dir / f"{name}@{rev}.yang", self.yang_dir / f"{name}.yang"):
+                if candidate.exists():
+                    return candidate.read_text()
+            return module.print_mem("yang")
+        return None
+
+    def yang_library_xml(self, content_id: str) -> str:
+        tree = self.ctx.get_yanglib_data(content_id)
+        try:
+            return tree.print_mem("xml", with_siblings=True, pretty=False)
+        finally:
+            tree.free()
+
+
+# -- bulk list entries ---------------------------------------------------------------------
+Converter = Callable[[str], Any]
+_INT_BOUNDS = {
+    libyang.Type.UINT8: (0, 2**8 - 1), libyang.Type.UINT16: (0, 2**16 - 1),
+    libyang.Type.UINT32: (0, 2**32 - 1), libyang.Type.UINT64: (0, 2**64 - 1),
+}
+
+
+class LeafCheck:
+    """Turns one leaf's XML text into its Python value, or raises ValueError with libyang's
+    own message. Fast paths for unrestricted unsigned integers, enumerations and RFC 6991
+    addresses; everything else goes to libyang (remembered, since values repeat)."""
+
+    def __init__(self, schema: Schema, snode: libyang.SNode):
+        self.schema = schema
+        self.snode = snode
+        self.name = snode.name()
+        ytype = snode.type()
+        self.numeric = ytype.base() in _INT_BOUNDS or ytype.base() in (
+            libyang.Type.INT8, libyang.Type.INT16, libyang.Type.INT32, libyang.Type.INT64)
+        self._cache: dict[str, Any] = {}
+        self.convert: Converter = self._by_libyang
+        if ytype.base() in _INT_BOUNDS and not list(ytype.all_ranges()):
+            self._bounds = _INT_BOUNDS[ytype.base()]
+            self.convert = self._unsigned
+        elif ytype.base() == libyang.Type.ENUM:
+            self._enums = frozenset(e.name() for e in ytype.all_enums())
+            self.convert = self._enum
+        elif ytype.name().endswith(":ip-address-no-zone"):
+            self.convert = self._address
+
+    def _unsigned(self, text: str) -> int:
+        if text.isascii() and text.isdigit():
+            value = int(text)
+            if value <= self._bounds[1]:
+                return value
+        return self._by_libyang(text)
+
+    def _enum(self, text: str) -> str:
+        if text in self._enums:
+            return text
+        return self._by_libyang(text)
+
+    def _address(self, text: str) -> str:
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        try:
+            if "%" in text:
+                raise ValueError
+            value = str(ipaddress.ip_address(text))
+        except ValueError:
+            return self._by_libyang(text)
+        if len(self._cache) < 65536:
+            self._cache[text] = value
+        return value
+
+    def _by_libyang(self, text: str) -> Any:
+        if text in self._cache:
+            return self._cache[text]
+        problem = self.schema.check_value(self.snode, text)
+        if problem:
+            raise ValueError(problem)
+        value: Any = int(text) if self.numeric else text
+        if isinstance(value, str) and ":" in value:
+            try:  # canonical form of IPv6 addresses, as libyang prints them
+                value = str(ipaddress.ip_address(value))
+            except ValueError:
+                pass
+        if len(self._cache) < 65536:
+            self._cache[text] = value
+        return value
+
+
+class ListEntryChecker:
+    """Checks for every leaf of one top-level list, compiled from its libyang schema node."""
+
+    def __init__(self, schema: Schema, list_path: str):
+        snode = schema.find(list_path)
+        self.name = snode.name()
+        self.prefix = list_path.split(":")[0].lstrip("/")
+        self.keys = [k.name() for k in snode.keys()]
+        self.leaves: dict[str, LeafCheck] = {}
+        for child in snode.children():
+            if child.nodetype() != libyang.SNode.LEAF:
+                raise TypeError(f"{list_path}: only leaves are supported in a bulk list")
+            self.leaves[child.name()] = LeafCheck(schema, child)
+
+    def entry_path(self, key_values: dict[str, str]) -> str:
+        predicate = "".join(f"[{k}='{key_values.get(k, '')}']" for k in self.keys)
+        return f"/{self.prefix}:{self.name}{predicate}"

@@ -1,0 +1,118 @@
+"""nat-session entries between the wire (XML) and the backend interface (Session tuples).
+
+This is the bulk path: every session crosses it once per direction, so it formats and reads
+text directly instead of building a tree per entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from lxml import etree
+
+from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Session
+
+from .errors import RpcError, missing_element, unknown_element, unknown_namespace
+from .schema import ListEntryChecker
+
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+OPERATION_ATTR = f"{{{NC_NS}}}operation"
+EDIT_OPERATIONS = ("merge", "replace", "create", "delete", "remove")
+
+
+def sessions_to_xml(sessions: Iterable[Session], namespace: str) -> Iterator[str]:
+    """One XML string per session, leaves in model order, absent leaves left out."""
+    open_tag = f'<nat-session xmlns="{namespace}">'
+    tags = [(f"<{f}>", f"</{f}>") for f in SESSION_FIELDS]
+    for s in sessions:
+        parts = [open_tag]
+        for (start, end), value in zip(tags, s, strict=True):
+            if value is not None:
+                parts.append(f"{start}{value}{end}")
+        parts.append("</nat-session>")
+        yield "".join(parts)
+
+
+class SessionEdit:
+    """One nat-session element of an edit: its operation, its key and the leaves it sets."""
+
+    __slots__ = ("operation", "key", "values", "removed", "path")
+
+    def __init__(self, operation: str, key: tuple, values: dict, removed: dict, path: str):
+        self.operation = operation
+        self.key = key
+        self.values = values      # field -> python value, leaves present in the edit
+        self.removed = removed    # field -> "delete" | "remove", leaves the edit takes away
+        self.path = path
+
+    def apply_to(self, existing: Session | None) -> Session:
+        """The entry as it stands after this edit (for merge and replace)."""
+        if self.operation == "replace" or existing is None:
+            return Session(**self.values)
+        return existing._replace(**self.values, **{f: None for f in self.removed})
+
+
+class SessionDecoder:
+    """Reads nat-session elements of an edit into SessionEdits, checking every leaf against
+    the model (through :class:`ListEntryChecker`)."""
+
+    def __init__(self, checker: ListEntryChecker, namespace: str):
+        self.checker = checker
+        self.namespace = namespace
+        self._field_of = {f"{{{namespace}}}{name}": name for name in checker.leaves}
+        self._field_of.update({name: name for name in checker.leaves})  # unqualified children
+        if tuple(checker.keys) != KEY_FIELDS or set(checker.leaves) != set(SESSION_FIELDS):
+            raise RuntimeError("the nat-session list of the YANG model and the backend "
+                               "interface's Session disagree")
+
+    def decode(self, element: etree._Element, inherited: str) -> SessionEdit:
+        operation = element.get(OPERATION_ATTR, inherited)
+        raw: dict[str, str] = {}
+        removed: dict[str, str] = {}
+        for child in element:
+            if not isinstance(child.tag, str):
+                continue  # comments, processing instructions
+            name = self._field_of.get(child.tag)
+            if name is None:
+                raise self._unknown_child(element, child, raw)
+            if name in raw or name in removed:
+                raise RpcError("bad-element", f"leaf {name} appears twice in one entry",
+                               path=self.checker.entry_path(raw), info={"bad-element": name})
+            leaf_op = child.get(OPERATION_ATTR)
+            if leaf_op in ("delete", "remove") and name not in KEY_FIELDS:
+                removed[name] = leaf_op
+                continue
+            raw[name] = child.text or ""
+        path = self.checker.entry_path(raw)
+        for key in KEY_FIELDS:
+            if key not in raw:
+                raise missing_element(f"nat-session entry is missing its key leaf {key}",
+                                      key, path)
+        values = {}
+        leaves = self.checker.leaves
+        for name, text in raw.items():
+            try:
+                values[name] = leaves[name].convert(text)
+            except ValueError as exc:
+                raise RpcError("invalid-value", f"{exc} (leaf {name})",
+                               path=f"{path}/{name}", info={"bad-element": name}) from None
+        key = tuple(values[k] for k in KEY_FIELDS)
+        return SessionEdit(operation, key, values, removed, path)
+
+    def _unknown_child(self, entry: etree._Element, child: etree._Element,
+                       raw: dict) -> RpcError:
+        qname = etree.QName(child)
+        if qname.namespace not in (None, self.namespace):
+            return unknown_namespace(
+                f"element {qname.localname} in namespace {qname.namespace} is not part of "
+                "nat-session", qname.localname, qname.namespace or "")
+        return unknown_element(f"nat-session has no leaf named {qname.localname}",
+                               qname.localname, self.checker.entry_path(raw))
+
+
+def check_operation(value: str, where: str) -> str:
+    if value not in EDIT_OPERATIONS:
+        raise RpcError("bad-attribute", f"operation {value!r} on {where} is not one of "
+                       f"{', '.join(EDIT_OPERATIONS)}", type="protocol",
+                       info={"bad-attribute": "operation", "bad-element": where})
+    return value
