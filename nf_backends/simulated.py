@@ -44,10 +44,18 @@ def _ip(text: str | None) -> int | None:
     return None if text is None else int(ipaddress.ip_address(text))
 
 
+_TEXT_OF: dict[tuple[int, bool], str] = {}
+
+
 def _ip_text(value: int | None, v6: bool) -> str | None:
     if value is None:
         return None
-    return str(ipaddress.IPv6Address(value) if v6 else ipaddress.IPv4Address(value))
+    text = _TEXT_OF.get((value, v6))
+    if text is None:
+        text = str(ipaddress.IPv6Address(value) if v6 else ipaddress.IPv4Address(value))
+        if len(_TEXT_OF) < 1 << 20:
+            _TEXT_OF[(value, v6)] = text
+    return text
 
 
 def _native_key(key: SessionKey) -> tuple:

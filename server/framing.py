@@ -129,9 +129,21 @@ def _partial_header_ok(window: bytes) -> bool:
     return digits[:1] != b"0" and all(48 <= b <= 57 for b in digits)
 
 
-def frame_chunked(body: bytes) -> bytes:
-    """A whole message as one chunk (a single chunk costs the reader least)."""
-    return b"\n#%d\n%s\n##\n" % (len(body), body)
+SEND_CHUNK = 32 << 10
+
+
+def frame_chunked(body: bytes, chunk: int = SEND_CHUNK) -> bytes:
+    """A message in chunks of ``chunk`` bytes. Moderate chunks matter to clients that
+    re-scan their whole receive buffer until a chunk is complete (one huge chunk makes
+    them quadratic)."""
+    view = memoryview(body)
+    parts = []
+    for start in range(0, len(body), chunk):
+        piece = view[start:start + chunk]
+        parts.append(b"\n#%d\n" % len(piece))
+        parts.append(piece)
+    parts.append(b"\n##\n")
+    return b"".join(parts)
 
 
 def frame_eom(body: bytes) -> bytes:
