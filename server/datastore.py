@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
-
 from nfmig.nf_backends.base import (
     Backend,
     BackendError,

@@ -69,7 +69,7 @@ class NetconfSession(nc_base.NetconfSession):
                      f"{caps}</capabilities><session-id>{self.session_id}</session-id></hello>")
             self.channel.sendall(frame_eom(hello.encode()))
             client_caps = self._read_client_hello()
-        except (TimeoutError, socket.timeout, ChannelEOF, ValueError, OSError) as exc:
+        except (TimeoutError, ChannelEOF, ValueError, OSError) as exc:
             log.warning("session %s: no valid hello from the client (%s); closing",
                         self.session_id, exc or type(exc).__name__)
             self.close()

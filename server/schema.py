@@ -18,7 +18,6 @@ from typing import Any
 
 import libyang
 from _libyang import ffi, lib
-
 from nfmig.yang import NAT_MODULE, YANG_DIR
 
 from .errors import RpcError

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from lxml import etree
-
 from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Session
 
 from .errors import RpcError, missing_element, unknown_element, unknown_namespace

@@ -10,7 +10,6 @@ import pytest
 from lxml import etree
 from ncclient.operations import RPCError
 from ncclient.transport.errors import AuthenticationError
-
 from nfmig.yang import EXAMPLES_DIR
 
 from .conftest import NAT_NS
@@ -280,10 +279,9 @@ def test_config_without_namespace_is_accepted(server, nc):
 
 
 def test_netconf_console2_reads_config_and_schema(server):
-    base = [sys.executable, "-m", "netconf_console2" if False else "ncc", "--host", "127.0.0.1",
-            "--port", str(server.port), "-u", server.user, "-p", server.password]
     exe = Path(sys.executable).parent / "netconf-console2"
-    base[0:3] = [str(exe)]
+    base = [str(exe), "--host", "127.0.0.1", "--port", str(server.port), "-u", server.user,
+            "-p", server.password]
     out = subprocess.run([*base, "--get-config"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "nat-session" in out.stdout

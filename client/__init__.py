@@ -1,0 +1,1 @@
+"""The migrator's side of the wire: NETCONF clients for nfmig servers."""

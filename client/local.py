@@ -1,0 +1,61 @@
+"""Start nfmig servers on loopback as child processes (demo, benchmarks, tests)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen
+    port: int
+    user: str
+    password: str
+    state_dir: Path
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float = 60
+                       ) -> LocalServer:
+    """`nfmig serve` on 127.0.0.1 with a fresh random password, port chosen by the kernel."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    users = workdir / "users"
+    password = secrets.token_urlsafe(16)
+    subprocess.run([sys.executable, "-m", "nfmig", "adduser", "--users", str(users), "admin",
+                    "--password", password], check=True, capture_output=True)
+    port_file = workdir / "port"
+    port_file.unlink(missing_ok=True)
+    log = workdir / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nfmig", "serve", "--users", str(users), "--state-dir",
+             str(workdir / "state"), "--netconf-port", "0", "--port-file", str(port_file),
+             *serve_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + startup_timeout
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"nfmig serve did not start; its log:\n{log.read_text()}")
+        time.sleep(0.05)
+    return LocalServer(proc, int(port_file.read_text()), "admin", password, workdir / "state",
+                       log)
