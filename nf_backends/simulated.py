@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -40,8 +41,19 @@ DEFAULT_EXTERNAL = "192.0.2.1"  # TEST-NET-1, used when the policy names no addr
 NAT_IP, NAT_PORT, DNAT_IP, DNAT_PORT, STATE, WS_O, WS_R, EXPIRES, OP, OB, RP, RB = range(12)
 
 
+_INT_OF: dict[str, int] = {}
+
+
 def _ip(text: str | None) -> int | None:
-    return None if text is None else int(ipaddress.ip_address(text))
+    if text is None:
+        return None
+    value = _INT_OF.get(text)
+    if value is None:
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        value = int.from_bytes(socket.inet_pton(family, text), "big")
+        if len(_INT_OF) < 1 << 20:
+            _INT_OF[text] = value
+    return value
 
 
 _TEXT_OF: dict[tuple[int, bool], str] = {}

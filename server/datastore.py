@@ -306,6 +306,11 @@ class Datastores:
                                       "it cannot be deleted", edit.path)
         if op in ("delete", "remove"):
             return None
+        if op == "none":  # default-operation none: only leaf operations inside apply
+            if existing is None:
+                raise errors.data_missing(f"nat-session {_key_text(edit.key)} does not exist",
+                                          edit.path)
+            return existing._replace(**{f: None for f in edit.removed})
         if existing is None and op == "merge" and edit.removed:
             missing = [f for f, how in edit.removed.items() if how == "delete"]
             if missing:

@@ -10,6 +10,7 @@ libyang itself for every value its fast paths do not settle.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,10 +236,14 @@ class LeafCheck:
         if cached is not None:
             return cached
         try:
-            if "%" in text:
-                raise ValueError
-            value = str(ipaddress.ip_address(text))
-        except ValueError:
+            if ":" in text:
+                if "%" in text:
+                    raise ValueError
+                value = str(ipaddress.IPv6Address(text))
+            else:
+                socket.inet_pton(socket.AF_INET, text)  # strict dotted quad, no leading zeros
+                value = text
+        except (ValueError, OSError):
             return self._by_libyang(text)
         if len(self._cache) < 65536:
             self._cache[text] = value

@@ -35,14 +35,20 @@ def sessions_to_xml(sessions: Iterable[Session], namespace: str) -> Iterator[str
 class SessionEdit:
     """One nat-session element of an edit: its operation, its key and the leaves it sets."""
 
-    __slots__ = ("operation", "key", "values", "removed", "path")
+    __slots__ = ("operation", "key", "values", "removed", "_checker")
 
-    def __init__(self, operation: str, key: tuple, values: dict, removed: dict, path: str):
+    def __init__(self, operation: str, key: tuple, values: dict, removed: dict,
+                 checker: ListEntryChecker):
         self.operation = operation
         self.key = key
         self.values = values      # field -> python value, leaves present in the edit
         self.removed = removed    # field -> "delete" | "remove", leaves the edit takes away
-        self.path = path
+        self._checker = checker
+
+    @property
+    def path(self) -> str:
+        """The entry's instance path, for error-path (built only when an error needs it)."""
+        return self._checker.entry_path({k: str(v) for k, v in self.values.items()})
 
     def apply_to(self, existing: Session | None) -> Session:
         """The entry as it stands after this edit (for merge and replace)."""
@@ -65,7 +71,9 @@ class SessionDecoder:
                                "interface's Session disagree")
 
     def decode(self, element: etree._Element, inherited: str) -> SessionEdit:
-        operation = element.get(OPERATION_ATTR, inherited)
+        operation = element.get(OPERATION_ATTR)
+        operation = inherited if operation is None else check_operation(operation,
+                                                                         "nat-session")
         raw: dict[str, str] = {}
         removed: dict[str, str] = {}
         for child in element:
@@ -77,16 +85,16 @@ class SessionDecoder:
             if name in raw or name in removed:
                 raise RpcError("bad-element", f"leaf {name} appears twice in one entry",
                                path=self.checker.entry_path(raw), info={"bad-element": name})
-            leaf_op = child.get(OPERATION_ATTR)
-            if leaf_op in ("delete", "remove") and name not in KEY_FIELDS:
-                removed[name] = leaf_op
-                continue
+            if child.attrib:
+                leaf_op = child.get(OPERATION_ATTR)
+                if leaf_op in ("delete", "remove") and name not in KEY_FIELDS:
+                    removed[name] = leaf_op
+                    continue
             raw[name] = child.text or ""
-        path = self.checker.entry_path(raw)
         for key in KEY_FIELDS:
             if key not in raw:
                 raise missing_element(f"nat-session entry is missing its key leaf {key}",
-                                      key, path)
+                                      key, self.checker.entry_path(raw))
         values = {}
         leaves = self.checker.leaves
         for name, text in raw.items():
@@ -94,9 +102,10 @@ class SessionDecoder:
                 values[name] = leaves[name].convert(text)
             except ValueError as exc:
                 raise RpcError("invalid-value", f"{exc} (leaf {name})",
-                               path=f"{path}/{name}", info={"bad-element": name}) from None
+                               path=f"{self.checker.entry_path(raw)}/{name}",
+                               info={"bad-element": name}) from None
         key = tuple(values[k] for k in KEY_FIELDS)
-        return SessionEdit(operation, key, values, removed, path)
+        return SessionEdit(operation, key, values, removed, self.checker)
 
     def _unknown_child(self, entry: etree._Element, child: etree._Element,
                        raw: dict) -> RpcError:
