@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from ncclient import manager
-
 from nfmig.client.local import LocalServer, start_local_server
 
 NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
