@@ -16,7 +16,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from . import errors
 from .errors import RpcError, RpcErrors
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import OPERATION_ATTR, SessionDecoder, SessionEdit, sessions_to_xml
-from .tree_edit import edit_node
+from .tree_edit import edit_node, strip_operations
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class Datastores:
     def _plan_replace(self, config: etree._Element
                       ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
         policy_edits, session_edits = self._split(config, "replace")
-        policy = self._plan_policy(None, [_without_operations(e) for e in policy_edits])
+        policy = self._plan_policy(None, [strip_operations(e) for e in policy_edits])
         wanted = {}
         for edit in session_edits:
             if edit.key in wanted:
@@ -458,14 +458,3 @@ def _with_namespace(element: etree._Element, ns: str) -> etree._Element:
         if isinstance(node.tag, str) and not node.tag.startswith("{"):
             node.tag = f"{{{ns}}}{node.tag}"
     return clone
-
-
-def _without_operations(element: etree._Element) -> etree._Element:
-    clone = copy.deepcopy(element)
-    for node in clone.iter():
-        node.attrib.pop(OPERATION_ATTR, None)
-    return clone
-
-
-def iter_text(parts: Iterable[str]) -> str:
-    return "".join(parts)

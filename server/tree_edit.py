@@ -43,7 +43,7 @@ def _key_text(element: etree._Element, key: str) -> str | None:
     return None
 
 
-def _strip_operations(element: etree._Element) -> etree._Element:
+def strip_operations(element: etree._Element) -> etree._Element:
     clean = copy.deepcopy(element)
     for node in clean.iter():
         node.attrib.pop(OPERATION_ATTR, None)
@@ -67,7 +67,7 @@ def edit_node(target_parent: etree._Element, edit: etree._Element, snode: libyan
         raise data_exists(f"{path} already exists", path)
     inner = snode.nodetype() in (libyang.SNode.CONTAINER, libyang.SNode.LIST)
     if operation == "replace" or existing is None or not inner:
-        replacement = _strip_operations(edit) if operation == "replace" or not inner else None
+        replacement = strip_operations(edit) if operation == "replace" or not inner else None
         if replacement is None:
             replacement = etree.Element(edit.tag, nsmap=edit.nsmap)
             _copy_keys(snode, edit, replacement)

@@ -26,6 +26,10 @@ def session_xml(src="10.9.0.1", sport=4000, dst="198.51.100.9", dport=80, extra=
             f"<dst_address>{dst}</dst_address><dst_port>{dport}</dst_port>{extra}</nat-session>")
 
 
+def op_attr(operation: str) -> str:
+    return f'xmlns:nc="{NS["nc"]}" nc:operation="{operation}"'
+
+
 def config(*entries: str) -> str:
     return ('<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0" '
             'xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0">' + "".join(entries)
@@ -109,8 +113,7 @@ def test_merge_updates_one_leaf_of_an_existing_session(nc):
 def test_delete_operation_removes_a_session(nc):
     nc.edit_config(target="running", config=config(session_xml(src="10.9.2.1")))
     nc.edit_config(target="running", config=config(session_xml(
-        src="10.9.2.1", attrs='xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0" '
-                              'nc:operation="delete"')))
+        src="10.9.2.1", attrs=op_attr("delete"))))
     assert sessions_of(nc, "10.9.2.1") == []
 
 
@@ -182,8 +185,7 @@ def test_error_path_names_the_bad_leaf(nc):
 
 def test_create_of_existing_session_is_data_exists(nc):
     nc.edit_config(target="running", config=config(session_xml(src="10.8.2.1")))
-    create = session_xml(src="10.8.2.1", attrs='xmlns:nc="urn:ietf:params:xml:ns:netconf:'
-                         'base:1.0" nc:operation="create"')
+    create = session_xml(src="10.8.2.1", attrs=op_attr("create"))
     with pytest.raises(RPCError) as err:
         nc.edit_config(target="running", config=config(session_xml(src="10.8.2.2"), create))
     assert err.value.tag == "data-exists"
@@ -191,8 +193,7 @@ def test_create_of_existing_session_is_data_exists(nc):
 
 
 def test_delete_of_missing_session_is_data_missing(nc):
-    delete = session_xml(src="10.8.3.1", attrs='xmlns:nc="urn:ietf:params:xml:ns:netconf:'
-                         'base:1.0" nc:operation="delete"')
+    delete = session_xml(src="10.8.3.1", attrs=op_attr("delete"))
     with pytest.raises(RPCError) as err:
         nc.edit_config(target="running", config=config(session_xml(src="10.8.3.2"), delete))
     assert err.value.tag == "data-missing"
