@@ -34,8 +34,8 @@ class LocalServer:
                 self.process.wait()
 
 
-def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float = 60
-                       ) -> LocalServer:
+def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float = 60,
+                       verbose: bool = False) -> LocalServer:
     """`nfmig serve` on 127.0.0.1 with a fresh random password, port chosen by the kernel."""
     workdir.mkdir(parents=True, exist_ok=True)
     users = workdir / "users"
@@ -47,8 +47,9 @@ def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float =
     log = workdir / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nfmig", "serve", "--users", str(users), "--state-dir",
-             str(workdir / "state"), "--netconf-port", "0", "--port-file", str(port_file),
+            [sys.executable, "-m", "nfmig", *(["-v"] if verbose else []), "serve",
+             "--users", str(users), "--state-dir", str(workdir / "state"),
+             "--netconf-port", "0", "--port-file", str(port_file),
              *serve_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + startup_timeout
     while not port_file.exists() or not port_file.read_text().strip():

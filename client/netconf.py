@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 from ncclient import manager
+from ncclient.transport import session as nc_session
+
+# ncclient's session thread checks its send queue only between 100 ms waits for input, which
+# puts up to 100 ms in front of every request; a short wait sends it at once.
+nc_session.TICK = 0.002
 
 NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -45,7 +50,11 @@ class NatClient:
 
     def edit(self, config_body: str, target: str = "running") -> int:
         """edit-config of ``config_body`` (top-level nodes); returns the request size."""
-        config = f'<config xmlns="{NC_NS}">{config_body}</config>'
+        # The model's namespace is declared once on <config>, not on each of thousands of
+        # entries: lxml re-homes every namespace declaration, one by one, each time ncclient
+        # moves the config into its rpc (10k declarations: 0.55 s; one: 0.02 s).
+        body = config_body.replace(f' xmlns="{NAT_NS}"', "")
+        config = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{body}</nc:config>'
         self.m.edit_config(target=target, config=config)
         return len(config.encode())
 

@@ -32,6 +32,7 @@ from nfmig.nf_backends.base import (
 
 from . import errors
 from .errors import RpcError, RpcErrors
+from .filters import TopNode
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import OPERATION_ATTR, SessionDecoder, SessionEdit, sessions_to_xml
 from .tree_edit import edit_node, strip_operations
@@ -90,19 +91,24 @@ class Datastores:
         log.info("running loaded from %s", self.startup_path)
 
     # -- reads -------------------------------------------------------------------------
-    def config_parts(self, datastore: str) -> Iterator[str]:
-        """The configuration of a datastore as XML fragments (top-level nodes)."""
+    def config_nodes(self, datastore: str) -> list[TopNode]:
+        """The configuration of a datastore as top-level nodes, serialised on demand."""
         if datastore == "startup":
-            if self.startup_path.exists():
-                yield self.startup_path.read_text()
-            return
+            text = self.startup_path.read_text() if self.startup_path.exists() else ""
+            return [TopNode(None, None, lambda: [text])] if text else []
         with self._lock:
             candidate = self._candidate if datastore == "candidate" else None
             policy = candidate.policy if candidate else self._policy
             overlay = dict(candidate.sessions) if candidate else {}
+        nodes = [TopNode(self.ns, "nat-session",
+                         lambda: sessions_to_xml(self._sessions_with(overlay), self.ns))]
         if policy is not None:
-            yield etree.tostring(policy, encoding="unicode")
-        yield from sessions_to_xml(self._sessions_with(overlay), self.ns)
+            policy_text = etree.tostring(policy, encoding="unicode")
+            nodes.insert(0, TopNode(self.ns, "nat-policy", lambda: [policy_text]))
+        return nodes
+
+    def config_text(self, datastore: str) -> str:
+        return "".join(node.text() for node in self.config_nodes(datastore))
 
     def _sessions_with(self, overlay: dict) -> Iterator[Session]:
         for s in self.backend.sessions():
@@ -113,7 +119,10 @@ class Datastores:
             if s is not None:
                 yield s
 
-    def state_parts(self) -> Iterator[str]:
+    def state_nodes(self) -> list[TopNode]:
+        return [TopNode(self.ns, "nat-state", self._nat_state)]
+
+    def _nat_state(self) -> Iterator[str]:
         stats = self.backend.stats()
         yield (f'<nat-state xmlns="{self.ns}"><implementation>{stats.implementation}'
                f"</implementation><session-count>{stats.session_count}</session-count>"
@@ -201,15 +210,17 @@ class Datastores:
                ) -> tuple[list[etree._Element], list[SessionEdit]]:
         policy_edits, session_edits = [], []
         inherited = config.get(OPERATION_ATTR, default_op)
+        session_tags = (f"{{{self.ns}}}nat-session", "nat-session")
+        policy_tags = (f"{{{self.ns}}}nat-policy", "nat-policy")
+        leaf_attributes = bool(config.xpath("boolean(*/*/@*)"))
+        decode = self.decoder.decode
         for child in config:
-            if not isinstance(child.tag, str):
-                continue
-            qname = etree.QName(child)
-            if qname.localname == "nat-session" and qname.namespace in (self.ns, None):
-                session_edits.append(self.decoder.decode(child, inherited))
-            elif qname.localname == "nat-policy" and qname.namespace in (self.ns, None):
+            tag = child.tag
+            if tag in session_tags:
+                session_edits.append(decode(child, inherited, leaf_attributes))
+            elif tag in policy_tags:
                 policy_edits.append(child)
-            else:
+            elif isinstance(tag, str):
                 raise self._unknown_top_level(child)
         return policy_edits, session_edits
 
@@ -397,7 +408,7 @@ class Datastores:
 
     def validate(self, source: str) -> None:
         """Full libyang validation of a datastore's configuration."""
-        text = "".join(self.config_parts(source))
+        text = self.config_text(source)
         try:
             tree = self.schema.parse_xml(text)
         except YangError as exc:
@@ -411,7 +422,7 @@ class Datastores:
             if target != "startup":
                 self.check_writable(target, session_id)
             if isinstance(source, str):
-                text = "".join(self.config_parts(source))
+                text = self.config_text(source)
                 config = etree.fromstring(f"<config>{text}</config>".encode())
             else:
                 config = source

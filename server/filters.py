@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from lxml import etree
 
@@ -19,14 +21,54 @@ def _is_element(node) -> bool:
 
 
 def _matches(filter_el: etree._Element, data_el: etree._Element) -> bool:
-    f, d = etree.QName(filter_el), etree.QName(data_el)
-    # A filter node without a namespace matches any namespace (lenient for hand-written
-    # filters); with one, namespaces must agree as RFC 6241 §6.2.2 says.
-    return f.localname == d.localname and (f.namespace is None or f.namespace == d.namespace)
+    d = etree.QName(data_el)
+    return _matches_name(filter_el, d.namespace, d.localname)
 
 
 def _is_content_match(filter_el: etree._Element) -> bool:
     return len(filter_el) == 0 and filter_el.text is not None and filter_el.text.strip() != ""
+
+
+@dataclass(frozen=True)
+class TopNode:
+    """A top-level data node, or the run of entries of a top-level list, as XML produced on
+    demand: a read that a filter narrows never serialises what it leaves out."""
+
+    namespace: str | None  # None with name None: not known before parsing (stored text)
+    name: str | None
+    produce: Callable[[], Iterable[str]]
+
+    def text(self) -> str:
+        return "".join(self.produce())
+
+
+def select_top_nodes(nodes: Iterable[TopNode], filter_el: etree._Element
+                     ) -> list[tuple[TopNode, bool]]:
+    """The nodes a subtree filter can select, each with whether it is selected whole.
+
+    Only a node some top-level filter element matches by name can appear in the result
+    (RFC 6241 §6.2.4); if one of those is a bare selection node the whole node is selected
+    and needs no parsing, otherwise the node must go through :func:`subtree_filter`.
+    """
+    filters = [f for f in filter_el if _is_element(f)]
+    picked = []
+    for node in nodes:
+        if node.name is None:
+            picked.append((node, False))
+            continue
+        hits = [f for f in filters if _matches_name(f, node.namespace, node.name)]
+        if hits:
+            whole = any(not _is_content_match(f) and not any(_is_element(c) for c in f)
+                        for f in hits)
+            picked.append((node, whole))
+    return picked
+
+
+def _matches_name(filter_el: etree._Element, namespace: str | None, name: str) -> bool:
+    # A filter node without a namespace matches any namespace (lenient for hand-written
+    # filters); with one, namespaces must agree as RFC 6241 §6.2.2 says.
+    f = etree.QName(filter_el)
+    return f.localname == name and (f.namespace is None or f.namespace == namespace)
 
 
 def subtree_filter(data: etree._Element, filter_el: etree._Element) -> etree._Element:

@@ -132,18 +132,21 @@ def _partial_header_ok(window: bytes) -> bool:
 SEND_CHUNK = 32 << 10
 
 
-def frame_chunked(body: bytes, chunk: int = SEND_CHUNK) -> bytes:
-    """A message in chunks of ``chunk`` bytes. Moderate chunks matter to clients that
-    re-scan their whole receive buffer until a chunk is complete (one huge chunk makes
-    them quadratic)."""
+def frame_chunks(body: bytes, chunk: int = SEND_CHUNK) -> bytes:
+    """Part of a message as chunks of ``chunk`` bytes, no end marker. Moderate chunks matter to
+    clients that re-scan their whole receive buffer until a chunk is complete (one huge
+    chunk makes them quadratic)."""
     view = memoryview(body)
     parts = []
     for start in range(0, len(body), chunk):
         piece = view[start:start + chunk]
         parts.append(b"\n#%d\n" % len(piece))
         parts.append(piece)
-    parts.append(b"\n##\n")
     return b"".join(parts)
+
+
+def end_of_message(chunked: bool) -> bytes:
+    return _END_OF_CHUNKS if chunked else EOM
 
 
 def frame_eom(body: bytes) -> bytes:

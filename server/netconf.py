@@ -7,10 +7,13 @@ fast and size-limited framing, and sending replies built as text.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import socket
 import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -27,10 +30,11 @@ from .framing import (
     FrameReader,
     FramingError,
     MessageTooBig,
-    frame_chunked,
+    end_of_message,
+    frame_chunks,
     frame_eom,
 )
-from .operations import NC, Operations, SessionInfo
+from .operations import NC, Operations, Reply, SessionInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=Tru
                           remove_comments=True)
 _MESSAGE_ID = re.compile(rb"""message-id\s*=\s*["']([^"']{1,256})["']""")
 WINDOW = 8 << 20
+STREAM_BLOCK = 256 << 10
+# Largest SSH packet we accept: large packets let a client send a bulk edit in few pieces.
+MAX_PACKET = 256 << 10
 HELLO_TIMEOUT = 60
 
 
@@ -157,6 +164,7 @@ class NetconfSession(nc_base.NetconfSession):
             return
         op = operations[0]
         name = etree.QName(op).localname
+        started = time.perf_counter()
         try:
             body = self.ops.dispatch(self.info, op)
         except RpcError as exc:
@@ -172,29 +180,56 @@ class NetconfSession(nc_base.NetconfSession):
             self._send_error(RpcError("operation-failed", f"internal error while handling "
                                       f"{name}; see the server log"), attrs)
             return
-        self._send_reply(body, attrs)
+        handled = time.perf_counter()
+        sent = self._send_reply(body, attrs)
+        log.debug("session %s: %s handled in %.3f s, %d reply bytes sent in %.3f s",
+                  self.session_id, name, handled - started, sent,
+                  time.perf_counter() - handled)
         if name == "close-session":
             self.close()
 
     # -- sending -----------------------------------------------------------------------
-    def _send_reply(self, body: str, attrs: dict | None) -> None:
+    def _send_reply(self, body: Reply, attrs: dict | None) -> int:
+        """Send a reply, a large one block by block while it is still being produced."""
         extra = "".join(f" {_attr_name(k)}={quoteattr(v)}" for k, v in (attrs or {}).items())
         nsdecl = "".join(f' xmlns:{p}="{ns}"' for p, ns in _attr_namespaces(attrs or {}))
-        message = (f'<?xml version="1.0" encoding="UTF-8"?><rpc-reply xmlns="{NC}"'
-                   f"{nsdecl}{extra}>{body}</rpc-reply>").encode()
-        framed = frame_chunked(message) if self.new_framing else frame_eom(message)
+        head = (f'<?xml version="1.0" encoding="UTF-8"?><rpc-reply xmlns="{NC}"'
+                f"{nsdecl}{extra}>")
+        pieces = [head, body, "</rpc-reply>"] if isinstance(body, str) else \
+            itertools.chain((head,), body, ("</rpc-reply>",))
+        blocks = _blocks(pieces)
+        try:
+            block = next(blocks)  # a failure before the first byte is still an rpc-error
+        except RpcError as exc:
+            return self._send_error(exc, attrs)
+        except Exception:
+            log.exception("session %s: building the reply failed", self.session_id)
+            return self._send_error(RpcError("operation-failed", "internal error while "
+                                             "building the reply; see the server log"), attrs)
+        sent = 0
         with self.send_lock:
             try:
-                self.channel.sendall(framed)
+                for following in itertools.chain(blocks, (None,)):
+                    framed = frame_chunks(block) if self.new_framing else block
+                    if following is None:  # the end marker rides with the last block
+                        framed += end_of_message(self.new_framing)
+                    self.channel.sendall(framed)
+                    sent += len(framed)
+                    block = following
             except (OSError, EOFError) as exc:
                 log.info("session %s: reply not delivered: %s", self.session_id, exc)
+            except Exception:  # half a reply is out: the session cannot go on
+                log.exception("session %s: reply failed after %d bytes; closing the session",
+                              self.session_id, sent)
+                self.channel.close()
+        return sent
 
-    def _send_error(self, error: RpcError, attrs: dict | None) -> None:
-        self._send_errors([error], attrs)
+    def _send_error(self, error: RpcError, attrs: dict | None) -> int:
+        return self._send_errors([error], attrs)
 
-    def _send_errors(self, errors: list[RpcError], attrs: dict | None) -> None:
+    def _send_errors(self, errors: list[RpcError], attrs: dict | None) -> int:
         self.info.out_rpc_errors += 1
-        self._send_reply("".join(e.to_xml() for e in errors), attrs)
+        return self._send_reply("".join(e.to_xml() for e in errors), attrs)
 
     def send_message(self, msg: str) -> None:  # used by python-netconf internals only
         self._send_reply(msg, None)
@@ -207,6 +242,20 @@ class NetconfSession(nc_base.NetconfSession):
             super().close()
         finally:
             self.server.unregister(self)
+
+
+def _blocks(pieces: Iterable[str], size: int = STREAM_BLOCK) -> Iterator[bytes]:
+    """Join small pieces into blocks of about ``size`` bytes."""
+    buffered: list[str] = []
+    length = 0
+    for piece in pieces:
+        buffered.append(piece)
+        length += len(piece)
+        if length >= size:
+            yield "".join(buffered).encode()
+            buffered, length = [], 0
+    if buffered:
+        yield "".join(buffered).encode()
 
 
 def _attr_name(name: str) -> str:
@@ -238,7 +287,7 @@ class _SshConnection(sshutil.server.SSHServerSocket):
         self.server_ctl = server_ctl
         self.sessions = []
         self.ssh = paramiko.Transport(newsocket, default_window_size=WINDOW,
-                                      default_max_packet_size=1 << 15)
+                                      default_max_packet_size=MAX_PACKET)
         self.ssh.add_server_key(server.host_key)
         self.ssh.start_server(server=server_ctl)
         self.lock = threading.Lock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from xml.sax.saxutils import escape
@@ -15,7 +15,7 @@ from lxml import etree
 from . import errors
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
-from .filters import limit_depth, subtree_filter, xpath_filter
+from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpath_filter
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -24,6 +24,8 @@ NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
 YANGLIB_REV = "2019-01-04"
 OK = "<ok/>"
+# A reply body: text, or pieces of text for large data sent while it is produced.
+Reply = str | Iterable[str]
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Operations:
         self.content_id = hashlib.sha256(
             ";".join(f"{m.name()}@{module_revision(m)}" for m in schema.modules()).encode()
         ).hexdigest()[:16]
-        self._handlers: dict[str, Callable[[SessionInfo, etree._Element], str]] = {
+        self._handlers: dict[str, Callable[[SessionInfo, etree._Element], Reply]] = {
             f"{{{NC}}}get": self.get,
             f"{{{NC}}}get-config": self.get_config,
             f"{{{NC}}}edit-config": self.edit_config,
@@ -90,7 +92,7 @@ class Operations:
         return caps
 
     # -- dispatch ----------------------------------------------------------------------
-    def dispatch(self, session: SessionInfo, operation: etree._Element) -> str:
+    def dispatch(self, session: SessionInfo, operation: etree._Element) -> Reply:
         handler = self._handlers.get(operation.tag)
         if handler is None:
             qname = etree.QName(operation)
@@ -100,29 +102,31 @@ class Operations:
         return handler(session, operation)
 
     # -- reads -------------------------------------------------------------------------
-    def get(self, session: SessionInfo, op: etree._Element) -> str:
+    def get(self, session: SessionInfo, op: etree._Element) -> Reply:
         _only(op, "filter")
-        parts = [*self.ds.config_parts("running"), *self._state_parts()]
-        return self._reply_data(NC, parts, op.find(f"{{{NC}}}filter"))
+        nodes = [*self.ds.config_nodes("running"), *self._state_nodes()]
+        return self._reply_data(NC, nodes, op.find(f"{{{NC}}}filter"))
 
-    def get_config(self, session: SessionInfo, op: etree._Element) -> str:
+    def get_config(self, session: SessionInfo, op: etree._Element) -> Reply:
         _only(op, "source", "filter")
         source = _datastore_choice(op, "source", CONFIG_DATASTORES)
-        return self._reply_data(NC, self.ds.config_parts(source), op.find(f"{{{NC}}}filter"))
+        return self._reply_data(NC, self.ds.config_nodes(source), op.find(f"{{{NC}}}filter"))
 
-    def get_data(self, session: SessionInfo, op: etree._Element) -> str:
+    def get_data(self, session: SessionInfo, op: etree._Element) -> Reply:
         known = ("datastore", "subtree-filter", "xpath-filter", "config-filter", "max-depth",
                  "origin-filter", "negated-origin-filter", "with-origin", "with-defaults")
         _only(op, *known, ns=NCDS)
         datastore = _identity(op.find(f"{{{NCDS}}}datastore"))
         config_filter = _text(op, "config-filter", NCDS)
-        parts: Iterable[str]
+        nodes: list[TopNode] = []
         if datastore == "operational":
-            parts = [] if config_filter == "false" else list(self.ds.config_parts("running"))
+            if config_filter != "false":
+                nodes += self.ds.config_nodes("running")
             if config_filter != "true":
-                parts = [*parts, *self._state_parts()]
+                nodes += self._state_nodes()
         elif datastore in CONFIG_DATASTORES:
-            parts = [] if config_filter == "false" else self.ds.config_parts(datastore)
+            if config_filter != "false":
+                nodes += self.ds.config_nodes(datastore)
         else:
             raise errors.invalid_value(f"unknown datastore {datastore!r}",
                                        info={"bad-element": "datastore"})
@@ -139,12 +143,12 @@ class Operations:
             max_depth = int(depth)
         xpath = op.find(f"{{{NCDS}}}xpath-filter")
         subtree = op.find(f"{{{NCDS}}}subtree-filter")
-        return self._reply_data(NCDS, parts, None, subtree=subtree, xpath=xpath,
+        return self._reply_data(NCDS, nodes, None, subtree=subtree, xpath=xpath,
                                 max_depth=max_depth)
 
-    def _reply_data(self, ns: str, parts: Iterable[str], nc_filter: etree._Element | None, *,
+    def _reply_data(self, ns: str, nodes: list[TopNode], nc_filter: etree._Element | None, *,
                     subtree: etree._Element | None = None, xpath: etree._Element | None = None,
-                    max_depth: int | None = None) -> str:
+                    max_depth: int | None = None) -> Reply:
         if nc_filter is not None:
             kind = nc_filter.get("type", "subtree")
             if kind == "xpath":
@@ -155,10 +159,11 @@ class Operations:
                 raise RpcError("bad-attribute", f"filter type {kind!r} is not subtree or xpath",
                                type="protocol",
                                info={"bad-attribute": "type", "bad-element": "filter"})
-        if subtree is None and xpath is None and max_depth is None:
-            return f'<data xmlns="{ns}">{"".join(parts)}</data>'
-        data = etree.fromstring(f'<data xmlns="{ns}">{"".join(parts)}</data>'.encode(),
-                                parser=_PARSER)
+        if xpath is None and max_depth is None:
+            if subtree is None:
+                return _stream_data(ns, nodes, "")
+            return self._subtree_reply(ns, nodes, subtree)
+        data = self._parse_data(ns, (n.text() for n in nodes))
         if xpath is not None:
             select = xpath.get("select") if xpath.tag.endswith("}filter") else xpath.text
             data = xpath_filter(data, select or "", xpath.nsmap)
@@ -168,9 +173,28 @@ class Operations:
             limit_depth(data, max_depth)
         return etree.tostring(data, encoding="unicode")
 
-    def _state_parts(self) -> list[str]:
-        return [*self.ds.state_parts(), self.schema.yang_library_xml(self.content_id),
-                self._netconf_state()]
+    def _subtree_reply(self, ns: str, nodes: list[TopNode], subtree: etree._Element
+                       ) -> Iterator[str]:
+        """Whole nodes the filter selects go out as produced; only the rest is parsed."""
+        picked = select_top_nodes(nodes, subtree)
+        whole = [node for node, is_whole in picked if is_whole]
+        partial = [node.text() for node, is_whole in picked if not is_whole]
+        rest = ""
+        if partial:
+            filtered = subtree_filter(self._parse_data(ns, partial), subtree)
+            rest = "".join(etree.tostring(c, encoding="unicode") for c in filtered)
+        return _stream_data(ns, whole, rest)
+
+    @staticmethod
+    def _parse_data(ns: str, parts: Iterable[str]) -> etree._Element:
+        return etree.fromstring(f'<data xmlns="{ns}">{"".join(parts)}</data>'.encode(),
+                                parser=_PARSER)
+
+    def _state_nodes(self) -> list[TopNode]:
+        return [*self.ds.state_nodes(),
+                # yang-library and modules-state in one text: left to the filter to split
+                TopNode(None, None, lambda: [self.schema.yang_library_xml(self.content_id)]),
+                TopNode(NCM, "netconf-state", lambda: [self._netconf_state()])]
 
     def _netconf_state(self) -> str:
         caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.capabilities())
@@ -313,6 +337,14 @@ class Operations:
 
 
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
+
+
+def _stream_data(ns: str, nodes: list[TopNode], tail: str) -> Iterator[str]:
+    """A data element as pieces, so a large reply is sent while it is still being produced."""
+    yield f'<data xmlns="{ns}">'
+    for node in nodes:
+        yield from node.produce()
+    yield f"{tail}</data>"
 
 
 def _now() -> str:
