@@ -34,7 +34,8 @@ TCP_STATES = (
     "last-ack", "time-wait", "close", "syn-sent2",
 )
 TCP_STATE_NUM = {s: i for i, s in enumerate(TCP_STATES)}
-DEFAULT_EXTERNAL = "192.0.2.1"  # TEST-NET-1, used when the policy names no address
+# TEST-NET-1 addresses, used when the policy names none: four of them hold 250k sessions.
+DEFAULT_EXTERNAL = ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
 
 # Native row layout: [nat_ip, nat_port, dnat_ip, dnat_port, tcp_state, wscale_o, wscale_r,
 #                     expires_at, o_pkts, o_bytes, r_pkts, r_bytes]
@@ -205,9 +206,11 @@ class SimulatedBackend(Backend):
         if row[NAT_IP] is not None:
             self._endpoints.pop((nkey[0], row[NAT_IP], row[NAT_PORT]), None)
 
-    def _external(self) -> int:
-        addresses = self._policy.external_address or [DEFAULT_EXTERNAL]
-        return _ip(self._rng.choice(addresses))
+    def _externals(self) -> list[int]:
+        """The external addresses, in a random order (spreads sessions over the pool)."""
+        addresses = [_ip(a) for a in self._policy.external_address or DEFAULT_EXTERNAL]
+        self._rng.shuffle(addresses)
+        return addresses
 
     def _allocate_port(self, proto: int, nat_ip: int) -> int | None:
         """A free external port, never one held by another session (imported ones too)."""
@@ -229,10 +232,12 @@ class SimulatedBackend(Backend):
         nkey = (6, src, sport, dst, 443, False)
         if nkey in self._table:
             return False
-        nat_ip = self._external()
-        port = self._allocate_port(6, nat_ip)
-        if port is None:
-            return False
+        for nat_ip in self._externals():
+            port = self._allocate_port(6, nat_ip)
+            if port is not None:
+                break
+        else:
+            raise BackendError("every external address and port is in use", None, "table full")
         timeout = self._policy.timeouts.tcp_established
         row = [nat_ip, port, None, None, TCP_STATE_NUM["established"], 7, 7, now + timeout,
                3, 180, 2, 120]
@@ -261,8 +266,12 @@ class SimulatedBackend(Backend):
                 while carry >= 1:
                     carry -= 1
                     index += 1
-                    if self._open_session(now, index):
-                        self._created += 1
+                    try:
+                        if self._open_session(now, index):
+                            self._created += 1
+                    except BackendError:
+                        carry = 0.0  # no free port: traffic waits for sessions to expire
+                        break
                 if self._traffic_rate:
                     self._advance_counters(now)
 
