@@ -15,7 +15,7 @@ __all__ = [
     "SessionKey", "create_backend", "BACKENDS",
 ]
 
-BACKENDS = ("simulated",)
+BACKENDS = ("simulated", "linux")
 
 
 def create_backend(name: str, **options) -> Backend:
@@ -25,4 +25,10 @@ def create_backend(name: str, **options) -> Backend:
 
         return SimulatedBackend(seed_sessions=options.get("sessions", 0),
                                 traffic_rate=options.get("traffic", 0.0))
+    if name == "linux":
+        from .linux import LinuxBackend
+
+        if not options.get("netns"):
+            raise ValueError("the linux backend needs --netns NAME (the NAT's namespace)")
+        return LinuxBackend(options["netns"])
     raise ValueError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

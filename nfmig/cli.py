@@ -54,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve one NAT instance's state over NETCONF (SSH). "
                            "The datastore is the YANG model nfmig-nat, backed by the NAT's "
                            "own session table.")
-    serve.add_argument("--backend", choices=("simulated",), default="simulated",
+    serve.add_argument("--backend", choices=("simulated", "linux"), default="simulated",
                        help="NAT implementation behind the datastore (default: simulated)")
+    serve.add_argument("--netns", metavar="NAME",
+                       help="network namespace of the NAT instance (linux backend; a name "
+                            "under /run/netns or a path)")
     serve.add_argument("--sessions", type=_count, default=0, metavar="N",
                        help="seed N sessions at start (simulated backend)")
     serve.add_argument("--traffic", type=float, default=0.0, metavar="RATE",
@@ -92,17 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from nfmig.nf_backends import create_backend
+    from nfmig.nf_backends import BackendError, create_backend
     from nfmig.server.app import Server, ServerConfig
     from nfmig.server.auth import UsersFileError
 
     config = ServerConfig(state_dir=args.state_dir, users_file=args.users, listen=args.listen,
                           netconf_port=args.netconf_port,
                           max_message_size=args.max_message_size)
-    backend = create_backend(args.backend, sessions=args.sessions, traffic=args.traffic)
+    try:
+        backend = create_backend(args.backend, sessions=args.sessions, traffic=args.traffic,
+                                 netns=args.netns)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.backend == "linux" and not Path(backend.netns_path).exists():
+        return _fail(f"network namespace {args.netns} does not exist")
     try:
         server = Server(config, backend)
         server.start()
+    except BackendError as exc:
+        return _fail(f"the {args.backend} NAT cannot start: {exc}")
     except UsersFileError as exc:
         return _fail(str(exc))
     except OSError as exc:

@@ -1,0 +1,504 @@
+"""A lean ctnetlink codec: dump, create, update and delete Linux conntrack entries in bulk.
+
+Only what a NAT session needs is encoded. Every message of one shape (family, protocol, NAT
+kind) is laid out once as a byte template; an entry then costs a copy and a few pack_into
+calls, which is what makes 10k inserts take a tenth of a second in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_CAP_ACK = 10
+CLONE_NEWNET = 0x40000000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x200, 0x400
+NLA_F_NESTED = 0x8000
+NLMSGERR_ATTR_MSG = 1
+
+CT_NEW, CT_GET, CT_DELETE = 0x100, 0x101, 0x102  # NFNL_SUBSYS_CTNETLINK << 8 | message
+
+# Attribute numbers (linux/netfilter/nfnetlink_conntrack.h).
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
+CTA_NAT_SRC, CTA_TIMEOUT, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_NAT_DST = 6, 7, 9, 10, 13
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
+CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
+CTA_PROTOINFO_TCP = 1
+TCP_STATE, TCP_WSCALE_ORIG, TCP_WSCALE_REPLY, TCP_FLAGS_ORIG, TCP_FLAGS_REPLY = 1, 2, 3, 4, 5
+CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
+CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
+CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
+CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
+
+IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 0x2, 0x4, 0x8
+IPS_SRC_NAT, IPS_DST_NAT = 0x10, 0x20
+TCP_FLAG_WINDOW_SCALE, TCP_FLAG_SACK_PERM = 0x01, 0x02
+
+ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
+ECHO_REPLY = {ICMP: (8, 0), ICMPV6: (128, 129)}  # protocol -> (request type, reply type)
+
+_HDR = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_BATCH = 256  # messages per send; their acks fit easily in the receive buffer
+
+
+class CtEntry(NamedTuple):
+    """One conntrack entry as the NAT sees it. Addresses are packed bytes (4 or 16); for
+    ICMP, sport is the echo identifier and dport 0. ``nat_*`` is the translated source (SNAT,
+    from the reply tuple) and ``dnat_*`` the translated destination (DNAT)."""
+
+    family: int
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    nat_addr: bytes | None = None
+    nat_port: int | None = None
+    dnat_addr: bytes | None = None
+    dnat_port: int | None = None
+    tcp_state: int | None = None
+    wscale_orig: int | None = None
+    wscale_reply: int | None = None
+    timeout: int | None = None
+    orig_packets: int = 0
+    orig_bytes: int = 0
+    reply_packets: int = 0
+    reply_bytes: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return (self.proto, self.src, self.sport, self.dst, self.dport)
+
+
+class ConntrackError(Exception):
+    """The kernel refused one message; ``index`` is its place in the batch."""
+
+    def __init__(self, index: int, code: int, message: str = ""):
+        detail = f": {message}" if message else ""
+        super().__init__(f"{os.strerror(code)}{detail}")
+        self.index = index
+        self.errno = code
+
+
+# -- building messages --------------------------------------------------------------------
+class _Layout:
+    """A message shape: constant bytes plus (offset, format, field) for what varies."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.fields: list[tuple[int, str, int]] = []
+        self._open: list[int] = []
+
+    def const(self, data: bytes) -> None:
+        self.buf += data
+
+    def var(self, fmt: str, field: int) -> None:
+        self.fields.append((len(self.buf), fmt, field))
+        self.buf += bytes(struct.calcsize(fmt))
+
+    def attr(self, kind: int, fmt: str, value: int | bytes | None = None,
+             field: int | None = None) -> None:
+        size = struct.calcsize(fmt)
+        self.buf += _NLA.pack(4 + size, kind)
+        if field is None:
+            self.buf += struct.pack(fmt, value)
+        else:
+            self.var(fmt, field)
+        self.buf += bytes(-size % 4)
+
+    def nest(self, kind: int) -> None:
+        self._open.append(len(self.buf))
+        self.buf += _NLA.pack(0, kind | NLA_F_NESTED)
+
+    def end(self) -> None:
+        start = self._open.pop()
+        struct.pack_into("=H", self.buf, start, len(self.buf) - start)
+
+    def finish(self) -> _Layout:
+        struct.pack_into("=I", self.buf, 0, len(self.buf))
+        self.template = bytes(self.buf)
+        return self
+
+
+# Field numbers used by layouts: an index into the values tuple built in _values().
+F_SEQ, F_SRC, F_DST, F_SPORT, F_DPORT, F_TIMEOUT, F_STATE, F_WS_O, F_WS_R = range(9)
+F_NAT_ADDR, F_NAT_PORT, F_DNAT_ADDR, F_DNAT_PORT = range(9, 13)
+
+
+def _tuple(lay: _Layout, kind: int, e: CtEntry, reply: bool) -> None:
+    v4 = e.family == socket.AF_INET
+    afmt = "4s" if v4 else "16s"
+    lay.nest(kind)
+    lay.nest(CTA_TUPLE_IP)
+    src, dst = (F_DST, F_SRC) if reply else (F_SRC, F_DST)
+    lay.attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, afmt, field=src)
+    lay.attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, afmt, field=dst)
+    lay.end()
+    lay.nest(CTA_TUPLE_PROTO)
+    lay.attr(CTA_PROTO_NUM, "B", e.proto)
+    if e.proto in ECHO_REPLY:
+        base = CTA_PROTO_ICMP_ID if e.proto == ICMP else CTA_PROTO_ICMPV6_ID
+        lay.attr(base, "!H", field=F_SPORT)
+        lay.attr(base + 1, "B", ECHO_REPLY[e.proto][1 if reply else 0])
+        lay.attr(base + 2, "B", 0)
+    else:
+        sport, dport = (F_DPORT, F_SPORT) if reply else (F_SPORT, F_DPORT)
+        lay.attr(CTA_PROTO_SRC_PORT, "!H", field=sport)
+        lay.attr(CTA_PROTO_DST_PORT, "!H", field=dport)
+    lay.end()
+    lay.end()
+
+
+def _nat(lay: _Layout, kind: int, family: int, addr_field: int, port_field: int | None) -> None:
+    v4 = family == socket.AF_INET
+    afmt = "4s" if v4 else "16s"
+    lay.nest(kind)
+    lay.attr(CTA_NAT_V4_MINIP if v4 else CTA_NAT_V6_MINIP, afmt, field=addr_field)
+    lay.attr(CTA_NAT_V4_MAXIP if v4 else CTA_NAT_V6_MAXIP, afmt, field=addr_field)
+    if port_field is not None:
+        # min = max: without a pinned port the kernel silently picks another on a clash
+        lay.nest(CTA_NAT_PROTO)
+        lay.attr(CTA_PROTONAT_PORT_MIN, "!H", field=port_field)
+        lay.attr(CTA_PROTONAT_PORT_MAX, "!H", field=port_field)
+        lay.end()
+    lay.end()
+
+
+def _header(lay: _Layout, msg_type: int, flags: int, family: int) -> None:
+    lay.const(_HDR.pack(0, msg_type, flags, 0, 0))
+    lay.fields.append((8, "=I", F_SEQ))
+    lay.const(struct.pack("=BBH", family, 0, 0))
+
+
+def _create_layout(e: CtEntry, update: bool) -> _Layout:
+    """NEW message. A create follows the recipe that keeps a moved NAT session working: the
+    reply tuple is the exact inverse of the original (the kernel derives the translated one
+    from the NAT attributes), NAT ranges pinned to one address and port, CONFIRMED status."""
+    lay = _Layout()
+    flags = NLM_F_REQUEST | NLM_F_ACK | (0 if update else NLM_F_CREATE | NLM_F_EXCL)
+    _header(lay, CT_NEW, flags, e.family)
+    _tuple(lay, CTA_TUPLE_ORIG, e, reply=False)
+    if not update:
+        _tuple(lay, CTA_TUPLE_REPLY, e, reply=True)
+        lay.attr(CTA_STATUS, "!I", IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED)
+    lay.attr(CTA_TIMEOUT, "!I", field=F_TIMEOUT)
+    if e.proto == TCP and e.tcp_state is not None:
+        lay.nest(CTA_PROTOINFO)
+        lay.nest(CTA_PROTOINFO_TCP)
+        lay.attr(TCP_STATE, "B", field=F_STATE)
+        if e.wscale_orig is not None and e.wscale_reply is not None:
+            lay.attr(TCP_WSCALE_ORIG, "B", field=F_WS_O)
+            lay.attr(TCP_WSCALE_REPLY, "B", field=F_WS_R)
+            # the kernel only takes the scales with the flag set; mask 0xff makes it listen
+            scaled = bytes([TCP_FLAG_WINDOW_SCALE | TCP_FLAG_SACK_PERM, 0xFF])
+            lay.attr(TCP_FLAGS_ORIG, "2s", scaled)
+            lay.attr(TCP_FLAGS_REPLY, "2s", scaled)
+        lay.end()
+        lay.end()
+    if not update and e.nat_addr is not None:
+        _nat(lay, CTA_NAT_SRC, e.family, F_NAT_ADDR, F_NAT_PORT if e.nat_port is not None
+             else None)
+    if not update and e.dnat_addr is not None:
+        _nat(lay, CTA_NAT_DST, e.family, F_DNAT_ADDR, F_DNAT_PORT if e.dnat_port is not None
+             else None)
+    return lay.finish()
+
+
+def _delete_layout(e: CtEntry) -> _Layout:
+    lay = _Layout()
+    _header(lay, CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, e.family)
+    _tuple(lay, CTA_TUPLE_ORIG, e, reply=False)
+    return lay.finish()
+
+
+def _shape(e: CtEntry, kind: str) -> tuple:
+    return (kind, e.family, e.proto, e.tcp_state is not None,
+            e.wscale_orig is not None and e.wscale_reply is not None,
+            e.nat_addr is not None, e.nat_port is not None,
+            e.dnat_addr is not None, e.dnat_port is not None)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self._layouts: dict[tuple, _Layout] = {}
+
+    def encode(self, e: CtEntry, seq: int, kind: str) -> bytearray:
+        shape = _shape(e, kind)
+        lay = self._layouts.get(shape)
+        if lay is None:
+            lay = self._layouts[shape] = (_delete_layout(e) if kind == "delete"
+                                          else _create_layout(e, kind == "update"))
+        values = (seq, e.src, e.dst, e.sport, e.dport, e.timeout or 0, e.tcp_state or 0,
+                  e.wscale_orig or 0, e.wscale_reply or 0, e.nat_addr, e.nat_port or 0,
+                  e.dnat_addr, e.dnat_port or 0)
+        buf = bytearray(lay.template)
+        for offset, fmt, field in lay.fields:
+            struct.pack_into(fmt, buf, offset, values[field])
+        return buf
+
+
+# -- parsing dumps ------------------------------------------------------------------------
+def _parse_tuple(buf: bytes, pos: int, end: int) -> tuple:
+    src = dst = b""
+    proto = sport = dport = 0
+    unpack = _NLA.unpack_from
+    while pos < end:
+        length, kind = unpack(buf, pos)
+        kind &= 0x3FFF
+        inner, stop = pos + 4, pos + length
+        if kind == CTA_TUPLE_IP:
+            while inner < stop:
+                ilen, ikind = unpack(buf, inner)
+                value = buf[inner + 4:inner + ilen]
+                if ikind & 0x3FFF in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = value
+                else:
+                    dst = value
+                inner += (ilen + 3) & ~3
+        elif kind == CTA_TUPLE_PROTO:
+            while inner < stop:
+                ilen, ikind = unpack(buf, inner)
+                ikind &= 0x3FFF
+                if ikind == CTA_PROTO_NUM:
+                    proto = buf[inner + 4]
+                elif ikind in (CTA_PROTO_SRC_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
+                    sport = (buf[inner + 4] << 8) | buf[inner + 5]
+                elif ikind == CTA_PROTO_DST_PORT:
+                    dport = (buf[inner + 4] << 8) | buf[inner + 5]
+                inner += (ilen + 3) & ~3
+        pos += (length + 3) & ~3
+    return src, dst, proto, sport, dport
+
+
+def _parse_counters(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    packets = octets = 0
+    while pos < end:
+        length, kind = _NLA.unpack_from(buf, pos)
+        kind &= 0x3FFF
+        if kind == CTA_COUNTERS_PACKETS:
+            packets = int.from_bytes(buf[pos + 4:pos + 12], "big")
+        elif kind == CTA_COUNTERS_BYTES:
+            octets = int.from_bytes(buf[pos + 4:pos + 12], "big")
+        pos += (length + 3) & ~3
+    return packets, octets
+
+
+def _parse_tcp(buf: bytes, pos: int, end: int) -> tuple:
+    state = ws_o = ws_r = None
+    while pos < end:
+        length, kind = _NLA.unpack_from(buf, pos)
+        if kind & 0x3FFF == CTA_PROTOINFO_TCP:
+            inner, stop = pos + 4, pos + length
+            while inner < stop:
+                ilen, ikind = _NLA.unpack_from(buf, inner)
+                ikind &= 0x3FFF
+                if ikind == TCP_STATE:
+                    state = buf[inner + 4]
+                elif ikind == TCP_WSCALE_ORIG:
+                    ws_o = buf[inner + 4]
+                elif ikind == TCP_WSCALE_REPLY:
+                    ws_r = buf[inner + 4]
+                inner += (ilen + 3) & ~3
+        pos += (length + 3) & ~3
+    return state, ws_o, ws_r
+
+
+def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
+    """One conntrack message's attributes (``pos`` just after the nfgenmsg header)."""
+    orig = reply = None
+    status = timeout = 0
+    tcp: tuple = (None, None, None)
+    counters = [0, 0, 0, 0]
+    while pos < end:
+        length, kind = _NLA.unpack_from(buf, pos)
+        kind &= 0x3FFF
+        if kind == CTA_TUPLE_ORIG:
+            orig = _parse_tuple(buf, pos + 4, pos + length)
+        elif kind == CTA_TUPLE_REPLY:
+            reply = _parse_tuple(buf, pos + 4, pos + length)
+        elif kind == CTA_STATUS:
+            status = int.from_bytes(buf[pos + 4:pos + 8], "big")
+        elif kind == CTA_TIMEOUT:
+            timeout = int.from_bytes(buf[pos + 4:pos + 8], "big")
+        elif kind == CTA_PROTOINFO:
+            tcp = _parse_tcp(buf, pos + 4, pos + length)
+        elif kind == CTA_COUNTERS_ORIG:
+            counters[0:2] = _parse_counters(buf, pos + 4, pos + length)
+        elif kind == CTA_COUNTERS_REPLY:
+            counters[2:4] = _parse_counters(buf, pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    if orig is None or reply is None:
+        raise ValueError("conntrack message without both tuples")
+    src, dst, proto, sport, dport = orig
+    if proto in ECHO_REPLY:
+        dport = 0
+    nat_addr = nat_port = dnat_addr = dnat_port = None
+    if status & IPS_SRC_NAT:  # replies go to the translated source
+        nat_addr, nat_port = reply[1], reply[4]
+        if proto in ECHO_REPLY:
+            nat_port = reply[3]
+    if status & IPS_DST_NAT:  # replies come from the translated destination
+        dnat_addr, dnat_port = reply[0], reply[3]
+    return CtEntry(family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr,
+                   dnat_port, *tcp, timeout, *counters)
+
+
+# -- the socket ---------------------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _netlink_socket(netns: str | None) -> socket.socket:
+    """A ctnetlink socket of ``netns`` (a path like /run/netns/NAME), or of our own namespace.
+    A socket stays in the namespace it was made in, so only its creation switches over."""
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns, os.O_RDONLY)
+    except OSError:
+        os.close(own)
+        raise
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot enter network namespace {netns}: {os.strerror(code)}")
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot return to the server's namespace")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+class Conntrack:
+    """The conntrack table of one network namespace."""
+
+    def __init__(self, netns: str | None = None):
+        self.sock = _netlink_socket(netns)
+        for option, value in ((SO_RCVBUFFORCE, 8 << 20),
+                              (SO_SNDBUFFORCE, 4 << 20)):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, option, value)
+            except OSError:
+                pass  # unprivileged: the default buffers still work, batches are small
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._encoder = _Encoder()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def dump(self) -> list[CtEntry]:
+        seq = self._next_seq()
+        request = _HDR.pack(20, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+        self.sock.send(request + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        entries: list[CtEntry] = []
+        while True:
+            data = self.sock.recv(1 << 20)
+            pos = 0
+            while pos < len(data):
+                length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(data, pos)
+                if msg_seq == seq:
+                    if kind == NLMSG_DONE:
+                        return entries
+                    if kind == NLMSG_ERROR:
+                        code, message = _error(data, pos, length)
+                        if code:
+                            raise ConntrackError(0, code, message)
+                    elif kind == CT_NEW:
+                        entries.append(parse_entry(data, pos + 20, pos + length, data[pos + 16]))
+                pos += (length + 3) & ~3
+
+    def create(self, entries: list[CtEntry]) -> list[int | None]:
+        """Insert new entries; per entry None when done, else the errno (all are tried)."""
+        return self._batch(entries, "create")
+
+    def update(self, entries: list[CtEntry]) -> list[int | None]:
+        """Change timeout and TCP state of existing entries."""
+        return self._batch(entries, "update")
+
+    def delete(self, entries: Iterable[CtEntry]) -> list[int | None]:
+        return self._batch(list(entries), "delete")
+
+    def last_messages(self) -> dict[int, str]:
+        return dict(self._messages)
+
+    def _batch(self, entries: list[CtEntry], kind: str) -> list[int | None]:
+        results: list[int | None] = [None] * len(entries)
+        self._messages: dict[int, str] = {}
+        for start in range(0, len(entries), _BATCH):
+            chunk = entries[start:start + _BATCH]
+            first = self._seq + 1
+            encode = self._encoder.encode
+            message = b"".join(encode(e, self._next_seq(), kind) for e in chunk)
+            self.sock.send(message)
+            for seq, code, text in self._acks(len(chunk)):
+                index = start + ((seq - first) & 0xFFFFFFFF)
+                if code:
+                    results[index] = code
+                    if text:
+                        self._messages[index] = text
+        return results
+
+    def _acks(self, count: int) -> Iterator[tuple[int, int, str]]:
+        while count:
+            data = self.sock.recv(1 << 20)
+            pos = 0
+            while pos < len(data):
+                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, pos)
+                if kind == NLMSG_ERROR:
+                    code, text = _error(data, pos, length)
+                    count -= 1
+                    yield seq, code, text
+                pos += (length + 3) & ~3
+
+
+def _error(data: bytes, pos: int, length: int) -> tuple[int, str]:
+    """errno (positive, 0 for an ack) and the kernel's extended-ack text, if any."""
+    code = -struct.unpack_from("=i", data, pos + 16)[0]
+    text = ""
+    if code:
+        attrs = pos + 36  # error code and the request's header (acks are capped)
+        while attrs + 4 <= pos + length:
+            alen, akind = _NLA.unpack_from(data, attrs)
+            if alen < 4:
+                break
+            if akind == NLMSGERR_ATTR_MSG:
+                text = data[attrs + 4:attrs + alen].rstrip(b"\0").decode(errors="replace")
+            attrs += (alen + 3) & ~3
+    return code, text
+
+
+ERRNO_REASONS = {
+    errno.EEXIST: "exists",
+    errno.ENOENT: "missing",
+    errno.ENOMEM: "table full",
+    errno.ENOSPC: "table full",
+    errno.EBUSY: "busy",
+    errno.EINVAL: "invalid",
+    errno.EOPNOTSUPP: "not supported",
+}

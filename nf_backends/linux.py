@@ -1,0 +1,280 @@
+"""The Linux kernel NAT: sessions are conntrack entries of one network namespace, the policy
+is an nftables table in it.
+
+A session moves in with the recipe that keeps a live connection working (see
+:mod:`nfmig.nf_backends.ctnetlink`); the NAT rules must be in place before that, which the
+server guarantees by applying the policy before any session of the same edit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    NatPolicy,
+    Session,
+    SessionChanges,
+    SessionKey,
+)
+from .ctnetlink import ERRNO_REASONS, Conntrack, CtEntry
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
+PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
+TCP_STATES = ("none", "syn-sent", "syn-recv", "established", "fin-wait", "close-wait",
+              "last-ack", "time-wait", "close", "syn-sent2")
+TCP_STATE_NUMBERS = {name: number for number, name in enumerate(TCP_STATES)}
+TABLE = "nfmig"
+
+
+class LinuxBackend(Backend):
+    name = "linux"
+
+    def __init__(self, netns: str):
+        self.netns = netns
+        self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+        self._ct: Conntrack | None = None
+        self._lock = threading.Lock()
+        self._offsets: dict[tuple, tuple[int, int, int, int]] = {}  # imported counts
+        self._imported = 0
+        self._text: dict[bytes, str] = {}
+        self._packed: dict[str, bytes] = {}
+        self._policy = NatPolicy()
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        self._nft(self._ruleset(self._policy))  # instantiates conntrack and NAT in the netns
+        self._sysctl({"net.netfilter.nf_conntrack_acct": "1"})
+        self._ct = Conntrack(self.netns_path)
+        log.info("linux NAT in network namespace %s", self.netns)
+
+    def stop(self) -> None:
+        if self._ct is not None:
+            self._ct.close()
+            self._ct = None
+
+    @property
+    def ct(self) -> Conntrack:
+        if self._ct is None:
+            raise RuntimeError("the linux backend is not started")
+        return self._ct
+
+    # -- commands in the namespace -----------------------------------------------------
+    def _run(self, *cmd: str, stdin: str | None = None) -> None:
+        result = subprocess.run(["ip", "netns", "exec", self.netns, *cmd], input=stdin,
+                                text=True, capture_output=True, timeout=30)
+        if result.returncode:
+            raise BackendError(f"{cmd[0]} in namespace {self.netns} failed: "
+                               f"{result.stderr.strip()}", None, "failed")
+
+    def _nft(self, ruleset: str) -> None:
+        self._run("nft", "-f", "-", stdin=ruleset)
+
+    def _sysctl(self, values: dict[str, str]) -> None:
+        self._run("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items()))
+
+    # -- policy ------------------------------------------------------------------------
+    def apply_policy(self, policy: NatPolicy) -> None:
+        ruleset = self._ruleset(policy)
+        t = policy.timeouts
+        with self._lock:
+            self._nft(ruleset)
+            self._sysctl({
+                "net.netfilter.nf_conntrack_tcp_timeout_established": str(t.tcp_established),
+                "net.netfilter.nf_conntrack_udp_timeout": str(t.udp),
+                "net.netfilter.nf_conntrack_udp_timeout_stream": str(t.udp),
+                "net.netfilter.nf_conntrack_icmp_timeout": str(t.icmp),
+            })
+            self._policy = policy
+
+    @staticmethod
+    def _ruleset(policy: NatPolicy) -> str:
+        """One nftables transaction replacing the table: source NAT from the inside prefixes
+        out of the outside interface, to the external addresses and port range."""
+        lines = []
+        for family, version in (("ip", 4), ("ip6", 6)):
+            prefixes = [p for p in policy.inside_prefix
+                        if ipaddress.ip_network(p, strict=False).version == version]
+            externals = [a for a in policy.external_address
+                         if ipaddress.ip_address(a).version == version]
+            lines += [f"table {family} {TABLE}", f"delete table {family} {TABLE}"]
+            rules = _snat_rules(family, policy, prefixes, externals)
+            lines += [f"table {family} {TABLE} {{", "  chain postrouting {",
+                      "    type nat hook postrouting priority srcnat; policy accept;",
+                      *(f"    {rule}" for rule in rules), "  }", "}"]
+        return "\n".join(lines) + "\n"
+
+    # -- reads -------------------------------------------------------------------------
+    def sessions(self) -> Iterator[Session]:
+        with self._lock:
+            entries = self.ct.dump()
+            offsets = self._offsets
+            self._offsets = {e.key: offsets[e.key] for e in entries if e.key in offsets}
+        return (s for s in map(self._session, entries) if s is not None)
+
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        return {s.key: s for s in self.sessions() if s.key in wanted}
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            count = len(self.ct.dump())
+        return BackendStats("linux", count, sessions_imported=self._imported)
+
+    # -- writes ------------------------------------------------------------------------
+    def apply(self, changes: SessionChanges) -> None:
+        with self._lock:
+            current = {e.key: e for e in self.ct.dump()}
+            wanted = {self._entry(s).key: (s, self._entry(s)) for s in changes.upserts}
+            deletes = [current[k] for k in map(self._native_key, changes.deletes)
+                       if k in current and k not in wanted]
+            creates = [e for k, (_, e) in wanted.items() if k not in current]
+            updates = [e for k, (_, e) in wanted.items() if k in current]
+            self._delete(deletes)
+            failed = self._first_failure(self.ct.create(creates), creates, current)
+            if failed is None:
+                failed = self._first_failure(self.ct.update(updates), updates, current)
+                if failed is not None:
+                    self.ct.update([current[e.key] for e in updates])
+            if failed is not None:
+                self.ct.delete(creates)
+                self.ct.create(deletes)
+                raise failed
+            for key, (session, entry) in wanted.items():
+                self._remember_counts(session, entry, current.get(key))
+            self._imported += len(creates)
+
+    def _delete(self, entries: list[CtEntry]) -> None:
+        """Delete, or delete nothing: a session that vanished meanwhile (expired) is fine."""
+        results = self.ct.delete(entries)
+        failed = [(e, c) for e, c in zip(entries, results, strict=True)
+                  if c and ERRNO_REASONS.get(c) != "missing"]
+        if failed:
+            self.ct.create([e for e, c in zip(entries, results, strict=True) if not c])
+            entry, code = failed[0]
+            raise BackendError(f"conntrack refused to delete the session: "
+                               f"{os.strerror(code)}", self._key(entry),
+                               ERRNO_REASONS.get(code, "failed"))
+
+    def _first_failure(self, results: list[int | None], entries: list[CtEntry],
+                       current: dict) -> BackendError | None:
+        for index, code in enumerate(results):
+            if code:
+                entry = entries[index]
+                reason = ERRNO_REASONS.get(code, "failed")
+                if reason == "exists" and entry.key not in current:
+                    reason = "port taken"  # the reply tuple clashes with another session
+                detail = self.ct.last_messages().get(index, os.strerror(code))
+                return BackendError(f"conntrack refused the session ({reason}): {detail}",
+                                    self._key(entry), reason)
+        return None
+
+    def _remember_counts(self, session: Session, entry: CtEntry, old: CtEntry | None) -> None:
+        counts = (session.orig_packets, session.orig_bytes, session.reply_packets,
+                  session.reply_bytes)
+        if all(c is None for c in counts):
+            return
+        kernel = ((old.orig_packets, old.orig_bytes, old.reply_packets, old.reply_bytes)
+                  if old else (0, 0, 0, 0))
+        self._offsets[entry.key] = tuple(max(0, (c or 0) - k)
+                                         for c, k in zip(counts, kernel, strict=True))
+
+    # -- conversion between model and kernel -------------------------------------------
+    def _session(self, e: CtEntry) -> Session | None:
+        protocol = PROTOCOLS.get(e.proto)
+        if protocol is None:
+            return None  # e.g. GRE or SCTP: not in the model
+        text = self._addr_text
+        extra = self._offsets.get(e.key, (0, 0, 0, 0))
+        tcp = e.proto == 6
+        return Session(
+            protocol, text(e.src), e.sport, text(e.dst), e.dport,
+            text(e.nat_addr) if e.nat_addr else None, e.nat_port,
+            text(e.dnat_addr) if e.dnat_addr else None, e.dnat_port,
+            TCP_STATES[e.tcp_state] if tcp and e.tcp_state is not None
+            and e.tcp_state < len(TCP_STATES) else None,
+            e.wscale_orig if tcp else None, e.wscale_reply if tcp else None, e.timeout,
+            e.orig_packets + extra[0], e.orig_bytes + extra[1],
+            e.reply_packets + extra[2], e.reply_bytes + extra[3])
+
+    def _entry(self, s: Session) -> CtEntry:
+        packed = self._addr_bytes
+        src = packed(s.src_address)
+        proto = PROTOCOL_NUMBERS[s.protocol]
+        timeout = s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
+        return CtEntry(
+            socket.AF_INET if len(src) == 4 else socket.AF_INET6, proto, src,
+            packed(s.dst_address), s.src_port, 0 if proto in (1, 58) else s.dst_port,
+            packed(s.translated_address) if s.translated_address else None,
+            s.translated_port,
+            packed(s.translated_dst_address) if s.translated_dst_address else None,
+            s.translated_dst_port,
+            TCP_STATE_NUMBERS.get(s.tcp_state or "established") if proto == 6 else None,
+            s.src_window_scale, s.dst_window_scale, timeout)
+
+    def _native_key(self, key: SessionKey) -> tuple:
+        protocol, src, sport, dst, dport = key
+        proto = PROTOCOL_NUMBERS[protocol]
+        return (proto, self._addr_bytes(src), sport, self._addr_bytes(dst),
+                0 if proto in (1, 58) else dport)
+
+    def _key(self, e: CtEntry) -> SessionKey:
+        return (PROTOCOLS.get(e.proto, str(e.proto)), self._addr_text(e.src), e.sport,
+                self._addr_text(e.dst), e.dport)
+
+    def _addr_text(self, packed: bytes) -> str:
+        text = self._text.get(packed)
+        if text is None:
+            family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+            text = socket.inet_ntop(family, packed)
+            if len(self._text) < 1 << 17:
+                self._text[packed] = text
+        return text
+
+    def _addr_bytes(self, text: str) -> bytes:
+        packed = self._packed.get(text)
+        if packed is None:
+            family = socket.AF_INET6 if ":" in text else socket.AF_INET
+            packed = socket.inet_pton(family, text)
+            if len(self._packed) < 1 << 17:
+                self._packed[text] = packed
+        return packed
+
+
+def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: list[str]
+                ) -> list[str]:
+    """TCP and UDP get the policy's port range; other protocols (ICMP) only the address."""
+    if policy.external_address and not externals:
+        return []  # this family has no external address: nothing to translate
+    match = []
+    if policy.outside_interface:
+        match.append(f'oifname "{policy.outside_interface}"')
+    if prefixes:
+        match.append(f"{family} saddr {{ {', '.join(prefixes)} }}")
+    ports = f"{policy.port_min}-{policy.port_max}"
+    with_ports = [*match, "meta l4proto { tcp, udp }"]
+    if not externals:
+        return [" ".join([*with_ports, f"masquerade to :{ports}"]),
+                " ".join([*match, "masquerade"])]
+    ordered = sorted(ipaddress.ip_address(a) for a in externals)
+    first, last = ordered[0], ordered[-1]
+    if len(externals) > 1 and int(last) - int(first) != len(externals) - 1:
+        raise BackendError("the Linux NAT translates to one external address or one "
+                           "contiguous range of them", None, "not supported")
+    target = str(first) if len(externals) == 1 else f"{first}-{last}"
+    if family == "ip6":
+        target = f"[{first}]" if len(externals) == 1 else f"[{first}]-[{last}]"
+    return [" ".join([*with_ports, f"snat {family} to {target}:{ports}"]),
+            " ".join([*match, f"snat {family} to {target}"])]
