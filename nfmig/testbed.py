@@ -1,156 +1,300 @@
-"""Hosts in network namespaces for a NAT migration: a client, NAT A, NAT B and a server.
+"""Network namespaces for migrating a kernel NAT's sessions while connections stay up.
 
-    client (10.0.0.2) ── lan ──┬── inside [NAT A] outside ──┬── wan ── server (192.0.2.100)
-                               └── inside [NAT B] outside ──┘
+    client 10.0.0.2 ── lan ──┬── inside [NAT A] outside ──┬── wan ── server 192.0.2.100
+                             └── inside [NAT B] outside ──┘
 
-Both bridges live in a switch namespace; the root namespace only holds the namespaces. The
-active NAT owns the gateway addresses (10.0.0.1 inside, 192.0.2.1 outside); switching over
-moves them and announces the move with gratuitous ARP. Every name starts with a prefix
-unique to the run, and destroy() removes everything, even after a failed build.
+Both bridges live in a switch namespace, so the root namespace holds nothing but the
+namespaces themselves. The active NAT owns the gateway addresses (10.0.0.1 inside,
+192.0.2.1 outside); a switch-over moves them, so client and server keep talking to the
+same addresses while another NAT instance carries the traffic. Namespace names start with
+a prefix unique to the run, so parallel runs never collide. IPv4 only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import secrets
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+IP_TIMEOUT = 10.0  # seconds for one ip command or batch
+KILL_WAIT = 5.0  # seconds to wait for killed processes to be reaped
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 
 class TestBed:
-    __test__ = False  # not a pytest test class
+    """Client, NAT A, NAT B and server in namespaces joined by two bridges."""
+
+    __test__ = False  # a helper, not a test class, whatever module imports it
 
     INSIDE_GATEWAY = "10.0.0.1"
     EXTERNAL = "192.0.2.1"
     CLIENT = "10.0.0.2"
     SERVER = "192.0.2.100"
     INSIDE_PREFIX = "10.0.0.0/24"
+    OUTSIDE_PREFIX = "192.0.2.0/24"
     NAT_SYSCTLS = {
         "net.ipv4.ip_forward": "1",
         "net.netfilter.nf_conntrack_acct": "1",
-        "net.netfilter.nf_conntrack_tcp_loose": "0",  # strict TCP tracking
+        # strict TCP tracking: a migrated session must carry the right window state
+        "net.netfilter.nf_conntrack_tcp_loose": "0",
         "net.netfilter.nf_conntrack_tcp_be_liberal": "0",
     }
 
     def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = prefix or f"nfm{secrets.token_hex(3)}"
-        self.switch = f"{self.prefix}-sw"
-        self.client = f"{self.prefix}-client"
-        self.nat_a = f"{self.prefix}-nata"
-        self.nat_b = f"{self.prefix}-natb"
-        self.server = f"{self.prefix}-server"
-        self.namespaces = [self.switch, self.client, self.nat_a, self.nat_b, self.server]
+        if prefix is None:
+            prefix = self._free_prefix()
+        elif not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"prefix {prefix!r}: use letters, digits, '_', '.', '-' (<= 40)")
+        self.prefix = prefix
+        self.switch = f"{prefix}-sw"
+        self.client = f"{prefix}-client"
+        self.nat_a = f"{prefix}-nata"
+        self.nat_b = f"{prefix}-natb"
+        self.server = f"{prefix}-server"
+        self.namespaces = (self.switch, self.client, self.nat_a, self.nat_b, self.server)
+        # (namespace, its interface, bridge, the peer's name in the switch)
+        self._ports = (
+            (self.client, "eth0", "lan", "client"),
+            (self.server, "eth0", "wan", "server"),
+            (self.nat_a, "inside", "lan", "nata-in"),
+            (self.nat_a, "outside", "wan", "nata-out"),
+            (self.nat_b, "inside", "lan", "natb-in"),
+            (self.nat_b, "outside", "wan", "natb-out"),
+        )
+        self._owned: list[str] = []  # namespaces this bed created, so destroy() spares others
         self._procs: list[subprocess.Popen] = []
+        self._announcers: list[subprocess.Popen] = []
 
-    # -- life cycle --------------------------------------------------------------------
+    @staticmethod
+    def _free_prefix() -> str:
+        while True:
+            prefix = f"nfm{secrets.token_hex(3)}"
+            if not any(name.startswith(f"{prefix}-") for name in _netns_names()):
+                return prefix
+
+    # -- life cycle ----------------------------------------------------------------------
+
     def build(self) -> None:
+        """Create the namespaces and wire them; on failure remove whatever was made."""
+        taken = sorted(set(self.namespaces) & set(_netns_names()))
+        if taken:
+            raise RuntimeError(f"namespaces already exist, not touching them: {taken}")
         try:
-            self._build()
+            self._owned = list(self.namespaces)
+            _ip_batch(None, [f"netns add {ns}" for ns in self.namespaces])
+            self._set_sysctls()
+            self._wire_switch()
+            self._configure_hosts()
         except BaseException:
             self.destroy()
             raise
 
-    def _build(self) -> None:
-        for ns in self.namespaces:
-            self._ip("netns", "add", ns)
-        self._ip("-n", self.switch, "link", "add", "lan", "type", "bridge")
-        self._ip("-n", self.switch, "link", "add", "wan", "type", "bridge")
-        self._link(self.client, "eth0", "lan", "c")
-        self._link(self.server, "eth0", "wan", "s")
-        for ns, tag in ((self.nat_a, "a"), (self.nat_b, "b")):
-            self._link(ns, "inside", "lan", f"{tag}i")
-            self._link(ns, "outside", "wan", f"{tag}o")
-        for ns in self.namespaces:
-            self._ip("-n", ns, "link", "set", "lo", "up")
-        self._ip("-n", self.switch, "link", "set", "lan", "up")
-        self._ip("-n", self.switch, "link", "set", "wan", "up")
-        self._ip("-n", self.client, "addr", "add", f"{self.CLIENT}/24", "dev", "eth0")
-        self._ip("-n", self.client, "route", "add", "default", "via", self.INSIDE_GATEWAY)
-        self._ip("-n", self.server, "addr", "add", f"{self.SERVER}/24", "dev", "eth0")
-        for ns in (self.nat_a, self.nat_b):
-            self.run(ns, "conntrack", "-L")  # makes conntrack (and its sysctls) exist here
-            self.run(ns, "sysctl", "-q", "-w",
-                     *(f"{k}={v}" for k, v in self.NAT_SYSCTLS.items()))
+    def _set_sysctls(self) -> None:
+        # Devices created from now on get no IPv6 (no DAD, router or MLD frames on the
+        # bridges); lo keeps ::1.
+        no_ipv6 = "net.ipv6.conf.default.disable_ipv6=1"
+        # conntrack -L instantiates conntrack in the NAT namespaces, which the
+        # net.netfilter sysctls need.
+        _parallel([
+            *(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", no_ipv6]
+              for ns in (self.switch, self.client, self.server)),
+            *(["ip", "netns", "exec", ns, "conntrack", "-L"] for ns in (self.nat_a, self.nat_b)),
+        ])
+        nat = [f"{key}={value}" for key, value in self.NAT_SYSCTLS.items()]
+        _parallel([["ip", "netns", "exec", ns, "sysctl", "-q", "-w", no_ipv6, *nat]
+                   for ns in (self.nat_a, self.nat_b)])
 
-    def _link(self, ns: str, name: str, bridge: str, tag: str) -> None:
-        """A veth pair: ``name`` in ``ns``, its peer in the switch on ``bridge``."""
-        peer = f"{self.prefix}{tag}"
-        self._ip("-n", ns, "link", "add", name, "type", "veth", "peer", "name", peer,
-                 "netns", self.switch)
-        self._ip("-n", self.switch, "link", "set", peer, "master", bridge, "up")
-        self._ip("-n", ns, "link", "set", name, "up")
+    def _wire_switch(self) -> None:
+        lines = ["link add lan type bridge", "link add wan type bridge",
+                 "link set lan up", "link set wan up"]
+        for ns, ifname, bridge, peer in self._ports:
+            lines.append(f"link add {peer} type veth peer name {ifname} netns {ns}")
+            lines.append(f"link set {peer} master {bridge} up")
+        _ip_batch(self.switch, lines)
+
+    def _configure_hosts(self) -> None:
+        batches: dict[str, list[str]] = {ns: ["link set lo up"] for ns in self.namespaces}
+        for ns, ifname, _bridge, _peer in self._ports:
+            batches[ns].append(f"link set {ifname} up")
+        batches[self.client] += [f"addr add {self.CLIENT}/24 dev eth0",
+                                 f"route add default via {self.INSIDE_GATEWAY}"]
+        batches[self.server].append(f"addr add {self.SERVER}/24 dev eth0")
+        _parallel([_ip_argv(ns) for ns in batches], ["\n".join(b) + "\n" for b in batches.values()])
 
     def destroy(self) -> None:
-        """Kill what popen() started, then delete the namespaces. Never raises."""
-        for proc in self._procs:
+        """Kill what popen() started, then delete this bed's namespaces; never raises."""
+        procs = self._procs + self._announcers
+        self._procs, self._announcers = [], []
+        for proc in procs:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children too
             except OSError:
                 pass
+        deadline = time.monotonic() + KILL_WAIT
+        for proc in procs:
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        self._procs.clear()
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+        existing = set(_netns_names())
+        doomed = [ns for ns in self._owned if ns in existing]
+        if doomed:
+            try:
+                _ip_batch(None, [f"netns del {ns}" for ns in doomed], force=True)
+            except Exception:
+                pass  # whatever is left is retried by the next call
+        existing = set(_netns_names())
+        self._owned = [ns for ns in self._owned if ns in existing]
 
     def __enter__(self) -> TestBed:
         self.build()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.destroy()
 
-    # -- switching NAT instances -------------------------------------------------------
+    # -- which NAT carries the traffic ---------------------------------------------------
+
     def activate(self, nat_ns: str) -> None:
-        self._ip("-n", nat_ns, "addr", "replace", f"{self.INSIDE_GATEWAY}/24", "dev", "inside")
-        self._ip("-n", nat_ns, "addr", "replace", f"{self.EXTERNAL}/24", "dev", "outside")
-        # stale neighbour entries would keep sending to the old NAT until they time out
-        self._ip("-n", self.client, "neigh", "flush", self.INSIDE_GATEWAY)
-        self._ip("-n", self.server, "neigh", "flush", self.EXTERNAL)
-        self.run(nat_ns, "arping", "-U", "-c", "1", "-I", "inside", self.INSIDE_GATEWAY,
-                 check=False)
-        self.run(nat_ns, "arping", "-U", "-c", "1", "-I", "outside", self.EXTERNAL,
-                 check=False)
+        """Give nat_ns the gateway addresses and point client and server at it.
+
+        The gratuitous ARP runs in the background (arping lingers a second after sending);
+        flushing the neighbour entries is what makes the move independent of ARP timing.
+        """
+        self._check_nat(nat_ns)
+        _ip_batch(nat_ns, [f"addr replace {self.INSIDE_GATEWAY}/24 dev inside",
+                           f"addr replace {self.EXTERNAL}/24 dev outside"])
+        self._announcers = [p for p in self._announcers if p.poll() is None]
+        for dev, address in (("inside", self.INSIDE_GATEWAY), ("outside", self.EXTERNAL)):
+            self._announcers.append(subprocess.Popen(
+                ["ip", "netns", "exec", nat_ns, "arping", "-U", "-c", "1", "-I", dev, address],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        _parallel([_ip_argv(self.client), _ip_argv(self.server)],
+                  [f"neigh flush to {self.INSIDE_GATEWAY} dev eth0\n",
+                   f"neigh flush to {self.EXTERNAL} dev eth0\n"])
 
     def deactivate(self, nat_ns: str) -> None:
-        for address, dev in ((f"{self.INSIDE_GATEWAY}/24", "inside"),
-                             (f"{self.EXTERNAL}/24", "outside")):
-            subprocess.run(["ip", "-n", nat_ns, "addr", "del", address, "dev", dev],
-                           capture_output=True, timeout=30)
+        """Take the gateway addresses away from nat_ns; nothing to do if it has none."""
+        self._check_nat(nat_ns)
+        _ip_batch(nat_ns, [f"addr flush dev inside to {self.INSIDE_GATEWAY}/32",
+                           f"addr flush dev outside to {self.EXTERNAL}/32"], family="-4")
 
     def switch_over(self, old: str, new: str) -> float:
+        """Move the gateway from old to new; returns the seconds it took."""
         started = time.perf_counter()
         self.deactivate(old)
         self.activate(new)
         return time.perf_counter() - started
 
     def add_client_addresses(self, addresses: list[str]) -> None:
+        """More client addresses on eth0 (/24 unless given), one per simulated subscriber."""
+        inside = ipaddress.ip_network(self.INSIDE_PREFIX)
+        lines = []
         for address in addresses:
-            self._ip("-n", self.client, "addr", "add", f"{address}/24", "dev", "eth0")
+            iface = ipaddress.ip_interface(address if "/" in address else f"{address}/24")
+            if iface.network != inside:
+                raise ValueError(f"{address} is not in {self.INSIDE_PREFIX}")
+            lines.append(f"addr replace {iface.with_prefixlen} dev eth0")
+        if lines:
+            _ip_batch(self.client, lines)
 
-    # -- running things ----------------------------------------------------------------
-    def ns_path(self, ns: str) -> str:
-        return f"/run/netns/{ns}"
+    # -- running things in the namespaces ------------------------------------------------
 
     def run(self, ns: str, *cmd: str, check: bool = True, input: str | None = None,
             timeout: float = 30) -> subprocess.CompletedProcess:
-        result = subprocess.run(["ip", "netns", "exec", ns, *cmd], input=input, text=True,
-                                capture_output=True, timeout=timeout)
-        if check and result.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} in {ns} failed: {result.stderr.strip()}")
-        return result
+        """Run cmd in ns and wait; RuntimeError on timeout, or on failure when check."""
+        self._check_ns(ns)
+        return _run(["ip", "netns", "exec", ns, *cmd], input=input, timeout=timeout,
+                    check=check)
 
     def popen(self, ns: str, *cmd: str, **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], start_new_session=True,
-                                **kwargs)
+        """Start cmd in ns in its own process group, which destroy() kills."""
+        self._check_ns(ns)
+        kwargs["start_new_session"] = True
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], **kwargs)
         self._procs.append(proc)
         return proc
 
-    @staticmethod
-    def _ip(*args: str) -> None:
-        result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-        if result.returncode:
-            raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    def ns_path(self, ns: str) -> str:
+        """The bind mount that holds ns open, for code that enters it with setns."""
+        return f"/run/netns/{ns}"
+
+    def _check_ns(self, ns: str) -> None:
+        if ns not in self.namespaces:
+            raise ValueError(f"{ns!r} is not a namespace of test bed {self.prefix}")
+
+    def _check_nat(self, ns: str) -> None:
+        if ns not in (self.nat_a, self.nat_b):
+            raise ValueError(f"{ns!r} is not a NAT namespace of test bed {self.prefix}")
+
+
+def _netns_names() -> list[str]:
+    try:
+        return os.listdir("/run/netns")
+    except FileNotFoundError:
+        return []
+
+
+def _ip_argv(ns: str | None, *options: str) -> list[str]:
+    return ["ip", *options, *(["-n", ns] if ns else []), "-batch", "-"]
+
+
+def _ip_batch(ns: str | None, lines: list[str], *, force: bool = False,
+              family: str | None = None) -> None:
+    """Many ip commands in one process: the test bed's speed is mostly process starts."""
+    options = [*(["-force"] if force else []), *([family] if family else [])]
+    _run(_ip_argv(ns, *options), input="\n".join(lines) + "\n", timeout=IP_TIMEOUT)
+
+
+def _parallel(argvs: list[list[str]], inputs: list[str | None] | None = None) -> None:
+    """Run independent commands side by side; raise the first failure."""
+    inputs = inputs or [None] * len(argvs)
+    with ThreadPoolExecutor(max_workers=len(argvs)) as pool:
+        futures = [pool.submit(_run, argv, input=text, timeout=IP_TIMEOUT)
+                   for argv, text in zip(argvs, inputs, strict=True)]
+    for future in futures:
+        future.result()
+
+
+def _run(argv: list[str], *, input: str | None, timeout: float,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout kills the whole process group and waits boundedly."""
+    proc = subprocess.Popen(argv, text=True, start_new_session=True,
+                            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        raise RuntimeError(f"`{' '.join(argv)}` timed out after {timeout} s") from None
+    except BaseException:  # interrupted: leave nothing running
+        _kill(proc)
+        raise
+    if check and proc.returncode:
+        raise RuntimeError(f"`{' '.join(argv)}` exited {proc.returncode}: {err.strip()}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.communicate(timeout=KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        pass

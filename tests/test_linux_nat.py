@@ -170,6 +170,25 @@ def test_udp_flow_survives_migration(bed, nats, first):
     assert_clean(bed)
 
 
+def test_thousand_concurrent_flows_from_several_subscribers_all_continue(bed, nats):
+    a, b = nats
+    subscribers = [f"10.0.0.{10 + i}" for i in range(8)]
+    bed.add_client_addresses(subscribers)
+    server = start(bed, bed.server, "tcp-many-server", "5004", "1000")
+    expect(server, "listening")
+    client = start(bed, bed.client, "tcp-many-client", TestBed.SERVER, "5004", "1000",
+                    ",".join(subscribers))
+    assert expect(client, "ready") == ["1000"]
+    assert expect(server, "ready") == ["1000"]  # 1000 distinct translated endpoints
+    before = translated_ports(a, "TCP")
+    migrate(a, b, bed)
+    assert translated_ports(b, "TCP") == before
+    go(server, client)
+    assert expect(server, "done") == ["1000"]
+    assert expect(client, "done") == ["1000"]
+    assert_clean(bed)
+
+
 def test_migrated_sessions_leave_nat_a(bed, nats):
     a, b = nats
     server = start(bed, bed.server, "udp-server", "5003", "client")

@@ -7,10 +7,12 @@ exits 1.
 
     traffic.py tcp-server PORT SIZE          traffic.py tcp-client HOST PORT SIZE
     traffic.py udp-server PORT FIRST         traffic.py udp-client HOST PORT FIRST
+    traffic.py tcp-many-server PORT N        traffic.py tcp-many-client HOST PORT N ADDR,...
 """
 
 from __future__ import annotations
 
+import resource
 import socket
 import sys
 
@@ -97,6 +99,49 @@ def udp_client(host: str, port: int, first: str) -> None:
     say("done")
 
 
+def _more_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+
+
+def tcp_many_server(port: int, count: int) -> None:
+    """``count`` connections; after go, 1000 bytes out on each, then 1000 back on each."""
+    _more_files(count)
+    with socket.create_server(("0.0.0.0", port), backlog=count) as listener:
+        listener.settimeout(TIMEOUT)
+        say("listening")
+        conns = []
+        for _ in range(count):
+            conn, peer = listener.accept()
+            conn.settimeout(TIMEOUT)
+            recv_exactly(conn, 2)
+            conn.sendall(b"ok")
+            conns.append(conn)
+        say("ready", len({c.getpeername() for c in conns}))
+        wait_go()
+        for conn in conns:
+            conn.sendall(b"s" * 1000)
+        for conn in conns:
+            recv_exactly(conn, 1000)
+        say("done", len(conns))
+
+
+def tcp_many_client(host: str, port: int, count: int, sources: list[str]) -> None:
+    _more_files(count)
+    conns = []
+    for i in range(count):
+        conn = socket.create_connection((host, port), timeout=TIMEOUT,
+                                        source_address=(sources[i % len(sources)], 0))
+        conn.sendall(b"hi")
+        recv_exactly(conn, 2)
+        conns.append(conn)
+    say("ready", len(conns))
+    wait_go()
+    for conn in conns:
+        recv_exactly(conn, 1000)
+        conn.sendall(b"c" * 1000)
+    say("done", len(conns))
+
+
 def main(argv: list[str]) -> int:
     mode, *args = argv
     try:
@@ -108,6 +153,10 @@ def main(argv: list[str]) -> int:
             udp_server(int(args[0]), args[1])
         elif mode == "udp-client":
             udp_client(args[0], int(args[1]), args[2])
+        elif mode == "tcp-many-server":
+            tcp_many_server(int(args[0]), int(args[1]))
+        elif mode == "tcp-many-client":
+            tcp_many_client(args[0], int(args[1]), int(args[2]), args[3].split(","))
         else:
             raise RuntimeError(f"unknown mode {mode}")
     except Exception as exc:  # reported to the test through stdout
