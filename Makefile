@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 YANG    := yang
 APT_PKGS := libyang2-dev libyang2-tools conntrack nftables iptables iproute2 \
-            iputils-arping ethtool openvswitch-switch tcpdump
+            iputils-arping iputils-ping ethtool openvswitch-switch tcpdump
 MODULES := $(wildcard $(YANG)/*.yang)
 
 .PHONY: setup system-packages test demo bench lint clean

@@ -404,6 +404,7 @@ class Conntrack:
         self.sock.bind((0, 0))
         self._seq = 0
         self._encoder = _Encoder()
+        self._messages: dict[int, str] = {}  # batch index -> the kernel's error text
 
     def close(self) -> None:
         self.sock.close()
@@ -417,20 +418,27 @@ class Conntrack:
         request = _HDR.pack(20, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self.sock.send(request + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
         entries: list[CtEntry] = []
+        for data, pos, length, kind, msg_seq in self._receive():
+            if msg_seq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return entries
+            if kind == NLMSG_ERROR:
+                code, message = _error(data, pos, length)
+                if code:
+                    raise ConntrackError(0, code, message)
+            elif kind == CT_NEW:
+                entries.append(parse_entry(data, pos + 20, pos + length, data[pos + 16]))
+        return entries
+
+    def _receive(self) -> Iterator[tuple[bytes, int, int, int, int]]:
+        """Messages as they arrive: (buffer, offset, length, type, sequence number)."""
         while True:
             data = self.sock.recv(1 << 20)
             pos = 0
             while pos < len(data):
-                length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(data, pos)
-                if msg_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return entries
-                    if kind == NLMSG_ERROR:
-                        code, message = _error(data, pos, length)
-                        if code:
-                            raise ConntrackError(0, code, message)
-                    elif kind == CT_NEW:
-                        entries.append(parse_entry(data, pos + 20, pos + length, data[pos + 16]))
+                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, pos)
+                yield data, pos, length, kind, seq
                 pos += (length + 3) & ~3
 
     def create(self, entries: list[CtEntry]) -> list[int | None]:
@@ -449,7 +457,7 @@ class Conntrack:
 
     def _batch(self, entries: list[CtEntry], kind: str) -> list[int | None]:
         results: list[int | None] = [None] * len(entries)
-        self._messages: dict[int, str] = {}
+        self._messages = {}
         for start in range(0, len(entries), _BATCH):
             chunk = entries[start:start + _BATCH]
             first = self._seq + 1
@@ -465,16 +473,13 @@ class Conntrack:
         return results
 
     def _acks(self, count: int) -> Iterator[tuple[int, int, str]]:
-        while count:
-            data = self.sock.recv(1 << 20)
-            pos = 0
-            while pos < len(data):
-                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, pos)
-                if kind == NLMSG_ERROR:
-                    code, text = _error(data, pos, length)
-                    count -= 1
-                    yield seq, code, text
-                pos += (length + 3) & ~3
+        for data, pos, length, kind, seq in self._receive():
+            if kind == NLMSG_ERROR:
+                code, text = _error(data, pos, length)
+                yield seq, code, text
+                count -= 1
+                if not count:
+                    return
 
 
 def _error(data: bytes, pos: int, length: int) -> tuple[int, str]:
