@@ -41,7 +41,7 @@ def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float =
     users = workdir / "users"
     password = secrets.token_urlsafe(16)
     subprocess.run([sys.executable, "-m", "nfmig", "adduser", "--users", str(users), "admin",
-                    "--password", password], check=True, capture_output=True)
+                    f"--password={password}"], check=True, capture_output=True)
     port_file = workdir / "port"
     port_file.unlink(missing_ok=True)
     log = workdir / "server.log"
