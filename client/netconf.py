@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from lxml import etree
 from ncclient import manager
@@ -17,16 +16,6 @@ NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
-
-
-@dataclass
-class Transfer:
-    """What one operation moved: bytes on the wire (request + reply) and seconds."""
-
-    seconds: float = 0.0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 class NatClient:

@@ -15,6 +15,14 @@ from typing import NamedTuple
 # The model's key of a nat-session entry, in key order.
 KEY_FIELDS = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
 
+# The model's protocol enumeration: each value is its IANA protocol number.
+PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
+# The model's tcp-state enumeration, in the order of the kernel's TCP conntrack states.
+TCP_STATES = ("none", "syn-sent", "syn-recv", "established", "fin-wait", "close-wait",
+              "last-ack", "time-wait", "close", "syn-sent2")
+TCP_STATE_NUMBERS = {name: number for number, name in enumerate(TCP_STATES)}
+
 
 class Session(NamedTuple):
     """One nat-session entry, field for leaf, in the YANG model's order.

@@ -17,6 +17,10 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from .base import (
+    PROTOCOL_NAMES,
+    PROTOCOL_NUMBERS,
+    TCP_STATE_NUMBERS,
+    TCP_STATES,
     Backend,
     BackendError,
     BackendStats,
@@ -25,15 +29,10 @@ from .base import (
     SessionChanges,
     SessionKey,
 )
-from .ctnetlink import ERRNO_REASONS, Conntrack, CtEntry
+from .ctnetlink import ECHO_REPLY, ERRNO_REASONS, TCP, Conntrack, CtEntry
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
-PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
-TCP_STATES = ("none", "syn-sent", "syn-recv", "established", "fin-wait", "close-wait",
-              "last-ack", "time-wait", "close", "syn-sent2")
-TCP_STATE_NUMBERS = {name: number for number, name in enumerate(TCP_STATES)}
 TABLE = "nfmig"
 
 
@@ -137,7 +136,7 @@ class LinuxBackend(Backend):
     def apply(self, changes: SessionChanges) -> None:
         with self._lock:
             current = {e.key: e for e in self.ct.dump()}
-            wanted = {self._entry(s).key: (s, self._entry(s)) for s in changes.upserts}
+            wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
             deletes = [current[k] for k in map(self._native_key, changes.deletes)
                        if k in current and k not in wanted]
             creates = [e for k, (_, e) in wanted.items() if k not in current]
@@ -193,12 +192,12 @@ class LinuxBackend(Backend):
 
     # -- conversion between model and kernel -------------------------------------------
     def _session(self, e: CtEntry) -> Session | None:
-        protocol = PROTOCOLS.get(e.proto)
+        protocol = PROTOCOL_NAMES.get(e.proto)
         if protocol is None:
             return None  # e.g. GRE or SCTP: not in the model
         text = self._addr_text
         extra = self._offsets.get(e.key, (0, 0, 0, 0))
-        tcp = e.proto == 6
+        tcp = e.proto == TCP
         return Session(
             protocol, text(e.src), e.sport, text(e.dst), e.dport,
             text(e.nat_addr) if e.nat_addr else None, e.nat_port,
@@ -216,22 +215,22 @@ class LinuxBackend(Backend):
         timeout = s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
         return CtEntry(
             socket.AF_INET if len(src) == 4 else socket.AF_INET6, proto, src,
-            packed(s.dst_address), s.src_port, 0 if proto in (1, 58) else s.dst_port,
+            packed(s.dst_address), s.src_port, 0 if proto in ECHO_REPLY else s.dst_port,
             packed(s.translated_address) if s.translated_address else None,
             s.translated_port,
             packed(s.translated_dst_address) if s.translated_dst_address else None,
             s.translated_dst_port,
-            TCP_STATE_NUMBERS.get(s.tcp_state or "established") if proto == 6 else None,
+            TCP_STATE_NUMBERS.get(s.tcp_state or "established") if proto == TCP else None,
             s.src_window_scale, s.dst_window_scale, timeout)
 
     def _native_key(self, key: SessionKey) -> tuple:
         protocol, src, sport, dst, dport = key
         proto = PROTOCOL_NUMBERS[protocol]
         return (proto, self._addr_bytes(src), sport, self._addr_bytes(dst),
-                0 if proto in (1, 58) else dport)
+                0 if proto in ECHO_REPLY else dport)
 
     def _key(self, e: CtEntry) -> SessionKey:
-        return (PROTOCOLS.get(e.proto, str(e.proto)), self._addr_text(e.src), e.sport,
+        return (PROTOCOL_NAMES.get(e.proto, str(e.proto)), self._addr_text(e.src), e.sport,
                 self._addr_text(e.dst), e.dport)
 
     def _addr_text(self, packed: bytes) -> str:

@@ -16,6 +16,10 @@ import time
 from collections.abc import Iterable, Iterator
 
 from .base import (
+    PROTOCOL_NAMES,
+    PROTOCOL_NUMBERS,
+    TCP_STATE_NUMBERS,
+    TCP_STATES,
     Backend,
     BackendError,
     BackendStats,
@@ -27,13 +31,6 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-PROTO_NUM = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58}
-PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
-TCP_STATES = (
-    "none", "syn-sent", "syn-recv", "established", "fin-wait", "close-wait",
-    "last-ack", "time-wait", "close", "syn-sent2",
-)
-TCP_STATE_NUM = {s: i for i, s in enumerate(TCP_STATES)}
 # TEST-NET-1 addresses, used when the policy names none: four of them hold 250k sessions.
 DEFAULT_EXTERNAL = ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
 
@@ -73,14 +70,14 @@ def _ip_text(value: int | None, v6: bool) -> str | None:
 
 def _native_key(key: SessionKey) -> tuple:
     proto, src, sport, dst, dport = key
-    return (PROTO_NUM[proto], _ip(src), sport, _ip(dst), dport, ":" in src)
+    return (PROTOCOL_NUMBERS[proto], _ip(src), sport, _ip(dst), dport, ":" in src)
 
 
 def _to_session(nkey: tuple, row: list, now: float) -> Session:
     proto, src, sport, dst, dport, v6 = nkey
     state = row[STATE]
     return Session(
-        PROTO_NAME[proto], _ip_text(src, v6), sport, _ip_text(dst, v6), dport,
+        PROTOCOL_NAMES[proto], _ip_text(src, v6), sport, _ip_text(dst, v6), dport,
         _ip_text(row[NAT_IP], v6), row[NAT_PORT],
         _ip_text(row[DNAT_IP], v6), row[DNAT_PORT],
         None if state is None else TCP_STATES[state],
@@ -95,7 +92,7 @@ def _from_session(s: Session, now: float, policy: NatPolicy) -> list:
     return [
         _ip(s.translated_address), s.translated_port,
         _ip(s.translated_dst_address), s.translated_dst_port,
-        None if s.tcp_state is None else TCP_STATE_NUM[s.tcp_state],
+        None if s.tcp_state is None else TCP_STATE_NUMBERS[s.tcp_state],
         s.src_window_scale, s.dst_window_scale,
         now + timeout,
         s.orig_packets or 0, s.orig_bytes or 0, s.reply_packets or 0, s.reply_bytes or 0,
@@ -239,7 +236,7 @@ class SimulatedBackend(Backend):
         else:
             raise BackendError("every external address and port is in use", None, "table full")
         timeout = self._policy.timeouts.tcp_established
-        row = [nat_ip, port, None, None, TCP_STATE_NUM["established"], 7, 7, now + timeout,
+        row = [nat_ip, port, None, None, TCP_STATE_NUMBERS["established"], 7, 7, now + timeout,
                3, 180, 2, 120]
         self._table[nkey] = row
         self._claim(nkey, row)
