@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import time
+from xml.sax.saxutils import escape
 
 from lxml import etree
 from ncclient import manager
+from ncclient.operations.rpc import RPC, RPCReply
 from ncclient.transport import session as nc_session
+from ncclient.transport import ssh as nc_ssh
 
 # ncclient's session thread checks its send queue only between 100 ms waits for input, which
 # puts up to 100 ms in front of every request; a short wait sends it at once.
 nc_session.TICK = 0.002
+# ...and reads 4 KB per wake-up, re-scanning its partial chunk each time; 256 KB reads take a
+# fifth off the client's CPU time for a 10k-session reply.
+nc_ssh.BUF_SIZE = 256 << 10
 
 NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+
+
+class TextReply(RPCReply):
+    """A reply kept as text: parsed into a tree only when it may carry an rpc-error.
+
+    Bulk replies are forwarded as text (get-data on one server, edit-config on another), so
+    building a 10k-entry tree only to look for errors would cost as much as the server's
+    whole reply. No "rpc-error" anywhere in the text means there is no error element.
+    """
+
+    def parse(self) -> None:
+        if self._parsed:
+            return
+        if "rpc-error" in self._raw or len(self._raw) < 65536:
+            super().parse()
+        else:
+            self._parsed = True
+
+
+class TextRpc(RPC):
+    """An RPC whose operation element is given as XML text, sent as is."""
+
+    REPLY_CLS = TextReply
+
+    def _wrap(self, operation: str) -> str:
+        return (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
+                f'message-id="{self._id}">{operation}</rpc>')
+
+    def request(self, operation: str) -> TextReply:
+        return self._request(operation)
 
 
 class NatClient:
@@ -26,12 +62,19 @@ class NatClient:
                                  look_for_keys=password is None, timeout=timeout)
         self.m.huge_tree = True
 
-    def get_sessions(self, datastore: str = "operational") -> tuple[str, int]:
-        """The nat-session entries of a datastore as XML text, and the reply's size."""
+    def get_sessions(self, datastore: str = "operational",
+                     match: dict[str, str] | None = None) -> tuple[str, int]:
+        """The nat-session entries of a datastore as XML text, and the reply's size.
+
+        ``match`` keeps only the entries whose leaves have these values (subtree filter
+        content match nodes, e.g. ``{"src_address": "10.0.0.12"}``: one subscriber).
+        """
+        leaves = "".join(f"<{name}>{escape(value)}</{name}>"
+                         for name, value in (match or {}).items())
         rpc = (f'<get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>ds:{datastore}'
-               f'</datastore><subtree-filter><nat-session xmlns="{NAT_NS}"/></subtree-filter>'
-               "</get-data>")
-        reply = self.m.dispatch(etree.fromstring(rpc)).xml
+               f'</datastore><subtree-filter><nat-session xmlns="{NAT_NS}">{leaves}'
+               "</nat-session></subtree-filter></get-data>")
+        reply = self.m.execute(TextRpc, rpc).xml
         start = reply.find("<nat-session")
         end = reply.rfind("</data>")
         body = reply[start:end] if start >= 0 else ""
@@ -40,11 +83,11 @@ class NatClient:
     def edit(self, config_body: str, target: str = "running") -> int:
         """edit-config of ``config_body`` (top-level nodes); returns the request size."""
         # The model's namespace is declared once on <config>, not on each of thousands of
-        # entries: lxml re-homes every namespace declaration, one by one, each time ncclient
-        # moves the config into its rpc (10k declarations: 0.55 s; one: 0.02 s).
+        # entries: 4% fewer bytes on the wire, and one declaration for the server to resolve.
         body = config_body.replace(f' xmlns="{NAT_NS}"', "")
         config = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{body}</nc:config>'
-        self.m.edit_config(target=target, config=config)
+        self.m.execute(TextRpc, f"<edit-config><target><{target}/></target>{config}"
+                              "</edit-config>")
         return len(config.encode())
 
     def delete_sessions(self, sessions_xml: str) -> None:

@@ -7,6 +7,7 @@ backend's business and lives in exactly one place inside its module.
 
 from __future__ import annotations
 
+import ipaddress
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -69,6 +70,14 @@ class Timeouts:
     icmp: int = 30
 
 
+@dataclass(frozen=True)
+class AddressMapping:
+    """One address-mapping entry: sources in inside_prefix go out as external_address."""
+
+    inside_prefix: str
+    external_address: str
+
+
 @dataclass
 class NatPolicy:
     """The nat-policy container in Python terms (defaults as in the model)."""
@@ -77,9 +86,16 @@ class NatPolicy:
     outside_interface: str | None = None
     inside_prefix: list[str] = field(default_factory=list)
     external_address: list[str] = field(default_factory=list)
+    address_mapping: list[AddressMapping] = field(default_factory=list)
     port_min: int = 1024
     port_max: int = 65535
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def mappings_most_specific_first(self) -> list[AddressMapping]:
+        """The address mappings in the order they must be tried: longest prefix first."""
+        def prefix_length(mapping: AddressMapping) -> int:
+            return ipaddress.ip_network(mapping.inside_prefix, strict=False).prefixlen
+        return sorted(self.address_mapping, key=prefix_length, reverse=True)
 
     def timeout_for(self, protocol: str, tcp_state: str | None) -> int:
         if protocol == "TCP":

@@ -99,7 +99,8 @@ class LinuxBackend(Backend):
     @staticmethod
     def _ruleset(policy: NatPolicy) -> str:
         """One nftables transaction replacing the table: source NAT from the inside prefixes
-        out of the outside interface, to the external addresses and port range."""
+        out of the outside interface, to the external addresses and port range; the address
+        mappings come first, as a NAT rule ends the chain for the packet it matches."""
         lines = []
         for family, version in (("ip", 4), ("ip6", 6)):
             prefixes = [p for p in policy.inside_prefix
@@ -107,7 +108,8 @@ class LinuxBackend(Backend):
             externals = [a for a in policy.external_address
                          if ipaddress.ip_address(a).version == version]
             lines += [f"table {family} {TABLE}", f"delete table {family} {TABLE}"]
-            rules = _snat_rules(family, policy, prefixes, externals)
+            rules = [*_mapping_rules(family, version, policy),
+                     *_snat_rules(family, policy, prefixes, externals)]
             lines += [f"table {family} {TABLE} {{", "  chain postrouting {",
                       "    type nat hook postrouting priority srcnat; policy accept;",
                       *(f"    {rule}" for rule in rules), "  }", "}"]
@@ -252,14 +254,33 @@ class LinuxBackend(Backend):
         return packed
 
 
+def _outside_match(policy: NatPolicy) -> list[str]:
+    return [f'oifname "{policy.outside_interface}"'] if policy.outside_interface else []
+
+
+def _mapping_rules(family: str, version: int, policy: NatPolicy) -> list[str]:
+    """Each mapped prefix to its own address, longest prefix first so that it wins; TCP and
+    UDP with the policy's port range, other protocols (ICMP) with the address only."""
+    ports = f"{policy.port_min}-{policy.port_max}"
+    rules = []
+    for mapping in policy.mappings_most_specific_first():
+        network = ipaddress.ip_network(mapping.inside_prefix, strict=False)
+        if network.version != version:
+            continue
+        match = [*_outside_match(policy), f"{family} saddr {network}"]
+        target = mapping.external_address if version == 4 else f"[{mapping.external_address}]"
+        rules += [" ".join([*match, "meta l4proto { tcp, udp }",
+                            f"snat {family} to {target}:{ports}"]),
+                  " ".join([*match, f"snat {family} to {target}"])]
+    return rules
+
+
 def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: list[str]
                 ) -> list[str]:
     """TCP and UDP get the policy's port range; other protocols (ICMP) only the address."""
     if policy.external_address and not externals:
         return []  # this family has no external address: nothing to translate
-    match = []
-    if policy.outside_interface:
-        match.append(f'oifname "{policy.outside_interface}"')
+    match = _outside_match(policy)
     if prefixes:
         match.append(f"{family} saddr {{ {', '.join(prefixes)} }}")
     ports = f"{policy.port_min}-{policy.port_max}"

@@ -62,7 +62,9 @@ def _ip_text(value: int | None, v6: bool) -> str | None:
         return None
     text = _TEXT_OF.get((value, v6))
     if text is None:
-        text = str(ipaddress.IPv6Address(value) if v6 else ipaddress.IPv4Address(value))
+        # The C library's form, as libyang prints it (::ffff:10.0.0.1 stays dotted).
+        text = socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big")) if v6 else \
+            socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
         if len(_TEXT_OF) < 1 << 20:
             _TEXT_OF[(value, v6)] = text
     return text
@@ -111,6 +113,8 @@ class SimulatedBackend(Backend):
         self._endpoints: dict[tuple[int, int, int], tuple] = {}
         self._lock = threading.RLock()
         self._policy = NatPolicy()
+        # (is IPv6, network, netmask, external) per address mapping, longest prefix first
+        self._mappings: list[tuple[bool, int, int, int]] = []
         self._traffic_rate = traffic_rate
         self._tick = tick
         self._rng = random.Random(rng_seed)
@@ -168,8 +172,14 @@ class SimulatedBackend(Backend):
             self._imported += len(upserts)
 
     def apply_policy(self, policy: NatPolicy) -> None:
+        mappings = []
+        for mapping in policy.mappings_most_specific_first():
+            network = ipaddress.ip_network(mapping.inside_prefix, strict=False)
+            mappings.append((network.version == 6, int(network.network_address),
+                             int(network.netmask), _ip(mapping.external_address)))
         with self._lock:
             self._policy = policy
+            self._mappings = mappings
 
     def stats(self) -> BackendStats:
         with self._lock:
@@ -203,8 +213,12 @@ class SimulatedBackend(Backend):
         if row[NAT_IP] is not None:
             self._endpoints.pop((nkey[0], row[NAT_IP], row[NAT_PORT]), None)
 
-    def _externals(self) -> list[int]:
-        """The external addresses, in a random order (spreads sessions over the pool)."""
+    def _externals(self, src: int, v6: bool) -> list[int]:
+        """The external addresses a new session from ``src`` may use: the one its address
+        mapping names, else the pool in a random order (spreads sessions over it)."""
+        for is_v6, network, netmask, external in self._mappings:
+            if is_v6 == v6 and src & netmask == network:
+                return [external]
         addresses = [_ip(a) for a in self._policy.external_address or DEFAULT_EXTERNAL]
         self._rng.shuffle(addresses)
         return addresses
@@ -229,7 +243,7 @@ class SimulatedBackend(Backend):
         nkey = (6, src, sport, dst, 443, False)
         if nkey in self._table:
             return False
-        for nat_ip in self._externals():
+        for nat_ip in self._externals(src, False):
             port = self._allocate_port(6, nat_ip)
             if port is not None:
                 break

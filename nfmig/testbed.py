@@ -8,6 +8,11 @@ namespaces themselves. The active NAT owns the gateway addresses (10.0.0.1 insid
 192.0.2.1 outside); a switch-over moves them, so client and server keep talking to the
 same addresses while another NAT instance carries the traffic. Namespace names start with
 a prefix unique to the run, so parallel runs never collide. IPv4 only.
+
+Both NATs can carry traffic at once, too: one subscriber (a client address) moves while
+the others stay. The NAT it moves to needs an inside address of its own (e.g.
+SECOND_GATEWAY) that the client routes that one source address through, and the
+subscriber needs an external address of its own, which moves from NAT to NAT with it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
@@ -33,6 +39,7 @@ class TestBed:
     __test__ = False  # a helper, not a test class, whatever module imports it
 
     INSIDE_GATEWAY = "10.0.0.1"
+    SECOND_GATEWAY = "10.0.0.253"  # the other NAT's inside address, for steered subscribers
     EXTERNAL = "192.0.2.1"
     CLIENT = "10.0.0.2"
     SERVER = "192.0.2.100"
@@ -70,6 +77,7 @@ class TestBed:
         self._owned: list[str] = []  # namespaces this bed created, so destroy() spares others
         self._procs: list[subprocess.Popen] = []
         self._announcers: list[subprocess.Popen] = []
+        self._steered: set[str] = set()  # client addresses with a route of their own
 
     @staticmethod
     def _free_prefix() -> str:
@@ -169,29 +177,95 @@ class TestBed:
     # -- which NAT carries the traffic ---------------------------------------------------
 
     def activate(self, nat_ns: str) -> None:
-        """Give nat_ns the gateway addresses and point client and server at it.
+        """Give nat_ns the gateway addresses and point client and server at it."""
+        self.activate_addresses(nat_ns, inside=[self.INSIDE_GATEWAY], outside=[self.EXTERNAL])
+
+    def deactivate(self, nat_ns: str) -> None:
+        """Take the gateway addresses away from nat_ns; nothing to do if it has none."""
+        self.deactivate_addresses(nat_ns, inside=[self.INSIDE_GATEWAY],
+                                  outside=[self.EXTERNAL])
+
+    def activate_addresses(self, nat_ns: str, inside: Iterable[str] = (),
+                           outside: Iterable[str] = ()) -> None:
+        """Give nat_ns these addresses (/24) on its inside and outside interfaces, and point
+        client and server at it for them.
 
         The gratuitous ARP runs in the background (arping lingers a second after sending);
         flushing the neighbour entries is what makes the move independent of ARP timing.
         """
         self._check_nat(nat_ns)
-        _ip_batch(nat_ns, [f"addr replace {self.INSIDE_GATEWAY}/24 dev inside",
-                           f"addr replace {self.EXTERNAL}/24 dev outside"])
+        moves = self._moves(inside, outside)
+        if not moves:
+            return
+        _ip_batch(nat_ns, [f"addr replace {address}/24 dev {dev}" for dev, address, _ in moves])
         self._announcers = [p for p in self._announcers if p.poll() is None]
-        for dev, address in (("inside", self.INSIDE_GATEWAY), ("outside", self.EXTERNAL)):
+        for dev, address, _ in moves:
             self._announcers.append(subprocess.Popen(
                 ["ip", "netns", "exec", nat_ns, "arping", "-U", "-c", "1", "-I", dev, address],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
-        _parallel([_ip_argv(self.client), _ip_argv(self.server)],
-                  [f"neigh flush to {self.INSIDE_GATEWAY} dev eth0\n",
-                   f"neigh flush to {self.EXTERNAL} dev eth0\n"])
+        flushes: dict[str, list[str]] = {}
+        for _, address, peer in moves:
+            flushes.setdefault(peer, []).append(f"neigh flush to {address} dev eth0")
+        _parallel([_ip_argv(ns) for ns in flushes],
+                  ["\n".join(lines) + "\n" for lines in flushes.values()])
 
-    def deactivate(self, nat_ns: str) -> None:
-        """Take the gateway addresses away from nat_ns; nothing to do if it has none."""
+    def deactivate_addresses(self, nat_ns: str, inside: Iterable[str] = (),
+                             outside: Iterable[str] = ()) -> None:
+        """Take these addresses away from nat_ns; those it does not have are skipped."""
         self._check_nat(nat_ns)
-        _ip_batch(nat_ns, [f"addr flush dev inside to {self.INSIDE_GATEWAY}/32",
-                           f"addr flush dev outside to {self.EXTERNAL}/32"], family="-4")
+        moves = self._moves(inside, outside)
+        if moves:
+            _ip_batch(nat_ns, [f"addr flush dev {dev} to {address}/32"
+                               for dev, address, _ in moves], family="-4")
+
+    def _moves(self, inside: Iterable[str], outside: Iterable[str]
+               ) -> list[tuple[str, str, str]]:
+        """(NAT interface, address, namespace that reaches it) for each address, checked."""
+        return ([("inside", self._checked(a, self.INSIDE_PREFIX), self.client) for a in inside]
+                + [("outside", self._checked(a, self.OUTSIDE_PREFIX), self.server)
+                   for a in outside])
+
+    def route_client(self, address: str, via: str | None) -> None:
+        """Send what the client sends from ``address`` through the gateway ``via`` (the
+        inside address of a NAT) instead of the default gateway; ``via=None`` undoes it.
+
+        Source policy routing: a rule for that one source address selects a table of its
+        own whose default route goes through ``via``.
+        """
+        address = self._checked(address, self.INSIDE_PREFIX)
+        table = _steering_table(address)
+        lines = []
+        if address in self._steered:
+            lines += [f"rule del from {address}/32 table {table}",
+                      f"route del default table {table}"]
+        if via is not None:
+            via = self._checked(via, self.INSIDE_PREFIX)
+            lines += [f"route replace default via {via} dev eth0 table {table}",
+                      f"rule add from {address}/32 table {table}"]
+        if lines:
+            _ip_batch(self.client, lines)
+        if via is None:
+            self._steered.discard(address)
+        else:
+            self._steered.add(address)
+
+    def move_subscriber(self, address: str, external: str, old: str, new: str,
+                        via: str) -> float:
+        """Move one subscriber from NAT old to NAT new while the others stay on old: its
+        external address goes to new, and the client routes ``address`` through ``via``
+        (new's inside address). Returns the seconds it took."""
+        for ns in (old, new):  # check everything before changing anything
+            self._check_nat(ns)
+        self._checked(address, self.INSIDE_PREFIX)
+        self._checked(via, self.INSIDE_PREFIX)
+        self._checked(external, self.OUTSIDE_PREFIX)
+        started = time.perf_counter()
+        # The external address first: new needs it to route towards the server at all.
+        self.deactivate_addresses(old, outside=[external])
+        self.activate_addresses(new, outside=[external])
+        self.route_client(address, via)
+        return time.perf_counter() - started
 
     def switch_over(self, old: str, new: str) -> float:
         """Move the gateway from old to new; returns the seconds it took."""
@@ -211,6 +285,19 @@ class TestBed:
             lines.append(f"addr replace {iface.with_prefixlen} dev eth0")
         if lines:
             _ip_batch(self.client, lines)
+
+    @staticmethod
+    def _checked(address: str, prefix: str) -> str:
+        """``address`` if it is a host address of ``prefix``: the bed sends nowhere else."""
+        network = ipaddress.ip_network(prefix)
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+        if parsed not in network or parsed in (network.network_address,
+                                               network.broadcast_address):
+            raise ValueError(f"{address} is not a host address in {prefix}")
+        return str(parsed)
 
     # -- running things in the namespaces ------------------------------------------------
 
@@ -240,6 +327,12 @@ class TestBed:
     def _check_nat(self, ns: str) -> None:
         if ns not in (self.nat_a, self.nat_b):
             raise ValueError(f"{ns!r} is not a NAT namespace of test bed {self.prefix}")
+
+
+def _steering_table(address: str) -> int:
+    """The routing table of one steered client address: 1000 + its last octet (unique in
+    the bed's /24, and clear of the kernel's reserved tables 253-255)."""
+    return 1000 + int(ipaddress.ip_address(address)) % 256
 
 
 def _netns_names() -> list[str]:

@@ -9,10 +9,9 @@ libyang itself for every value its fast paths do not settle.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +218,19 @@ class LeafCheck:
         elif ytype.name().endswith(":ip-address-no-zone"):
             self.convert = self._address
 
+    def convert_many(self, texts: Sequence[str]) -> list[Any]:
+        """:meth:`convert` of a whole column: each distinct text once, and unsigned integers
+        checked all together."""
+        if self.convert == self._unsigned:
+            joined = "".join(texts)
+            if joined.isascii() and joined.isdigit() and all(texts):
+                values = list(map(int, texts))
+                if max(values) <= self._bounds[1]:
+                    return values
+        convert = self.convert
+        distinct = {text: convert(text) for text in set(texts)}
+        return list(map(distinct.__getitem__, texts))
+
     def _unsigned(self, text: str) -> int:
         if text.isascii() and text.isdigit():
             value = int(text)
@@ -239,7 +251,7 @@ class LeafCheck:
             if ":" in text:
                 if "%" in text:
                     raise ValueError
-                value = str(ipaddress.IPv6Address(text))
+                value = _canonical_ipv6(text)
             else:
                 socket.inet_pton(socket.AF_INET, text)  # strict dotted quad, no leading zeros
                 value = text
@@ -257,13 +269,19 @@ class LeafCheck:
             raise ValueError(problem)
         value: Any = int(text) if self.numeric else text
         if isinstance(value, str) and ":" in value:
-            try:  # canonical form of IPv6 addresses, as libyang prints them
-                value = str(ipaddress.ip_address(value))
-            except ValueError:
+            try:
+                value = _canonical_ipv6(value)
+            except (OSError, ValueError):
                 pass
         if len(self._cache) < 65536:
             self._cache[text] = value
         return value
+
+
+def _canonical_ipv6(text: str) -> str:
+    """The form libyang prints an IPv6 address in: the C library's (so ::ffff:10.0.0.1
+    stays dotted, where Python's ipaddress would write ::ffff:a00:1)."""
+    return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
 
 
 class ListEntryChecker:

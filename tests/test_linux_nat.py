@@ -4,7 +4,7 @@ Each test builds its own hosts in namespaces (client, NAT A, NAT B, server), run
 `nfmig serve --backend linux` per NAT, moves the sessions with ncclient (get-data on A,
 edit-config on B, delete on A), switches the gateway addresses over and checks that the
 user's connection carries on: same translated address and port, no reset, no packet
-leaving untranslated.
+leaving untranslated. One test moves a single subscriber while the others stay on NAT A.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NatClient
 
@@ -201,3 +203,99 @@ def test_migrated_sessions_leave_nat_a(bed, nats):
     assert len(translated_ports(b, "UDP")) == 1
     go(server, client)
     expect(server, "done")
+
+
+# The subscriber that moves alone, and the external address only it is translated to.
+MOVING = "10.0.0.12"
+MOVING_EXTERNAL = "192.0.2.2"
+SUBSCRIBERS = ["10.0.0.11", MOVING, "10.0.0.13", "10.0.0.14"]
+
+
+def mapping(*pairs: tuple[str, str]) -> str:
+    entries = "".join(f"<address-mapping><inside-prefix>{prefix}</inside-prefix>"
+                      f"<external-address>{external}</external-address></address-mapping>"
+                      for prefix, external in pairs)
+    return f'<nat-policy xmlns="{NAT_NS}">{entries}</nat-policy>'
+
+
+def sessions_by_source(nat: Nat) -> dict[str, set[tuple[str, str, str]]]:
+    """(protocol, translated address, translated port) of every session, by source."""
+    body, _ = nat.client.get_sessions()
+    names = ("src_address", "protocol", "translated_address", "translated_port")
+    out = defaultdict(set)
+    for entry in etree.fromstring(f"<data>{body}</data>"):
+        source, *translation = (entry.findtext(f"{{{NAT_NS}}}{name}") for name in names)
+        out[source].add(tuple(translation))
+    return dict(out)
+
+
+def open_flows(bed: TestBed, sources: list[str], size: int) -> tuple[dict, dict, dict]:
+    """A TCP connection and a UDP flow from each source address to the server, established
+    and waiting for go: (server processes, client processes, peers the server saw), each by
+    source address."""
+    firsts = ["server", "client"] * len(sources)  # who speaks first after go, alternating
+    servers = {source: [start(bed, bed.server, "tcp-server", str(5100 + i), str(size)),
+                        start(bed, bed.server, "udp-server", str(5200 + i), firsts[i])]
+               for i, source in enumerate(sources)}
+    for procs in servers.values():
+        for proc in procs:
+            expect(proc, "listening")
+    clients = {source: [
+        start(bed, bed.client, "tcp-client", TestBed.SERVER, str(5100 + i), str(size), source),
+        start(bed, bed.client, "udp-client", TestBed.SERVER, str(5200 + i), firsts[i], source)]
+        for i, source in enumerate(sources)}
+    peers = {}
+    for source in sources:
+        for proc in clients[source]:
+            expect(proc, "ready")
+        peers[source] = [tuple(expect(proc, "ready")) for proc in servers[source]]
+    return servers, clients, peers
+
+
+def test_address_mappings_become_nat_rules_ahead_of_the_pool_longest_prefix_first(bed, nats):
+    a, _ = nats
+    a.client.edit(mapping(("10.0.0.0/28", "192.0.2.3"), (f"{MOVING}/32", MOVING_EXTERNAL)))
+    out = bed.run(a.netns, "nft", "list", "chain", "ip", "nfmig", "postrouting").stdout
+    rules = [(line.split(" saddr ")[1].split()[0], line.split("snat to ")[1].strip())
+             for line in out.splitlines() if "snat to" in line]
+    assert rules == [(MOVING, f"{MOVING_EXTERNAL}:20000-29999"), (MOVING, MOVING_EXTERNAL),
+                     ("10.0.0.0/28", "192.0.2.3:20000-29999"), ("10.0.0.0/28", "192.0.2.3"),
+                     ("10.0.0.0/24", f"{TestBed.EXTERNAL}:20000-29999"),
+                     ("10.0.0.0/24", TestBed.EXTERNAL)]
+
+
+def test_one_subscriber_moves_to_nat_b_while_the_others_stay_on_nat_a(bed, nats):
+    a, b = nats
+    # Both NATs translate the subscriber to its own address: A for the sessions it opens
+    # now, B for any it opens after the move.
+    for nat in (a, b):
+        nat.client.edit(mapping((f"{MOVING}/32", MOVING_EXTERNAL)))
+    bed.activate_addresses(a.netns, outside=[MOVING_EXTERNAL])
+    bed.activate_addresses(b.netns, inside=[TestBed.SECOND_GATEWAY])
+    bed.add_client_addresses(SUBSCRIBERS)
+    servers, clients, peers = open_flows(bed, SUBSCRIBERS, 1 << 20)
+    before = sessions_by_source(a)
+    assert before.keys() == set(SUBSCRIBERS)
+    assert {address for _, address, _ in before[MOVING]} == {MOVING_EXTERNAL}
+    assert {(address, port) for _, address, port in before[MOVING]} == set(peers[MOVING])
+    staying = {s: sessions for s, sessions in before.items() if s != MOVING}
+    assert {address for sessions in staying.values() for _, address, _ in sessions} \
+        == {TestBed.EXTERNAL}
+
+    body, _ = a.client.get_sessions(match={"src_address": MOVING})
+    b.client.edit(body)
+    a.client.delete_sessions(body)
+    bed.move_subscriber(MOVING, MOVING_EXTERNAL, a.netns, b.netns, via=TestBed.SECOND_GATEWAY)
+
+    assert sessions_by_source(b) == {MOVING: before[MOVING]}
+    assert sessions_by_source(a) == staying
+    go(*(proc for source in SUBSCRIBERS for proc in servers[source] + clients[source]))
+    for source in SUBSCRIBERS:
+        assert [tuple(expect(proc, "done")) for proc in servers[source]] == peers[source]
+        for proc in clients[source]:
+            expect(proc, "done")
+    # No packet of the moved subscriber went through A afterwards (a UDP one would have
+    # opened a session there), and B carried nobody else.
+    assert sessions_by_source(b).keys() == {MOVING}
+    assert sessions_by_source(a).keys() == staying.keys()
+    assert_clean(bed)

@@ -90,3 +90,72 @@ def test_nat_namespaces_track_tcp_strictly(bed):
     assert sysctl("net.netfilter.nf_conntrack_tcp_loose") == "0"
     assert sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "0"
     assert sysctl("net.netfilter.nf_conntrack_acct") == "1"
+
+
+def route(bed: TestBed, source: str) -> dict:
+    out = bed.run(bed.client, "ip", "-j", "route", "get", TestBed.SERVER, "from", source).stdout
+    return json.loads(out)[0]
+
+
+def test_route_client_sends_one_address_through_the_other_gateway(bed):
+    bed.add_client_addresses(["10.0.0.11", "10.0.0.12"])
+    bed.activate(bed.nat_a)
+    bed.activate_addresses(bed.nat_b, inside=[TestBed.SECOND_GATEWAY])
+
+    bed.route_client("10.0.0.12", TestBed.SECOND_GATEWAY)
+
+    assert route(bed, "10.0.0.12")["gateway"] == TestBed.SECOND_GATEWAY
+    assert route(bed, "10.0.0.11")["gateway"] == TestBed.INSIDE_GATEWAY
+    assert ping(bed, bed.client, TestBed.SECOND_GATEWAY)
+
+
+def test_route_client_with_no_gateway_restores_the_default_route(bed):
+    bed.add_client_addresses(["10.0.0.12"])
+    bed.route_client("10.0.0.12", TestBed.SECOND_GATEWAY)
+
+    bed.route_client("10.0.0.12", None)
+
+    assert route(bed, "10.0.0.12")["gateway"] == TestBed.INSIDE_GATEWAY
+
+
+def test_moving_one_outside_address_leaves_the_others(bed):
+    bed.activate(bed.nat_a)
+    bed.activate_addresses(bed.nat_a, outside=["192.0.2.2"])
+    assert ping(bed, bed.server, "192.0.2.2")  # the server now knows NAT A's MAC for it
+
+    bed.deactivate_addresses(bed.nat_a, outside=["192.0.2.2"])
+    bed.activate_addresses(bed.nat_b, outside=["192.0.2.2"])
+
+    assert ipv4_addresses(bed, bed.nat_a, "outside") == [TestBed.EXTERNAL]
+    assert ipv4_addresses(bed, bed.nat_b, "outside") == ["192.0.2.2"]
+    assert ping(bed, bed.server, "192.0.2.2")
+    link = json.loads(bed.run(bed.nat_b, "ip", "-j", "link", "show", "dev", "outside").stdout)
+    neigh = json.loads(bed.run(bed.server, "ip", "-j", "neigh", "show", "to", "192.0.2.2",
+                               "dev", "eth0").stdout)
+    assert [entry.get("lladdr") for entry in neigh] == [link[0]["address"]]
+
+
+@pytest.mark.parametrize("call", [
+    lambda bed: bed.activate_addresses(bed.nat_b, outside=["198.51.100.1"]),
+    lambda bed: bed.activate_addresses(bed.nat_b, inside=["192.0.2.2"]),
+    lambda bed: bed.route_client("10.0.0.12", "10.0.1.1"),
+    lambda bed: bed.route_client("10.0.0.255", TestBed.SECOND_GATEWAY),
+], ids=["outside", "inside", "gateway", "broadcast"])
+def test_addresses_outside_the_bed_prefixes_are_refused(bed, call):
+    with pytest.raises(ValueError, match="not a host address"):
+        call(bed)
+
+
+def test_move_subscriber_moves_its_external_address_and_route(bed):
+    bed.add_client_addresses(["10.0.0.11", "10.0.0.12"])
+    bed.activate(bed.nat_a)
+    bed.activate_addresses(bed.nat_a, outside=["192.0.2.2"])
+    bed.activate_addresses(bed.nat_b, inside=[TestBed.SECOND_GATEWAY])
+
+    bed.move_subscriber("10.0.0.12", "192.0.2.2", bed.nat_a, bed.nat_b,
+                        via=TestBed.SECOND_GATEWAY)
+
+    assert ipv4_addresses(bed, bed.nat_a, "outside") == [TestBed.EXTERNAL]
+    assert ipv4_addresses(bed, bed.nat_b, "outside") == ["192.0.2.2"]
+    assert route(bed, "10.0.0.12")["gateway"] == TestBed.SECOND_GATEWAY
+    assert route(bed, "10.0.0.11")["gateway"] == TestBed.INSIDE_GATEWAY

@@ -5,8 +5,8 @@ session), says "ready" on stdout and waits for "go" on stdin; then the side told
 first sends, the other answers, and both print "done". Any failure prints "error ..." and
 exits 1.
 
-    traffic.py tcp-server PORT SIZE          traffic.py tcp-client HOST PORT SIZE
-    traffic.py udp-server PORT FIRST         traffic.py udp-client HOST PORT FIRST
+    traffic.py tcp-server PORT SIZE          traffic.py tcp-client HOST PORT SIZE [SOURCE]
+    traffic.py udp-server PORT FIRST         traffic.py udp-client HOST PORT FIRST [SOURCE]
     traffic.py tcp-many-server PORT N        traffic.py tcp-many-client HOST PORT N ADDR,...
 """
 
@@ -52,8 +52,8 @@ def tcp_server(port: int, size: int) -> None:
         say("done", peer[0], peer[1])
 
 
-def tcp_client(host: str, port: int, size: int) -> None:
-    conn = socket.create_connection((host, port), timeout=TIMEOUT)
+def tcp_client(host: str, port: int, size: int, source: str = "") -> None:
+    conn = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0))
     conn.sendall(b"hi")
     recv_exactly(conn, 2)
     say("ready", *conn.getsockname())
@@ -82,9 +82,10 @@ def udp_server(port: int, first: str) -> None:
     say("done", seen[0], seen[1])
 
 
-def udp_client(host: str, port: int, first: str) -> None:
+def udp_client(host: str, port: int, first: str, source: str = "") -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))  # "" lets routing choose, as an unbound socket would
     sock.connect((host, port))
     sock.send(b"hi")
     sock.recv(100)
@@ -148,11 +149,11 @@ def main(argv: list[str]) -> int:
         if mode == "tcp-server":
             tcp_server(int(args[0]), int(args[1]))
         elif mode == "tcp-client":
-            tcp_client(args[0], int(args[1]), int(args[2]))
+            tcp_client(args[0], int(args[1]), int(args[2]), *args[3:4])
         elif mode == "udp-server":
             udp_server(int(args[0]), args[1])
         elif mode == "udp-client":
-            udp_client(args[0], int(args[1]), args[2])
+            udp_client(args[0], int(args[1]), args[2], *args[3:4])
         elif mode == "tcp-many-server":
             tcp_many_server(int(args[0]), int(args[1]))
         elif mode == "tcp-many-client":

@@ -1,0 +1,144 @@
+"""The bulk codec of nat-session entries agrees with libyang, the model's authority.
+
+The server reads edits of the session list with its own fast leaf checks and, for plain
+entries, with a fast reader of whole edits; these tests hold both to what a full libyang
+parse of the same entry says: the same verdict on every value, the same canonical value.
+"""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+from nfmig.nf_backends.base import Session
+from nfmig.server.errors import RpcError
+from nfmig.server.schema import ListEntryChecker, Schema, YangError
+from nfmig.server.session_codec import SessionDecoder, sessions_to_xml
+
+NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+KEY = {"protocol": "TCP", "src_address": "10.0.0.1", "src_port": "2526",
+       "dst_address": "130.192.225.79", "dst_port": "5678"}
+
+VALUES = [
+    ("src_port", "0"), ("src_port", "65535"), ("src_port", "65536"), ("src_port", "70000"),
+    ("src_port", "-1"), ("src_port", "+80"), ("src_port", "0080"), ("src_port", " 80"),
+    ("src_port", "\u0663"), ("src_port", ""), ("src_port", "8e1"),
+    ("src_address", "10.0.0.300"), ("src_address", "010.0.0.1"), ("src_address", "10.0.0"),
+    ("src_address", "10.0.0.1 "), ("src_address", "::1"), ("src_address", "2001:DB8::1"),
+    ("src_address", "2001:db8:0:0:0:0:0:1"), ("src_address", "::ffff:10.0.0.1"),
+    ("src_address", "::10.0.0.1"), ("src_address", "64:ff9b::10.0.0.1"),
+    ("src_address", "::ffff:010.0.0.1"), ("src_address", "0:0:0:0:0:0:0:0"),
+    ("src_address", "fe80::1%eth0"), ("src_address", "1:2:3:4:5:6:7:8:9"),
+    ("translated_address", "192.0.2.1"), ("translated_address", "256.0.0.1"),
+    ("protocol", "UDP"), ("protocol", "tcp"), ("protocol", "SCTP"),
+    ("tcp_state", "established"), ("tcp_state", "ESTABLISHED"), ("tcp_state", "bogus"),
+    ("timeout", "4294967295"), ("timeout", "4294967296"),
+    ("orig_bytes", "18446744073709551615"), ("orig_bytes", "18446744073709551616"),
+    ("src_window_scale", "14"), ("src_window_scale", "255"), ("src_window_scale", "256"),
+]
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return Schema()
+
+
+@pytest.fixture(scope="module")
+def decoder(schema: Schema) -> SessionDecoder:
+    return SessionDecoder(ListEntryChecker(schema, "/nfmig-nat:nat-session"), NS)
+
+
+def entry_xml(leaves: dict[str, str]) -> str:
+    body = "".join(f"<{k}>{v}</{k}>" for k, v in leaves.items())
+    return f'<nat-session xmlns="{NS}">{body}</nat-session>'
+
+
+def libyang_value(schema: Schema, leaves: dict[str, str], leaf: str) -> str | None:
+    """libyang's canonical value of ``leaf`` in the entry, or None if it refuses the entry."""
+    try:
+        tree = schema.parse_xml(entry_xml(leaves))
+    except YangError:
+        return None
+    try:  # the tree starts with the model's default nodes (nat-policy), then the entry
+        entry = next(n for n in tree.siblings() if n.name() == "nat-session")
+        return next(str(n.value()) for n in entry.children() if n.name() == leaf)
+    finally:
+        tree.free()
+
+
+def fast_value(decoder: SessionDecoder, leaves: dict[str, str], leaf: str) -> str | None:
+    try:
+        edit = decoder.decode(etree.fromstring(entry_xml(leaves)), "merge")
+    except RpcError:
+        return None
+    return str(edit.values[leaf])
+
+
+@pytest.mark.parametrize(("leaf", "value"), VALUES)
+def test_fast_leaf_check_agrees_with_libyang(schema, decoder, leaf, value):
+    leaves = {**KEY, leaf: value}
+    assert fast_value(decoder, leaves, leaf) == libyang_value(schema, leaves, leaf)
+
+
+def config_of(*entries: str, nsdecl: str = f' xmlns:nc="{NC}" xmlns="{NS}"') -> etree._Element:
+    return etree.fromstring(f"<nc:config{nsdecl}>{''.join(entries)}</nc:config>"
+                            if "xmlns:nc" in nsdecl else
+                            f"<config{nsdecl}>{''.join(entries)}</config>")
+
+
+def sample_sessions() -> list[Session]:
+    tcp = Session("TCP", "10.0.0.1", 2526, "130.192.225.79", 5678, "192.0.2.1", 20001, None,
+                  None, "established", 7, 7, 431999, 10, 1000, 9, 900)
+    udp = Session("UDP", "10.0.0.2", 5353, "198.51.100.7", 53, "192.0.2.1", 20002, None,
+                  None, None, None, None, 30, 1, 60, 1, 120)
+    dnat = Session("TCP", "2001:db8::1", 40000, "2001:db8:1::80", 80, None, None,
+                   "2001:db8:2::80", 8080, "syn-sent", None, None, 120, 1, 60, 0, 0)
+    return [tcp, udp, dnat, tcp._replace(src_port=2527)]
+
+
+def both_readings(decoder: SessionDecoder, config: etree._Element) -> tuple[list, list]:
+    fast = decoder.decode_all(config, "merge")
+    assert fast is not None, "plain entries must take the fast path"
+    slow = [decoder.decode(child, "merge") for child in config]
+    as_tuples = lambda edits: [(e.operation, e.key, e.values, e.removed) for e in edits]  # noqa: E731
+    return as_tuples(fast), as_tuples(slow)
+
+
+def test_whole_edit_reading_matches_entry_by_entry_reading(decoder):
+    entries = list(sessions_to_xml(sample_sessions(), NS))
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow and len(fast) == 4
+
+
+def test_whole_edit_reading_keeps_operations_and_pretty_printing(decoder):
+    entries = [e.replace("<nat-session", '<nat-session nc:operation="create"', 1) if i % 2
+               else e for i, e in enumerate(sessions_to_xml(sample_sessions(), NS))]
+    pretty = "\n  ".join(e.replace("><", ">\n    <") for e in entries)
+    fast, slow = both_readings(decoder, config_of(pretty))
+    assert fast == slow
+    assert [op for op, *_ in fast] == ["merge", "create", "merge", "create"]
+
+
+def test_whole_edit_reading_accepts_entries_declaring_the_namespace(decoder):
+    entries = list(sessions_to_xml(sample_sessions(), NS))
+    fast, slow = both_readings(decoder, config_of(*entries, nsdecl=f' xmlns="{NC}"'))
+    assert fast == slow
+
+
+@pytest.mark.parametrize("odd", [
+    '<nat-session><src_port nc:operation="delete">1</src_port>',  # an attribute on a leaf
+    '<nat-session><src_port xmlns="urn:other">1</src_port>',       # a leaf in another namespace
+    "<nat-session><nc:src_port>1</nc:src_port>",                   # a prefixed leaf
+    "<nat-session><extra>1</extra>",                               # an unknown leaf
+    "<nat-session><src_port>1</src_port><src_port>2</src_port>",    # a leaf given twice
+    "<nat-session><src_port>70000</src_port>",                      # a value out of range
+    "<nat-session><src_port/>",                                     # an empty leaf
+])
+def test_whole_edit_reading_leaves_anything_unusual_to_the_entry_reader(decoder, odd):
+    entries = list(sessions_to_xml(sample_sessions(), NS))
+    entries[1] = entries[1].replace(f'<nat-session xmlns="{NS}">', odd, 1)
+    assert decoder.decode_all(config_of(*entries), "merge") is None
+
+
+def test_whole_edit_reading_of_an_empty_config_is_empty(decoder):
+    assert decoder.decode_all(config_of(), "merge") == []
