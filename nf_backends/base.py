@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -140,10 +140,33 @@ class BackendError(Exception):
         self.reason = reason
 
 
+# A change of the session table: ("created" | "deleted", the session).
+SessionEvent = tuple[str, Session]
+EventListener = Callable[[list[SessionEvent]], None]
+
+
 class Backend(ABC):
     """A NAT instance's native state, read and written in model terms."""
 
     name: str = "abstract"
+    _listener: EventListener | None = None
+
+    def watch(self, listener: EventListener | None) -> None:
+        """From now on report every change of the session table to ``listener``, in batches
+        and from any thread; None stops the reports. Watching costs, so the server only
+        watches while someone subscribes."""
+        self._listener = listener
+
+    def _report(self, events: list[SessionEvent]) -> None:
+        listener = self._listener
+        if listener is not None and events:
+            listener(events)
+
+    @abstractmethod
+    def hold_new_sessions(self, prefixes: list[str]) -> None:
+        """Create no new session for sources in ``prefixes`` (an empty list releases
+        them); existing sessions keep flowing. This is the migration window: a session
+        opened during a move would otherwise be left behind."""
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Begin serving (threads, daemons). Called once by the server."""

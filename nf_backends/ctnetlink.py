@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ NLA_F_NESTED = 0x8000
 NLMSGERR_ATTR_MSG = 1
 
 CT_NEW, CT_GET, CT_DELETE = 0x100, 0x101, 0x102  # NFNL_SUBSYS_CTNETLINK << 8 | message
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3  # multicast groups of events
 
 # Attribute numbers (linux/netfilter/nfnetlink_conntrack.h).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
@@ -480,6 +482,51 @@ class Conntrack:
                 count -= 1
                 if not count:
                     return
+
+
+class ConntrackEvents:
+    """Entries appearing in and leaving the conntrack table of one namespace, as the kernel
+    announces them (an entry appears once confirmed, its NAT binding set)."""
+
+    def __init__(self, netns: str | None = None):
+        self.sock = _netlink_socket(netns)
+        try:  # a burst (a 100k-entry import) must not overflow the queue
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        except OSError:
+            pass
+        groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+        self.sock.bind((0, groups))
+        self.lost = 0  # times the kernel dropped events because we read too slowly
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self, timeout: float) -> list[tuple[str, CtEntry]]:
+        """The events waiting ("created" | "deleted", entry), after at most ``timeout``
+        seconds of waiting for the first."""
+        events: list[tuple[str, CtEntry]] = []
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return events
+        while True:
+            try:
+                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return events
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.lost += 1
+                continue
+            pos = 0
+            while pos < len(data):
+                length, kind, _flags, _seq, _pid = _HDR.unpack_from(data, pos)
+                if kind in (CT_NEW, CT_DELETE):
+                    events.append(("created" if kind == CT_NEW else "deleted",
+                                   parse_entry(data, pos + 20, pos + length, data[pos + 16])))
+                pos += (length + 3) & ~3
 
 
 def _error(data: bytes, pos: int, length: int) -> tuple[int, str]:

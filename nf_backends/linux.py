@@ -29,11 +29,12 @@ from .base import (
     SessionChanges,
     SessionKey,
 )
-from .ctnetlink import ECHO_REPLY, ERRNO_REASONS, TCP, Conntrack, CtEntry
+from .ctnetlink import ECHO_REPLY, ERRNO_REASONS, TCP, Conntrack, ConntrackEvents, CtEntry
 
 log = logging.getLogger(__name__)
 
 TABLE = "nfmig"
+HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not drop a hold
 
 
 class LinuxBackend(Backend):
@@ -49,6 +50,8 @@ class LinuxBackend(Backend):
         self._text: dict[bytes, str] = {}
         self._packed: dict[str, bytes] = {}
         self._policy = NatPolicy()
+        self._events: ConntrackEvents | None = None
+        self._watcher: threading.Thread | None = None
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -58,9 +61,55 @@ class LinuxBackend(Backend):
         log.info("linux NAT in network namespace %s", self.netns)
 
     def stop(self) -> None:
+        self.watch(None)
         if self._ct is not None:
             self._ct.close()
             self._ct = None
+
+    # -- events and holds --------------------------------------------------------------
+    def watch(self, listener) -> None:
+        """Follow the kernel's conntrack events while someone listens."""
+        self._listener = listener
+        if listener is not None and self._events is None:
+            self._events = ConntrackEvents(self.netns_path)
+            self._watcher = threading.Thread(target=self._follow, args=(self._events,),
+                                             name=f"conntrack-events-{self.netns}",
+                                             daemon=True)
+            self._watcher.start()
+        elif listener is None and self._events is not None:
+            events, self._events = self._events, None
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)  # it notices within one read timeout
+            events.close()
+
+    def _follow(self, events: ConntrackEvents) -> None:
+        lost = 0
+        while self._events is events:
+            batch = events.read(0.25)
+            if events.lost != lost:
+                log.warning("conntrack events of %s were lost (%d overflows): the change "
+                            "feed missed some sessions", self.netns, events.lost - lost)
+                lost = events.lost
+            changes = [(what, s) for what, s in
+                       ((what, self._session(e)) for what, e in batch) if s is not None]
+            self._report(changes)
+
+    def hold_new_sessions(self, prefixes: list[str]) -> None:
+        """Drop the first packet of new connections from the held sources (the peers
+        retry, by then on the NAT the sessions moved to); existing ones pass."""
+        rules = []
+        for version, family in ((4, "ip"), (6, "ip6")):
+            held = [p for p in prefixes if ipaddress.ip_network(p, strict=False).version
+                    == version]
+            if held:
+                rules.append(f"ct state new {family} saddr {{ {', '.join(held)} }} drop")
+        lines = [f"table inet {HOLD_TABLE}", f"delete table inet {HOLD_TABLE}"]
+        if rules:
+            lines += [f"table inet {HOLD_TABLE} {{", "  chain forward {",
+                      "    type filter hook forward priority filter - 10; policy accept;",
+                      *(f"    {rule}" for rule in rules), "  }", "}"]
+        with self._lock:
+            self._nft("\n".join(lines) + "\n")
 
     @property
     def ct(self) -> Conntrack:

@@ -26,6 +26,7 @@ from .base import (
     NatPolicy,
     Session,
     SessionChanges,
+    SessionEvent,
     SessionKey,
 )
 
@@ -115,6 +116,8 @@ class SimulatedBackend(Backend):
         self._policy = NatPolicy()
         # (is IPv6, network, netmask, external) per address mapping, longest prefix first
         self._mappings: list[tuple[bool, int, int, int]] = []
+        # (is IPv6, network, netmask) per held prefix: no new sessions from there
+        self._held: list[tuple[bool, int, int]] = []
         self._traffic_rate = traffic_rate
         self._tick = tick
         self._rng = random.Random(rng_seed)
@@ -161,15 +164,21 @@ class SimulatedBackend(Backend):
             upserts = [(_native_key(s.key), _from_session(s, now, self._policy), s)
                        for s in changes.upserts]
             self._check_ports(upserts, set(deletes))
+            events = []
             for nkey in deletes:
-                self._release(nkey, self._table.pop(nkey))
-            for nkey, row, _ in upserts:
+                row = self._table.pop(nkey)
+                self._release(nkey, row)
+                events.append(("deleted", _to_session(nkey, row, now)))
+            for nkey, row, session in upserts:
                 old = self._table.get(nkey)
                 if old is not None:
                     self._release(nkey, old)
+                else:
+                    events.append(("created", session))
                 self._table[nkey] = row
                 self._claim(nkey, row)
             self._imported += len(upserts)
+        self._report(events)
 
     def apply_policy(self, policy: NatPolicy) -> None:
         mappings = []
@@ -180,6 +189,15 @@ class SimulatedBackend(Backend):
         with self._lock:
             self._policy = policy
             self._mappings = mappings
+
+    def hold_new_sessions(self, prefixes: list[str]) -> None:
+        held = []
+        for prefix in prefixes:
+            network = ipaddress.ip_network(prefix, strict=False)
+            held.append((network.version == 6, int(network.network_address),
+                         int(network.netmask)))
+        with self._lock:
+            self._held = held
 
     def stats(self) -> BackendStats:
         with self._lock:
@@ -235,14 +253,16 @@ class SimulatedBackend(Backend):
                 return port
         return None
 
-    def _open_session(self, now: float, index: int) -> bool:
-        """Create one TCP session as traffic from a subscriber would."""
+    def _open_session(self, now: float, index: int) -> tuple | None:
+        """Create one TCP session as traffic from a subscriber would; its native key, or
+        None when the 5-tuple exists already or its source is held."""
         src = (10 << 24) | (index % 0xFFFF + 1)
         sport = 1024 + index % 60000
         dst = (198 << 24) | (51 << 16) | (100 << 8) | (1 + index % 250)
         nkey = (6, src, sport, dst, 443, False)
-        if nkey in self._table:
-            return False
+        if nkey in self._table or any(not v6 and src & mask == net
+                                      for v6, net, mask in self._held):
+            return None
         for nat_ip in self._externals(src, False):
             port = self._allocate_port(6, nat_ip)
             if port is not None:
@@ -254,7 +274,7 @@ class SimulatedBackend(Backend):
                3, 180, 2, 120]
         self._table[nkey] = row
         self._claim(nkey, row)
-        return True
+        return nkey
 
     def seed(self, count: int) -> None:
         """Fill the table with ``count`` established sessions (distinct 5-tuples)."""
@@ -272,25 +292,32 @@ class SimulatedBackend(Backend):
         while not self._stop.wait(self._tick):
             now = time.monotonic()
             with self._lock:
-                self._expire(now)
+                events = self._expire(now)
                 carry += self._traffic_rate * self._tick
                 while carry >= 1:
                     carry -= 1
                     index += 1
                     try:
-                        if self._open_session(now, index):
-                            self._created += 1
+                        nkey = self._open_session(now, index)
                     except BackendError:
                         carry = 0.0  # no free port: traffic waits for sessions to expire
                         break
+                    if nkey is not None:
+                        self._created += 1
+                        events.append(("created", _to_session(nkey, self._table[nkey], now)))
                 if self._traffic_rate:
                     self._advance_counters(now)
+            self._report(events)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float) -> list[SessionEvent]:
         dead = [k for k, row in self._table.items() if row[EXPIRES] <= now]
+        events = []
         for k in dead:
-            self._release(k, self._table.pop(k))
+            row = self._table.pop(k)
+            self._release(k, row)
+            events.append(("deleted", _to_session(k, row, now)))
         self._expired += len(dead)
+        return events
 
     def _advance_counters(self, now: float) -> None:
         """Some sessions see packets: counters grow and their idle timer restarts."""

@@ -12,7 +12,9 @@ from nfmig.nf_backends import Backend
 
 from .auth import SshAuthenticator, load_users
 from .datastore import Datastores
+from .migration import MigrationWindows
 from .netconf import NetconfListener, load_or_create_host_key
+from .notifications import NotificationHub
 from .operations import Operations
 from .schema import Schema
 
@@ -36,7 +38,9 @@ class Server:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.schema = Schema()
         self.datastores = Datastores(self.schema, backend, config.state_dir)
-        self.operations = Operations(self.datastores, self.schema)
+        self.hub = NotificationHub(backend, self.schema.nat_ns)
+        self.windows = MigrationWindows(backend, self.hub, self.schema, self.schema.nat_ns)
+        self.operations = Operations(self.datastores, self.schema, self.hub, self.windows)
         self._auth = SshAuthenticator(users)
         self._host_key = load_or_create_host_key(config.state_dir)
         self.listener: NetconfListener | None = None
@@ -53,6 +57,8 @@ class Server:
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        self.windows.close_all()
+        self.backend.hold_new_sessions([])  # a window open at shutdown must not outlive us
         self.backend.stop()
         self._stopped.set()
 

@@ -65,6 +65,19 @@ class Candidate:
         return self.policy_changed or bool(self.sessions)
 
 
+@dataclass
+class PendingConfirm:
+    """A confirmed commit awaiting its confirming commit (RFC 6241 §8.4): who may confirm
+    or cancel it, and how to put running back as it was."""
+
+    session_id: int
+    persist: str | None
+    undo_policy: etree._Element | None
+    undo_sessions: dict[tuple, Session | None]  # None: the session did not exist before
+    timer: threading.Timer
+    policy_changed: bool = False
+
+
 class Datastores:
     def __init__(self, schema: Schema, backend: Backend, state_dir: Path):
         self.schema = schema
@@ -76,6 +89,7 @@ class Datastores:
         self._lock = threading.RLock()
         self._policy: etree._Element | None = None
         self._candidate: Candidate | None = None
+        self._pending: PendingConfirm | None = None
         self.locks: dict[str, int] = {}
         self.startup_path = self.state_dir / "startup.xml"
 
@@ -398,16 +412,111 @@ class Datastores:
             self._replace_datastore("running", config)
 
     # -- candidate operations ----------------------------------------------------------
-    def commit(self, session_id: int) -> None:
+    def commit(self, session_id: int, *, confirmed: bool = False, timeout: int = 600,
+               persist: str | None = None, persist_id: str | None = None) -> None:
+        """Candidate into running. A confirmed commit is undone unless confirmed (by a
+        plain commit of the same session, or one naming its persist id) within timeout."""
         with self._lock, _collector_paused():
             self.check_writable("running", session_id)
+            pending = self._pending
+            if pending is not None:
+                self._check_confirmer(pending, session_id, persist_id)
+            elif persist_id is not None:
+                raise errors.invalid_value("no confirmed commit is pending, so persist-id "
+                                           "names nothing", info={"bad-element": "persist-id"})
             candidate = self._candidate
-            if candidate is None or not candidate.modified:
-                return
-            live = self.backend.lookup([k for k, v in candidate.sessions.items() if v is None])
-            changes = {k: v for k, v in candidate.sessions.items() if v is not None or k in live}
-            self._commit_changes(candidate.policy, candidate.policy_changed, changes)
-            self._candidate = None
+            changes: dict[tuple, Session | None] = {}
+            if candidate is not None and candidate.modified:
+                live = self.backend.lookup([k for k, v in candidate.sessions.items()
+                                            if v is None])
+                changes = {k: v for k, v in candidate.sessions.items()
+                           if v is not None or k in live}
+            if confirmed:
+                self._remember_for_undo(session_id, persist, timeout, candidate, changes)
+            if candidate is not None and candidate.modified:
+                try:
+                    self._commit_changes(candidate.policy, candidate.policy_changed, changes)
+                except RpcError:
+                    if pending is None and confirmed:
+                        self._drop_pending()
+                    raise
+                self._candidate = None
+            if not confirmed and pending is not None:
+                self._drop_pending()
+                log.info("confirmed commit confirmed by session %s", session_id)
+
+    def cancel_commit(self, session_id: int, persist_id: str | None) -> None:
+        with self._lock, _collector_paused():
+            pending = self._pending
+            if pending is None:
+                raise errors.operation_failed("no confirmed commit is pending",
+                                              type="protocol")
+            self._check_confirmer(pending, session_id, persist_id)
+            self._roll_back("cancelled")
+
+    def session_ended(self, session_id: int) -> None:
+        """A confirmed commit without persist ends with its session (RFC 6241 §8.4.1)."""
+        with self._lock, _collector_paused():
+            pending = self._pending
+            if pending is not None and pending.persist is None \
+                    and pending.session_id == session_id:
+                self._roll_back(f"session {session_id} closed before confirming")
+
+    def _check_confirmer(self, pending: PendingConfirm, session_id: int,
+                         persist_id: str | None) -> None:
+        if pending.persist is not None:
+            if persist_id != pending.persist:
+                raise errors.invalid_value("persist-id does not match the pending confirmed "
+                                           "commit's persist", info={"bad-element":
+                                                                     "persist-id"})
+        elif session_id != pending.session_id:
+            raise errors.in_use(f"a confirmed commit of session {pending.session_id} is "
+                                "pending; only that session may confirm or cancel it")
+
+    def _remember_for_undo(self, session_id: int, persist: str | None, timeout: int,
+                           candidate: Candidate | None, changes: dict) -> None:
+        """Record what running was before this commit (the first of a series keeps its
+        policy; later ones add the sessions they touch) and (re)start the timer."""
+        pending = self._pending
+        before = self.backend.lookup(list(changes))
+        if pending is None:
+            pending = self._pending = PendingConfirm(session_id, persist, self._policy, {},
+                                                     threading.Timer(0, lambda: None))
+        else:
+            pending.timer.cancel()
+            pending.persist = persist
+        for key in changes:
+            pending.undo_sessions.setdefault(key, before.get(key))
+        if candidate is not None and candidate.policy_changed:
+            pending.policy_changed = True
+        pending.timer = threading.Timer(timeout, self._expire, args=(pending,))
+        pending.timer.daemon = True
+        pending.timer.start()
+        log.info("confirmed commit by session %s: rolled back unless confirmed within %d s",
+                 session_id, timeout)
+
+    def _expire(self, pending: PendingConfirm) -> None:
+        with self._lock, _collector_paused():
+            if self._pending is pending:
+                self._roll_back("its confirm timeout expired")
+
+    def _roll_back(self, why: str) -> None:
+        pending = self._pending
+        assert pending is not None
+        self._drop_pending()
+        exists = self.backend.lookup([k for k, v in pending.undo_sessions.items() if v is None])
+        undo = {k: v for k, v in pending.undo_sessions.items() if v is not None or k in exists}
+        try:
+            self._commit_changes(pending.undo_policy, pending.policy_changed, undo)
+        except RpcError as exc:
+            log.error("rolling back the confirmed commit (%s) failed: %s", why, exc.message)
+            return
+        log.warning("confirmed commit rolled back: %s (%d sessions restored)", why, len(undo))
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.timer.cancel()
+            self._pending = None
 
     def discard_changes(self, session_id: int) -> None:
         with self._lock:

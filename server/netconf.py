@@ -64,7 +64,7 @@ class NetconfSession(nc_base.NetconfSession):
         transport = channel.get_transport()
         peer = transport.getpeername()[0] if transport else "unknown"
         self.info = SessionInfo(sid, transport.get_username() if transport else "?", peer,
-                                close=self.close)
+                                close=self.close, notify=self.send_notification)
         self._open_session(True)
 
     # -- hello -------------------------------------------------------------------------
@@ -224,6 +224,14 @@ class NetconfSession(nc_base.NetconfSession):
                 self.channel.close()
         return sent
 
+    def send_notification(self, message: str) -> None:
+        """One notification message, between replies (the send lock keeps them whole)."""
+        body = f'<?xml version="1.0" encoding="UTF-8"?>{message}'.encode()
+        framed = frame_chunks(body) + end_of_message(True) if self.new_framing \
+            else frame_eom(body)
+        with self.send_lock:
+            self.channel.sendall(framed)
+
     def _send_error(self, error: RpcError, attrs: dict | None) -> int:
         return self._send_errors([error], attrs)
 
@@ -341,10 +349,9 @@ class NetconfListener(sshutil.server.SSHServer):
         self.operations.sessions[session.session_id] = session.info
 
     def unregister(self, session: NetconfSession) -> None:
-        info = self.operations.sessions.pop(session.info.session_id, None)
-        if info is not None:
-            released = self.operations.ds.release_locks(info.session_id)
-            log.info("session %s closed%s", info.session_id,
+        if session.info.session_id in self.operations.sessions:
+            released = self.operations.end_session(session.info.session_id)
+            log.info("session %s closed%s", session.info.session_id,
                      f"; released locks on {', '.join(released)}" if released else "")
 
     def __del__(self):  # sshutil logs an error from its own __del__; nothing to say here

@@ -16,6 +16,8 @@ from . import errors
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpath_filter
+from .migration import MigrationWindows
+from .notifications import NOTIF_NS, NotificationHub, parse_subscription
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -41,12 +43,15 @@ class SessionInfo:
     in_bad_rpcs: int = 0
     out_rpc_errors: int = 0
     close: Callable[[], None] | None = None
+    notify: Callable[[str], None] | None = None  # sends one notification message
 
 
 class Operations:
-    def __init__(self, datastores: Datastores, schema: Schema):
+    def __init__(self, datastores: Datastores, schema: Schema, hub: NotificationHub,
+                 windows: MigrationWindows):
         self.ds = datastores
         self.schema = schema
+        self.hub = hub
         self.sessions: dict[int, SessionInfo] = {}
         self.content_id = hashlib.sha256(
             ";".join(f"{m.name()}@{module_revision(m)}" for m in schema.modules()).encode()
@@ -62,11 +67,16 @@ class Operations:
             f"{{{NC}}}validate": self.validate,
             f"{{{NC}}}commit": self.commit,
             f"{{{NC}}}discard-changes": self.discard_changes,
+            f"{{{NC}}}cancel-commit": self.cancel_commit,
             f"{{{NC}}}close-session": self.close_session,
             f"{{{NC}}}kill-session": self.kill_session,
             f"{{{NCM}}}get-schema": self.get_schema,
             f"{{{NCDS}}}get-data": self.get_data,
             f"{{{NCDS}}}edit-data": self.edit_data,
+            f"{{{NOTIF_NS}}}create-subscription": self.create_subscription,
+            f"{{{datastores.ns}}}freeze": windows.freeze,
+            f"{{{datastores.ns}}}thaw": windows.thaw,
+            f"{{{datastores.ns}}}announce-migration": windows.announce,
         }
 
     # -- capabilities ------------------------------------------------------------------
@@ -76,11 +86,15 @@ class Operations:
             "urn:ietf:params:netconf:base:1.1",
             "urn:ietf:params:netconf:capability:writable-running:1.0",
             "urn:ietf:params:netconf:capability:candidate:1.0",
+            "urn:ietf:params:netconf:capability:confirmed-commit:1.0",
+            "urn:ietf:params:netconf:capability:confirmed-commit:1.1",
             "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
             "urn:ietf:params:netconf:capability:validate:1.0",
             "urn:ietf:params:netconf:capability:validate:1.1",
             "urn:ietf:params:netconf:capability:startup:1.0",
             "urn:ietf:params:netconf:capability:xpath:1.0",
+            "urn:ietf:params:netconf:capability:notification:1.0",
+            "urn:ietf:params:netconf:capability:interleave:1.0",
             f"urn:ietf:params:netconf:capability:yang-library:1.1?revision={YANGLIB_REV}"
             f"&content-id={self.content_id}",
         ]
@@ -301,11 +315,26 @@ class Operations:
         return OK
 
     def commit(self, session: SessionInfo, op: etree._Element) -> str:
-        if op.find(f"{{{NC}}}confirmed") is not None:
-            raise errors.not_supported("confirmed commit is not supported yet",
-                                       type="application")
-        _only(op)
-        self.ds.commit(session.session_id)
+        _only(op, "confirmed", "confirm-timeout", "persist", "persist-id")
+        confirmed = op.find(f"{{{NC}}}confirmed") is not None
+        timeout = _text(op, "confirm-timeout", NC)
+        if timeout is not None and (not confirmed or not timeout.strip().isdigit()
+                                    or not 0 < int(timeout) < 2**32):
+            raise errors.invalid_value("confirm-timeout is a number of seconds from 1 to "
+                                       "4294967295, and only goes with confirmed",
+                                       info={"bad-element": "confirm-timeout"})
+        persist = _text(op, "persist", NC)
+        if persist is not None and not confirmed:
+            raise errors.invalid_value("persist only goes with confirmed",
+                                       info={"bad-element": "persist"})
+        self.ds.commit(session.session_id, confirmed=confirmed,
+                       timeout=int(timeout) if timeout else 600, persist=persist,
+                       persist_id=_text(op, "persist-id", NC))
+        return OK
+
+    def cancel_commit(self, session: SessionInfo, op: etree._Element) -> str:
+        _only(op, "persist-id")
+        self.ds.cancel_commit(session.session_id, _text(op, "persist-id", NC))
         return OK
 
     def discard_changes(self, session: SessionInfo, op: etree._Element) -> str:
@@ -333,7 +362,22 @@ class Operations:
         if target.close:
             target.close()
         self.ds.release_locks(victim)
+        self.hub.unsubscribe(victim)
         return OK
+
+    def create_subscription(self, session: SessionInfo, op: etree._Element) -> str:
+        selector = parse_subscription(op)
+        if session.notify is None:
+            raise errors.operation_failed("this session cannot receive notifications")
+        self.hub.subscribe(session.session_id, session.notify, selector)
+        return OK
+
+    def end_session(self, session_id: int) -> list[str]:
+        """Forget a closed session: its subscription ends, its locks are released."""
+        self.sessions.pop(session_id, None)
+        self.hub.unsubscribe(session_id)
+        self.ds.session_ended(session_id)
+        return self.ds.release_locks(session_id)
 
 
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)

@@ -25,8 +25,8 @@ from .errors import RpcError
 # Modules the server implements, with the features it supports.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     NAT_MODULE: (),
-    "ietf-netconf": ("writable-running", "candidate", "rollback-on-error", "validate",
-                     "startup", "xpath"),
+    "ietf-netconf": ("writable-running", "candidate", "confirmed-commit", "rollback-on-error",
+                     "validate", "startup", "xpath"),
     "ietf-netconf-monitoring": (),
     "ietf-netconf-nmda": (),
     "ietf-datastores": (),
@@ -64,6 +64,14 @@ class YangError(Exception):
         if self.app_tag in ("must-violation", "too-many-elements", "too-few-elements"):
             tag = "operation-failed"
         return RpcError(tag, msg, path=self.path, app_tag=self.app_tag)
+
+
+def _enable_features(module: libyang.Module, features: tuple[str, ...]) -> None:
+    """Enable the features together: libyang takes the whole set in one call (one at a time,
+    each call replaces the last, and a feature depending on another cannot be enabled)."""
+    names = [ffi.new("char[]", f.encode()) for f in features]
+    if lib.lys_set_implemented(module.cdata, ffi.new("char *[]", [*names, ffi.NULL])):
+        raise RuntimeError(f"cannot enable features {', '.join(features)} of {module.name()}")
 
 
 def module_revision(module: libyang.Module) -> str:
@@ -114,8 +122,8 @@ class Schema:
         self.ctx = libyang.Context(str(self.yang_dir))
         for name, features in IMPLEMENTED.items():
             module = self.ctx.load_module(name)
-            for feature in features:
-                module.feature_enable(feature)
+            if features:
+                _enable_features(module, features)
         self.nat = self.ctx.get_module(NAT_MODULE)
         self.nat_ns = module_ns(self.nat)
 
@@ -156,6 +164,22 @@ class Schema:
             if ret in (lib.LY_SUCCESS, lib.LY_EINCOMPLETE):
                 return None
             return _take_errors(self.ctx).message
+
+    def parse_operation(self, element: str, *, notification: bool = False) -> dict[str, Any]:
+        """An rpc's input (or a notification) checked by libyang, leaf by leaf: types,
+        patterns, ranges. Returns its content as a dict; raises YangError."""
+        kind = libyang.DataType.NOTIF_YANG if notification else libyang.DataType.RPC_YANG
+        with _PARSE_LOCK:
+            try:
+                node = self.ctx.parse_op_mem("xml", element, kind)
+            except libyang.LibyangError as exc:
+                lib.ly_err_clean(self.ctx.cdata, ffi.NULL)
+                message = str(exc).removeprefix("failed to parse input data: ")
+                raise YangError(message.split(": Data location")[0]) from None
+            try:
+                return next(iter(node.print_dict(strip_prefixes=True).values()))
+            finally:
+                node.free()
 
     def find(self, path: str) -> libyang.SNode:
         return next(self.ctx.find_path(path))

@@ -1,0 +1,141 @@
+"""The model's migration operations: rpc freeze and thaw (the migration window on a source)
+and rpc announce-migration (migration events for every subscriber).
+
+A window holds new sessions of its selection in the backend until thawed or timed out; the
+timeout is the server's, so a migrator that vanishes never leaves the NAT frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from xml.sax.saxutils import escape
+
+from lxml import etree
+from nfmig.nf_backends.base import Backend, BackendError
+
+from . import errors
+from .errors import RpcError
+from .notifications import NotificationHub
+from .schema import Schema, YangError
+
+log = logging.getLogger(__name__)
+
+EVERY_SOURCE = ["0.0.0.0/0", "::/0"]
+DEFAULT_WINDOW = 60  # seconds, as the model's default for freeze/timeout
+
+
+class MigrationWindows:
+    """Open freeze windows by migration-id, and what the backend holds because of them."""
+
+    def __init__(self, backend: Backend, hub: NotificationHub, schema: Schema, namespace: str):
+        self.backend = backend
+        self.hub = hub
+        self.schema = schema
+        self.namespace = namespace
+        self._windows: dict[str, tuple[list[str], threading.Timer]] = {}
+        self._lock = threading.Lock()
+
+    # -- operations --------------------------------------------------------------------
+    def freeze(self, _session, op: etree._Element) -> str:
+        request = self._input(op)
+        migration_id = request["migration-id"]
+        prefixes = request.get("source-prefix") or EVERY_SOURCE
+        timeout = int(request.get("timeout", DEFAULT_WINDOW))
+        timer = threading.Timer(timeout, self._expire, args=(migration_id,))
+        timer.daemon = True
+        with self._lock:
+            previous = self._windows.get(migration_id)
+            self._windows[migration_id] = (prefixes, timer)
+            try:
+                self._hold()
+            except BackendError as exc:
+                self._restore(migration_id, previous)
+                raise errors.operation_failed(f"the NAT cannot hold new sessions: {exc}") \
+                    from None
+            if previous is not None:
+                previous[1].cancel()
+            timer.start()
+        log.info("migration %s: new sessions from %s held for at most %d s", migration_id,
+                 ", ".join(prefixes), timeout)
+        return "<ok/>"
+
+    def thaw(self, _session, op: etree._Element) -> str:
+        migration_id = self._input(op)["migration-id"]
+        self._close(migration_id, "thawed")
+        return "<ok/>"
+
+    def announce(self, _session, op: etree._Element) -> str:
+        """Publish the announcement as the migration-event notification, leaf for leaf."""
+        request = self._input(op)
+        leaves = "".join(etree.tostring(child, encoding="unicode", with_tail=False)
+                         for child in op if isinstance(child.tag, str))
+        log.info("migration %s: %s as %s%s", request["migration-id"], request["event"],
+                 request["role"], f" ({request['reason']})" if request.get("reason") else "")
+        self.hub.publish(f'<migration-event xmlns="{self.namespace}">{leaves}'
+                         "</migration-event>")
+        return "<ok/>"
+
+    # -- windows -----------------------------------------------------------------------
+    def close_all(self) -> None:
+        with self._lock:
+            for _prefixes, timer in self._windows.values():
+                timer.cancel()
+            self._windows.clear()
+
+    def _expire(self, migration_id: str) -> None:
+        log.warning("migration %s: window timed out; new sessions flow again", migration_id)
+        try:
+            self._close(migration_id, "timed out")
+        except RpcError:
+            return  # logged by _close
+        self.hub.publish(migration_event(
+            self.namespace, **{"migration-id": migration_id, "role": "source",
+                               "event": "failed", "reason": "the migration window timed out "
+                               "before the migrator thawed it; new sessions flow again"}))
+
+    def _close(self, migration_id: str, how: str) -> None:
+        with self._lock:
+            window = self._windows.pop(migration_id, None)
+            if window is None:
+                return  # thawing a closed window is fine: migrators thaw on every way out
+            window[1].cancel()
+            try:
+                self._hold()
+            except BackendError as exc:
+                log.error("migration %s: %s, but the NAT still holds its sessions: %s",
+                          migration_id, how, exc)
+                raise errors.operation_failed(f"the NAT cannot release the hold: {exc}") \
+                    from None
+        log.info("migration %s: window %s", migration_id, how)
+
+    def _restore(self, migration_id: str, previous: tuple | None) -> None:
+        if previous is None:
+            self._windows.pop(migration_id, None)
+        else:
+            self._windows[migration_id] = previous
+
+    def _hold(self) -> None:
+        held = sorted({p for prefixes, _ in self._windows.values() for p in prefixes})
+        self.backend.hold_new_sessions(held)
+
+    # -- input -------------------------------------------------------------------------
+    def _input(self, op: etree._Element) -> dict:
+        """The rpc's input, checked by libyang against the model."""
+        name = etree.QName(op).localname
+        try:
+            request = self.schema.parse_operation(etree.tostring(op, encoding="unicode"))
+        except YangError as exc:
+            raise RpcError("invalid-value", f"{name}: {exc}", type="application") from None
+        for mandatory in ("migration-id", *(("role", "event") if name == "announce-migration"
+                                            else ())):
+            if mandatory not in request:
+                raise errors.missing_element(f"{name} needs {mandatory}", mandatory)
+        return request
+
+
+def migration_event(namespace: str, **leaves: str) -> str:
+    """A migration-event notification's content from leaf values (for the server's own
+    events, e.g. a window that timed out)."""
+    body = "".join(f"<{name}>{escape(str(value))}</{name}>" for name, value in leaves.items())
+    return f'<migration-event xmlns="{namespace}">{body}</migration-event>'
