@@ -12,10 +12,11 @@ from .netconf import NatClient, timed
 
 def run_demo(sessions: int) -> int:
     if os.geteuid() == 0:
-        print("note: the Linux kernel NAT backend is not available yet; using two simulated "
-              "NATs")
-    else:
-        print("note: not root, so the demo uses two simulated NATs (no kernel state)")
+        from .demo_linux import run_linux_demo
+
+        return run_linux_demo()
+    print("note: not root, so the demo uses two simulated NATs (no kernel state); run it as "
+          "root to see a live connection move between two Linux kernel NATs")
     with tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
         servers: list[LocalServer] = []
         try:

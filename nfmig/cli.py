@@ -87,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--key", type=Path, metavar="PUBKEYFILE", help="an OpenSSH public key file")
 
     demo = sub.add_parser("demo", help="move all sessions between two NAT instances",
-                          description="Start two NAT instances on loopback, then move every "
-                          "session from A to B with get-data, edit-config and a delete on A.")
+                          description="As root: two Linux kernel NATs in network namespaces "
+                          "built for the demo; a live TCP stream runs through NAT A, its "
+                          "session moves to NAT B (get-data on A, edit-config on B, gateway "
+                          "switch, delete on A) and the stream keeps flowing. Otherwise: two "
+                          "simulated NATs on loopback, and every session moves from A to B.")
     demo.add_argument("--sessions", type=_count, default=1000, metavar="N",
-                      help="sessions on NAT A at the start (default 1000)")
+                      help="sessions on simulated NAT A at the start (default 1000)")
     return parser
 
 

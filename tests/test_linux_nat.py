@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from lxml import etree
+from ncclient import manager
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NatClient
 
@@ -298,4 +300,99 @@ def test_one_subscriber_moves_to_nat_b_while_the_others_stay_on_nat_a(bed, nats)
     # opened a session there), and B carried nobody else.
     assert sessions_by_source(b).keys() == {MOVING}
     assert sessions_by_source(a).keys() == staying.keys()
+    assert_clean(bed)
+
+
+# -- what a migrator relies on: the change feed and the migration window -----------------------
+LISTENER = ("import socket,sys,time\ns=socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            "s.bind(('',int(sys.argv[1])))\ns.listen(16)\nprint('listening',flush=True)\n"
+            "conns=[]\nend=time.time()+30\n"
+            "while time.time()<end:\n s.settimeout(end-time.time())\n"
+            " try: conns.append(s.accept()[0])\n except OSError: break\n")
+CONNECT = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1],int(sys.argv[2])),"
+           "timeout=float(sys.argv[3])).close()\nexcept OSError: sys.exit(1)\n")
+
+
+def listen(bed: TestBed, port: int) -> subprocess.Popen:
+    proc = bed.popen(bed.server, sys.executable, "-c", LISTENER, str(port),
+                     stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().split() == ["listening"]
+    return proc
+
+
+def connects(bed: TestBed, port: int, timeout: float = 1.5) -> bool:
+    """Whether a new TCP connection from the client reaches the server within timeout."""
+    done = bed.run(bed.client, sys.executable, "-c", CONNECT, TestBed.SERVER, str(port),
+                   str(timeout), check=False)
+    return done.returncode == 0
+
+
+def watcher(nat: Nat) -> manager.Manager:
+    m = manager.connect(host="127.0.0.1", port=nat.server.port, username=nat.server.user,
+                        password=nat.server.password, hostkey_verify=False,
+                        allow_agent=False, look_for_keys=False, timeout=30)
+    m.create_subscription()
+    return m
+
+
+def changes_seen(m: manager.Manager, port: int, seconds: float = 5) -> list[etree._Element]:
+    """The sessions-changed entries about connections to ``port`` within ``seconds``."""
+    ns = {"n": NAT_NS}
+    found: list[etree._Element] = []
+    deadline = time.monotonic() + seconds
+    while not found and time.monotonic() < deadline:
+        note = m.take_notification(timeout=max(0.1, deadline - time.monotonic()))
+        if note is None:
+            break
+        root = etree.fromstring(note.notification_xml.encode())
+        found += [c for c in root.iterfind(".//n:change", ns)
+                  if c.findtext("n:dst_port", namespaces=ns) == str(port)]
+    return found
+
+
+def test_connection_through_the_nat_reaches_subscribers_as_created_session(bed, nats):
+    a, _ = nats
+    listener = listen(bed, 5011)
+    m = watcher(a)
+    try:
+        assert connects(bed, 5011)
+        change = changes_seen(m, 5011)[0]
+        ns = {"n": NAT_NS}
+        assert change.findtext("n:event", namespaces=ns) == "created"
+        assert change.findtext("n:src_address", namespaces=ns) == TestBed.CLIENT
+        assert change.findtext("n:translated_address", namespaces=ns) == TestBed.EXTERNAL
+    finally:
+        m.close_session()
+        listener.kill()
+
+
+def test_frozen_subscribers_open_no_new_connection_until_thawed(bed, nats):
+    a, _ = nats
+    listener = listen(bed, 5012)
+    freeze = (f'<freeze xmlns="{NAT_NS}"><migration-id>t-1</migration-id>'
+              f"<source-prefix>{TestBed.INSIDE_PREFIX}</source-prefix></freeze>")
+    try:
+        a.client.m.dispatch(etree.fromstring(freeze))
+        assert not connects(bed, 5012)
+        a.client.m.dispatch(etree.fromstring(
+            f'<thaw xmlns="{NAT_NS}"><migration-id>t-1</migration-id></thaw>'))
+        assert connects(bed, 5012)
+    finally:
+        listener.kill()
+
+
+def test_freeze_lets_established_connections_flow(bed, nats):
+    a, _ = nats
+    size = 1 << 20
+    server = start(bed, bed.server, "tcp-server", "5013", str(size))
+    expect(server, "listening")
+    client = start(bed, bed.client, "tcp-client", TestBed.SERVER, "5013", str(size))
+    expect(client, "ready")
+    expect(server, "ready")
+    a.client.m.dispatch(etree.fromstring(
+        f'<freeze xmlns="{NAT_NS}"><migration-id>t-2</migration-id></freeze>'))
+    go(server, client)
+    expect(server, "done")
+    expect(client, "done")
     assert_clean(bed)

@@ -1,0 +1,107 @@
+"""`nfmig demo` as root: a live TCP connection through one Linux kernel NAT moves, with its
+session, to another Linux kernel NAT and keeps flowing.
+
+Hosts live in network namespaces of a test bed built for the demo and removed afterwards:
+a client, NAT A, NAT B and a server. A stream runs from client to server and back the whole
+time; the demo moves the NAT sessions with the NETCONF servers of the two NATs (get-data on
+A, edit-config on B, delete on A), switches the gateway to B, and reports what the stream saw.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nfmig.testbed import TestBed
+
+from .local import LocalServer, start_local_server
+from .netconf import NAT_NS, NatClient, timed
+
+PORT = 5000
+# Echoes what it receives; says which address:port the connection came from (the NAT's).
+ECHO = ("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)"
+        f"\ns.bind(('',{PORT}))\ns.listen(1)\nprint('listening',flush=True)\n"
+        "c,peer=s.accept()\nprint('peer',*peer,flush=True)\n"
+        "while (d:=c.recv(65536)):\n c.sendall(d)\n")
+# Sends 16 KB every 20 ms and reads the echo until told to stop; reports bytes and the
+# longest wait for an echo (the gap a user would notice).
+STREAM = ("import socket,sys,time,threading\nc=socket.create_connection((sys.argv[1],"
+          f"{PORT}),timeout=10)\nprint('connected',flush=True)\nstop=threading.Event()\n"
+          "threading.Thread(target=lambda:(sys.stdin.readline(),stop.set()),daemon=True)"
+          ".start()\nblock=b'x'*16384\ntotal=0\nworst=0.0\n"
+          "while not stop.is_set():\n t=time.monotonic()\n c.sendall(block)\n left=len(block)\n"
+          " while left:\n  left-=len(c.recv(left))\n total+=len(block)\n"
+          " worst=max(worst,time.monotonic()-t)\n time.sleep(0.02)\n"
+          "print('done',total,round(worst*1000,1),flush=True)\n")
+POLICY = (f'<nat-policy xmlns="{NAT_NS}"><inside-interface>inside</inside-interface>'
+          "<outside-interface>outside</outside-interface>"
+          f"<inside-prefix>{TestBed.INSIDE_PREFIX}</inside-prefix>"
+          f"<external-address>{TestBed.EXTERNAL}</external-address>"
+          "<port-min>20000</port-min><port-max>29999</port-max></nat-policy>")
+
+
+def run_linux_demo() -> int:
+    print("Two Linux kernel NATs in network namespaces; a live TCP stream moves from A to B.")
+    with TestBed() as bed, tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
+        servers: list[LocalServer] = []
+        clients: list[NatClient] = []
+        try:
+            for name, ns in (("a", bed.nat_a), ("b", bed.nat_b)):
+                servers.append(start_local_server(Path(tmp) / name, "--backend", "linux",
+                                                  "--netns", ns))
+                server = servers[-1]
+                clients.append(NatClient("127.0.0.1", server.port, server.user,
+                                         server.password, hostkey_verify=False))
+                clients[-1].edit(POLICY)
+                print(f"NAT {name.upper()}: namespace {ns}, NETCONF on 127.0.0.1:{server.port}")
+            bed.activate(bed.nat_a)
+            return _move_live_stream(bed, *clients)
+        finally:
+            for client in clients:
+                client.close()
+            for server in servers:
+                server.stop()
+
+
+def _move_live_stream(bed: TestBed, a: NatClient, b: NatClient) -> int:
+    echo = bed.popen(bed.server, sys.executable, "-c", ECHO, stdout=subprocess.PIPE, text=True)
+    _expect(echo, "listening")
+    stream = bed.popen(bed.client, sys.executable, "-c", STREAM, TestBed.SERVER,
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _expect(stream, "connected")
+    peer = _expect(echo, "peer")
+    print(f"stream {TestBed.CLIENT} -> {TestBed.SERVER}:{PORT} runs through NAT A; the "
+          f"server sees it from {peer[0]}:{peer[1]}")
+    time.sleep(1)
+    # A keeps forwarding until the gateway moves, so the stream never meets a NAT without
+    # its session: copy to B, switch, and only then delete on A.
+    (body, reply_bytes), t_get = timed(a.get_sessions)
+    request_bytes, t_edit = timed(b.edit, body)
+    t_switch = bed.switch_over(bed.nat_a, bed.nat_b)
+    _, t_delete = timed(a.delete_sessions, body)
+    moved = body.count("<nat-session")
+    print(f"get-data on A      {t_get:7.3f} s  {reply_bytes:>9,} bytes  {moved} session(s)")
+    print(f"edit-config on B   {t_edit:7.3f} s  {request_bytes:>9,} bytes")
+    print(f"gateway A -> B     {t_switch:7.3f} s")
+    print(f"delete on A        {t_delete:7.3f} s")
+    time.sleep(2)
+    stream.stdin.write("stop\n")
+    stream.stdin.flush()
+    total, worst = _expect(stream, "done")
+    left_on_a = a.get_sessions()[0].count("<nat-session")
+    on_b = b.get_sessions()[0].count("<nat-session")
+    print(f"the stream moved {int(total):,} bytes each way; longest wait for an echo "
+          f"{worst} ms; NAT A now holds {left_on_a} session(s), NAT B {on_b}")
+    ok = stream.wait(10) == 0 and moved >= 1 and left_on_a == 0 and on_b >= 1
+    print("the connection kept flowing through NAT B" if ok else "migration FAILED")
+    return 0 if ok else 1
+
+
+def _expect(proc: subprocess.Popen, word: str) -> list[str]:
+    line = proc.stdout.readline().split()
+    if not line or line[0] != word:
+        raise RuntimeError(f"the demo's traffic stopped: expected {word!r}, got {line!r}")
+    return line[1:]
