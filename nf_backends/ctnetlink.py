@@ -13,8 +13,8 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, TypeVar
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -222,9 +222,10 @@ def _create_layout(e: CtEntry, update: bool) -> _Layout:
     return lay.finish()
 
 
-def _delete_layout(e: CtEntry) -> _Layout:
+def _by_tuple_layout(e: CtEntry, msg_type: int) -> _Layout:
+    """A message naming one entry by its original tuple (DELETE, GET)."""
     lay = _Layout()
-    _header(lay, CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, e.family)
+    _header(lay, msg_type, NLM_F_REQUEST | NLM_F_ACK, e.family)
     _tuple(lay, CTA_TUPLE_ORIG, e, reply=False)
     return lay.finish()
 
@@ -244,8 +245,10 @@ class _Encoder:
         shape = _shape(e, kind)
         lay = self._layouts.get(shape)
         if lay is None:
-            lay = self._layouts[shape] = (_delete_layout(e) if kind == "delete"
-                                          else _create_layout(e, kind == "update"))
+            lay = self._layouts[shape] = (
+                _by_tuple_layout(e, CT_DELETE) if kind == "delete" else
+                _by_tuple_layout(e, CT_GET) if kind == "get" else
+                _create_layout(e, kind == "update"))
         values = (seq, e.src, e.dst, e.sport, e.dport, e.timeout or 0, e.tcp_state or 0,
                   e.wscale_orig or 0, e.wscale_reply or 0, e.nat_addr, e.nat_port or 0,
                   e.dnat_addr, e.dnat_port or 0)
@@ -363,13 +366,14 @@ def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
 
 # -- the socket ---------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
-def _netlink_socket(netns: str | None) -> socket.socket:
-    """A ctnetlink socket of ``netns`` (a path like /run/netns/NAME), or of our own namespace.
-    A socket stays in the namespace it was made in, so only its creation switches over."""
+def in_namespace(netns: str | None, make: Callable[[], T]) -> T:
+    """``make()`` run inside ``netns`` (a path like /run/netns/NAME; None: our own). What it
+    opens (a socket, a /proc/sys file) stays bound to that namespace afterwards."""
     if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        return make()
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(netns, os.O_RDONLY)
@@ -381,13 +385,33 @@ def _netlink_socket(netns: str | None) -> socket.socket:
             code = ctypes.get_errno()
             raise OSError(code, f"cannot enter network namespace {netns}: {os.strerror(code)}")
         try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            return make()
         finally:
             if _libc.setns(own, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "cannot return to the server's namespace")
     finally:
         os.close(own)
         os.close(target)
+
+
+def _netlink_socket(netns: str | None) -> socket.socket:
+    """A ctnetlink socket of ``netns``, or of our own namespace."""
+    return in_namespace(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                                     NETLINK_NETFILTER))
+
+
+class EntryCount:
+    """The number of conntrack entries of one namespace, read without a dump."""
+
+    def __init__(self, netns: str | None = None):
+        self._fd = in_namespace(netns, lambda: os.open(
+            "/proc/sys/net/netfilter/nf_conntrack_count", os.O_RDONLY))
+
+    def read(self) -> int:
+        return int(os.pread(self._fd, 32, 0))
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class Conntrack:
@@ -453,6 +477,26 @@ class Conntrack:
 
     def delete(self, entries: Iterable[CtEntry]) -> list[int | None]:
         return self._batch(list(entries), "delete")
+
+    def get(self, entries: list[CtEntry]) -> list[CtEntry | None]:
+        """Each entry as the kernel holds it now (found by its original tuple), or None.
+        For a few entries this beats a dump, which walks every namespace's entries."""
+        found: list[CtEntry | None] = [None] * len(entries)
+        for start in range(0, len(entries), _BATCH):
+            chunk = entries[start:start + _BATCH]
+            first = self._seq + 1
+            self.sock.send(b"".join(self._encoder.encode(e, self._next_seq(), "get")
+                                    for e in chunk))
+            left = len(chunk)
+            for data, pos, length, kind, seq in self._receive():
+                if kind == CT_NEW:  # the entry, ahead of its request's ack
+                    found[start + ((seq - first) & 0xFFFFFFFF)] = parse_entry(
+                        data, pos + 20, pos + length, data[pos + 16])
+                elif kind == NLMSG_ERROR:
+                    left -= 1
+                    if not left:
+                        break
+        return found
 
     def last_messages(self) -> dict[int, str]:
         return dict(self._messages)

@@ -29,11 +29,20 @@ from .base import (
     SessionChanges,
     SessionKey,
 )
-from .ctnetlink import ECHO_REPLY, ERRNO_REASONS, TCP, Conntrack, ConntrackEvents, CtEntry
+from .ctnetlink import (
+    ECHO_REPLY,
+    ERRNO_REASONS,
+    TCP,
+    Conntrack,
+    ConntrackEvents,
+    CtEntry,
+    EntryCount,
+)
 
 log = logging.getLogger(__name__)
 
 TABLE = "nfmig"
+DIRECT_LOOKUPS = 4096  # up to this many keys, look each up; beyond, dump the table
 HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not drop a hold
 
 
@@ -44,6 +53,7 @@ class LinuxBackend(Backend):
         self.netns = netns
         self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self._ct: Conntrack | None = None
+        self._count: EntryCount | None = None
         self._lock = threading.Lock()
         self._offsets: dict[tuple, tuple[int, int, int, int]] = {}  # imported counts
         self._imported = 0
@@ -58,6 +68,7 @@ class LinuxBackend(Backend):
         self._nft(self._ruleset(self._policy))  # instantiates conntrack and NAT in the netns
         self._sysctl({"net.netfilter.nf_conntrack_acct": "1"})
         self._ct = Conntrack(self.netns_path)
+        self._count = EntryCount(self.netns_path)
         log.info("linux NAT in network namespace %s", self.netns)
 
     def stop(self) -> None:
@@ -65,6 +76,9 @@ class LinuxBackend(Backend):
         if self._ct is not None:
             self._ct.close()
             self._ct = None
+        if self._count is not None:
+            self._count.close()
+            self._count = None
 
     # -- events and holds --------------------------------------------------------------
     def watch(self, listener) -> None:
@@ -173,21 +187,34 @@ class LinuxBackend(Backend):
         return (s for s in map(self._session, entries) if s is not None)
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
-        wanted = set(keys)
-        if not wanted:
-            return {}
-        return {s.key: s for s in self.sessions() if s.key in wanted}
+        probes = [self._probe(k) for k in set(keys)]
+        with self._lock:
+            current = self._current(probes)
+        return {s.key: s for s in map(self._session, current.values()) if s is not None}
+
+    def _probe(self, key: SessionKey) -> CtEntry:
+        """An entry naming ``key``'s original tuple, enough to look it up."""
+        return self._entry(Session(*key, *[None] * (len(Session._fields) - len(key))))
+
+    def _current(self, probes: list[CtEntry]) -> dict[tuple, CtEntry]:
+        """The kernel's entries for these probes, by native key: one GET each for a few,
+        one dump for many (a dump costs the same whatever it is asked for)."""
+        if len(probes) <= DIRECT_LOOKUPS:
+            return {e.key: e for e in self.ct.get(probes) if e is not None}
+        wanted = {p.key for p in probes}
+        return {e.key: e for e in self.ct.dump() if e.key in wanted}
 
     def stats(self) -> BackendStats:
-        with self._lock:
-            count = len(self.ct.dump())
-        return BackendStats("linux", count, sessions_imported=self._imported)
+        if self._count is None:
+            raise RuntimeError("the linux backend is not started")
+        return BackendStats("linux", self._count.read(), sessions_imported=self._imported)
 
     # -- writes ------------------------------------------------------------------------
     def apply(self, changes: SessionChanges) -> None:
+        wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
+        probes = [e for _, e in wanted.values()] + [self._probe(k) for k in changes.deletes]
         with self._lock:
-            current = {e.key: e for e in self.ct.dump()}
-            wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
+            current = self._current(probes)
             deletes = [current[k] for k in map(self._native_key, changes.deletes)
                        if k in current and k not in wanted]
             creates = [e for k, (_, e) in wanted.items() if k not in current]

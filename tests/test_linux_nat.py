@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 from ncclient import manager
+from ncclient.operations import RPCError
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NatClient
 
@@ -396,3 +397,37 @@ def test_freeze_lets_established_connections_flow(bed, nats):
     expect(server, "done")
     expect(client, "done")
     assert_clean(bed)
+
+
+# -- the kernel table through the datastore, without traffic ----------------------------------
+def kernel_session(sport: int, operation: str) -> str:
+    return (f'<nat-session xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0" '
+            f'nc:operation="{operation}"><protocol>TCP</protocol>'
+            f"<src_address>{TestBed.CLIENT}</src_address><src_port>{sport}</src_port>"
+            f"<dst_address>{TestBed.SERVER}</dst_address><dst_port>80</dst_port>"
+            f"<translated_address>{TestBed.EXTERNAL}</translated_address>"
+            f"<translated_port>{sport}</translated_port><tcp_state>established</tcp_state>"
+            "<timeout>300</timeout></nat-session>")
+
+
+def session_count(nat: Nat) -> int:
+    reply = nat.client.m.dispatch(etree.fromstring(
+        '<get-data xmlns="urn:ietf:params:xml:ns:yang:ietf-netconf-nmda" '
+        'xmlns:ds="urn:ietf:params:xml:ns:yang:ietf-datastores"><datastore>ds:operational'
+        f'</datastore><subtree-filter><nat-state xmlns="{NAT_NS}"/></subtree-filter>'
+        "</get-data>"))
+    return int(etree.fromstring(reply.xml.encode()).findtext(f".//{{{NAT_NS}}}session-count"))
+
+
+def test_kernel_entries_are_found_by_key_and_counted(nats):
+    a, _ = nats
+    a.client.edit(kernel_session(21001, "create") + kernel_session(21002, "create"))
+    assert session_count(a) == 2
+    with pytest.raises(RPCError) as exists:
+        a.client.edit(kernel_session(21001, "create"))
+    assert exists.value.tag == "data-exists"
+    a.client.edit(kernel_session(21001, "delete"))
+    assert session_count(a) == 1
+    with pytest.raises(RPCError) as missing:
+        a.client.edit(kernel_session(21001, "delete"))
+    assert missing.value.tag == "data-missing"
