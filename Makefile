@@ -3,7 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 YANG    := yang
-APT_PKGS := libyang2-dev libyang2-tools conntrack nftables iptables iproute2 \
+APT_PKGS := libyang2-dev libyang2-tools conntrack conntrackd nftables iptables iproute2 \
             iputils-arping iputils-ping ethtool openvswitch-switch tcpdump
 MODULES := $(wildcard $(YANG)/*.yang)
 
@@ -34,6 +34,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/netconf_bulk.py
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/kernel_migration.py; \
+	else echo "bench/kernel_migration.py skipped: network namespaces and conntrack need root"; fi
 
 lint: setup
 	$(BIN)/ruff check .

@@ -52,11 +52,15 @@ def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float =
              "--netconf-port", "0", "--port-file", str(port_file),
              *serve_args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + startup_timeout
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"nfmig serve did not start; its log:\n{log.read_text()}")
-        time.sleep(0.05)
+    try:
+        while not port_file.exists() or not port_file.read_text().strip():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nfmig serve did not start; its log:\n{log.read_text()}")
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C too: the caller has no handle yet to stop the server
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
     return LocalServer(proc, int(port_file.read_text()), "admin", password, workdir / "state",
                        log)

@@ -22,6 +22,7 @@ NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+KEY_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
 
 
 class TextReply(RPCReply):
@@ -90,14 +91,17 @@ class NatClient:
                               "</edit-config>")
         return len(config.encode())
 
-    def delete_sessions(self, sessions_xml: str) -> None:
-        """Remove every session named in ``sessions_xml`` (keys are enough)."""
-        tree = etree.fromstring(f'<c xmlns="{NC_NS}">{sessions_xml}</c>'.encode(),
+    def delete_sessions(self, sessions_xml: str) -> int:
+        """Remove every session named in ``sessions_xml``; returns the request size. Only
+        the keys are sent, with the operation's prefix declared once for the whole edit."""
+        tree = etree.fromstring(f'<c xmlns="{NAT_NS}">{sessions_xml}</c>'.encode(),
                                 parser=etree.XMLParser(huge_tree=True))
-        for entry in tree:
-            entry.set(f"{{{NC_NS}}}operation", "delete")
-        body = "".join(etree.tostring(e, encoding="unicode") for e in tree)
-        self.edit(body.replace(f' xmlns="{NC_NS}"', ""))
+        keys = [[(k, entry.findtext(f"{{{NAT_NS}}}{k}") or "") for k in KEY_LEAVES]
+                for entry in tree.iterfind(f"{{{NAT_NS}}}nat-session")]
+        body = "".join('<nat-session nc:operation="delete">'
+                       + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in entry)
+                       + "</nat-session>" for entry in keys)
+        return self.edit(body)
 
     def close(self) -> None:
         if self.m.connected:
