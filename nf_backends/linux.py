@@ -69,6 +69,7 @@ class LinuxBackend(Backend):
         self._sysctl({"net.netfilter.nf_conntrack_acct": "1"})
         self._ct = Conntrack(self.netns_path)
         self._count = EntryCount(self.netns_path)
+        self.hold_new_sessions([])  # a hold left by a server that was killed mid-migration
         log.info("linux NAT in network namespace %s", self.netns)
 
     def stop(self) -> None:

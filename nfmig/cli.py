@@ -1,4 +1,4 @@
-"""The nfmig command: serve an NF instance, manage its users, run the demo."""
+"""The nfmig command: serve an NF instance, manage its users, run the demo, migrate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nfmig import __version__
+from nfmig import __version__, migrate_cli
 
 
 def _port(text: str) -> int:
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "simulated NATs on loopback, and every session moves from A to B.")
     demo.add_argument("--sessions", type=_count, default=1000, metavar="N",
                       help="sessions on simulated NAT A at the start (default 1000)")
+    migrate_cli.add_parsers(sub)
     return parser
 
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("paramiko", "ncclient", "sshutil", "netconf"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
-    handlers = {"serve": _cmd_serve, "adduser": _cmd_adduser, "demo": _cmd_demo}
+    handlers = {"serve": _cmd_serve, "adduser": _cmd_adduser, "demo": _cmd_demo,
+                "migrate": migrate_cli.cmd_migrate, "report": migrate_cli.cmd_report}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

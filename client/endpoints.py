@@ -1,0 +1,357 @@
+"""Where a migration connects: `netconf://user@host:port` endpoints, credentials, host keys,
+and one NETCONF connection per endpoint that counts the bytes it moves each way."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+from xml.sax.saxutils import escape
+
+import paramiko
+from ncclient import manager
+from ncclient.operations.errors import TimeoutExpiredError
+from ncclient.operations.rpc import RPCError
+from ncclient.transport.errors import (
+    AuthenticationError,
+    SessionCloseError,
+    SSHError,
+    SSHUnknownHostError,
+    TransportError,
+)
+from ncclient.transport.session import SessionListener
+from ncclient.xml_ import to_ele
+
+from .netconf import NAT_NS, NC_NS, TextRpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 830
+_POLL = 0.05  # seconds between looks at the session while waiting for a reply
+PASSWORD_ENV = "NFMIG_PASSWORD"
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
+DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+
+
+class EndpointError(Exception):
+    """An endpoint cannot be used: bad address, unreachable, refused, or an unknown host key.
+    The message says what to change."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One NF instance's NETCONF server."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    user: str | None = None
+    password: str | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``netconf://user@host:port`` (port 830 when left out; IPv6 hosts in brackets)."""
+        if "://" not in text:
+            raise EndpointError(f"{text!r}: write endpoints as netconf://user@host:port")
+        parts = urlsplit(text)
+        if parts.scheme != "netconf":
+            raise EndpointError(f"{text!r}: only netconf:// endpoints are supported")
+        if parts.password is not None:
+            raise EndpointError(f"{text!r}: do not put a password in the endpoint; use "
+                                f"{PASSWORD_ENV}, --password-file or the prompt")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise EndpointError(f"{text!r}: an endpoint has no path or query")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise EndpointError(f"{text!r}: the port is not a number in 1..65535") from None
+        if not parts.hostname:
+            raise EndpointError(f"{text!r}: no host")
+        return cls(parts.hostname, port, unquote(parts.username) if parts.username else None)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        return f"netconf://{user}{host}:{self.port}"
+
+
+@dataclass
+class Credentials:
+    """How to authenticate to every endpoint of a migration.
+
+    A password (from an endpoint, this object, a file or NFMIG_PASSWORD) is used alone, so
+    an agent's keys never use up a server's authentication attempts. Without one, the SSH
+    key file, the agent and the usual key files are tried, then ``prompt`` if it is set.
+    """
+
+    password: str | None = field(default=None, repr=False)
+    key_file: Path | None = None
+    known_hosts: Path | None = DEFAULT_KNOWN_HOSTS
+    verify_host_keys: bool = True
+    prompt: Callable[[Endpoint], str] | None = None
+
+    @classmethod
+    def from_sources(cls, password_file: Path | None = None, interactive: bool = False,
+                     **kwargs) -> Credentials:
+        """The password from ``password_file`` (its first line), else NFMIG_PASSWORD, else a
+        prompt on the terminal when ``interactive``."""
+        password = None
+        if password_file is not None:
+            try:
+                lines = Path(password_file).read_text().splitlines()
+            except OSError as exc:
+                raise EndpointError(f"cannot read the password file {password_file}: "
+                                    f"{exc.strerror or exc}") from None
+            password = lines[0] if lines else ""
+            if not password:
+                raise EndpointError(f"the password file {password_file} is empty")
+        elif os.environ.get(PASSWORD_ENV):
+            password = os.environ[PASSWORD_ENV]
+        prompt = _ask_password if interactive and password is None else None
+        return cls(password=password, prompt=prompt, **kwargs)
+
+
+def _ask_password(endpoint: Endpoint) -> str:
+    return getpass.getpass(f"password for {endpoint}: ")
+
+
+class Connection:
+    """A NETCONF session to one endpoint, sending operations as text.
+
+    Counts the NETCONF messages' bytes in each direction (the SSH layer's own overhead, a
+    few percent, is not included)."""
+
+    def __init__(self, endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
+                 connect_timeout: float = 30):
+        self.endpoint = endpoint
+        self.credentials = credentials
+        self.timeout = timeout
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.broken = False
+        password = endpoint.password or credentials.password
+        try:
+            self.m = _connect(endpoint, credentials, password, connect_timeout)
+        except AuthenticationError:
+            if password is not None or credentials.prompt is None:
+                raise EndpointError(f"{endpoint}: authentication failed"
+                                    + ("" if password else " (no password given, and no SSH "
+                                       "key was accepted)")) from None
+            password = credentials.prompt(endpoint)
+            try:
+                self.m = _connect(endpoint, credentials, password, connect_timeout)
+            except AuthenticationError:
+                raise EndpointError(f"{endpoint}: authentication failed") from None
+        self.password = password  # a reconnection after a failure must not prompt again
+        self.m.timeout = timeout
+        self.m.huge_tree = True
+        session = self.m._session
+        send = session.send
+
+        def counting_send(message: str) -> None:
+            self.bytes_sent += len(message)
+            send(message)
+
+        session.send = counting_send
+        session.add_listener(_Counter(self))
+
+    def reopen(self, connect_timeout: float = 10) -> Connection:
+        """A new session to the same endpoint, authenticated as this one was."""
+        return Connection(replace(self.endpoint, password=self.password), self.credentials,
+                          self.timeout, connect_timeout)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.m.server_capabilities)
+
+    @property
+    def connected(self) -> bool:
+        return self.m.connected and not self.broken
+
+    def rpc(self, operation: str) -> str:
+        """Send one operation (XML text); its reply as text. Raises ncclient's RPCError."""
+        if not self.connected:
+            raise TransportError(f"{self.endpoint}: not connected")
+        try:
+            return self._request(operation)
+        except RPCError:
+            raise
+        except Exception:
+            self.broken = True  # once anything but an answer came back, the session is done
+            raise
+
+    def _request(self, operation: str) -> str:
+        # ncclient reports a lost transport only to the requests waiting at that moment; a
+        # request queued just after would wait out the whole timeout. So wait in short
+        # steps and give up as soon as the session is gone.
+        session = self.m._session
+        request = TextRpc(session, self.m._device_handler, async_mode=True,
+                          timeout=self.timeout, huge_tree=True)
+        request.request(operation)
+        deadline = time.monotonic() + self.timeout
+        while not request.event.wait(_POLL):
+            if not session.connected or not session.is_alive():
+                raise TransportError("the connection was lost")
+            if time.monotonic() > deadline:
+                raise TimeoutExpiredError(f"no reply within {self.timeout} s")
+        if request.error is not None:
+            raise request.error
+        reply = request.reply
+        reply.parse()
+        if reply.error is not None:
+            errors = reply.errors
+            raise RPCError(to_ele(reply.xml), errs=errors) if len(errors) > 1 else reply.error
+        return reply.xml
+
+    def get_data(self, datastore: str, filter_xml: str = "") -> str:
+        """RFC 8526 get-data; the content of <data> as text."""
+        reply = self.rpc(f'<get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>ds:{datastore}'
+                         f"</datastore>{filter_xml}</get-data>")
+        start = reply.find(">", reply.find("<data")) + 1
+        end = reply.rfind("</data>")
+        return reply[start:end] if start > 0 and end > start else ""
+
+    def edit_config(self, body: str, target: str = "candidate") -> int:
+        """edit-config (merge) of top-level nodes given as text; returns the request size."""
+        # The model's namespace once on <config>, not on each of thousands of entries.
+        body = body.replace(f' xmlns="{NAT_NS}"', "")
+        config = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{body}</nc:config>'
+        self.rpc(f"<edit-config><target><{target}/></target>{config}</edit-config>")
+        return len(config)
+
+    def simple(self, name: str, inner: str = "", ns: str | None = None) -> None:
+        xmlns = f' xmlns="{ns}"' if ns else ""
+        self.rpc(f"<{name}{xmlns}>{inner}</{name}>")
+
+    def lock(self, datastore: str) -> None:
+        self.simple("lock", f"<target><{datastore}/></target>")
+
+    def unlock(self, datastore: str) -> None:
+        self.simple("unlock", f"<target><{datastore}/></target>")
+
+    def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
+        """One of the model's own operations (freeze, thaw, announce-migration)."""
+        inner = []
+        for leaf, value in leaves.items():
+            if value is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                inner.append(f"<{leaf}>{escape(str(item))}</{leaf}>")
+        self.simple(name, "".join(inner), NAT_NS)
+
+    def cut(self) -> None:
+        """Drop the transport without a goodbye, as a broken network would."""
+        sock = getattr(getattr(self.m._session, "_transport", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            if self.connected:
+                self.m.close_session()
+                return
+        except Exception:  # closing a broken session must not hide why it broke
+            log.debug("%s: close-session failed", self.endpoint, exc_info=True)
+        try:
+            self.m._session.close()  # ends ncclient's and paramiko's threads
+        except Exception:
+            log.debug("%s: close failed", self.endpoint, exc_info=True)
+
+
+class _Counter(SessionListener):
+    """An ncclient session listener that only counts received message bytes."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def callback(self, root, raw: str) -> None:
+        self.conn.bytes_received += len(raw)
+
+    def errback(self, err: Exception) -> None:
+        pass
+
+
+def _connect(endpoint: Endpoint, credentials: Credentials, password: str | None,
+             timeout: float) -> manager.Manager:
+    hostkey_b64 = None
+    if credentials.verify_host_keys:
+        hostkey_b64 = _known_host_key(endpoint, credentials.known_hosts or DEFAULT_KNOWN_HOSTS)
+    key_file = str(credentials.key_file) if credentials.key_file else None
+    try:
+        return manager.connect(
+            host=endpoint.host, port=endpoint.port,
+            username=endpoint.user or getpass.getuser(), password=password,
+            key_filename=key_file, allow_agent=password is None,
+            look_for_keys=password is None and key_file is None,
+            hostkey_verify=credentials.verify_host_keys, hostkey_b64=hostkey_b64,
+            timeout=timeout)
+    except SSHUnknownHostError:
+        raise EndpointError(
+            f"{endpoint}: the server's host key does not match the one in "
+            f"{credentials.known_hosts}; the server's key changed or someone is in the "
+            "middle. Nothing was done") from None
+    except AuthenticationError:
+        raise
+    except (SSHError, TransportError, OSError, paramiko.SSHException) as exc:
+        raise EndpointError(f"{endpoint}: cannot connect: {describe(exc)}") from None
+
+
+def _known_host_key(endpoint: Endpoint, known_hosts: Path) -> str:
+    """The endpoint's host key from a known-hosts file, as base64 (ncclient then accepts
+    that key only); the default location ncclient reads is not used, so the file given is
+    the whole truth."""
+    path = Path(known_hosts).expanduser()
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(str(path))
+    except FileNotFoundError:
+        pass
+    except (OSError, paramiko.SSHException) as exc:
+        raise EndpointError(f"cannot read the known-hosts file {path}: {exc}") from None
+    names = [endpoint.host] if endpoint.port == 22 else [f"[{endpoint.host}]:{endpoint.port}"]
+    for name in names:
+        entry = keys.lookup(name)
+        if entry:
+            return next(iter(entry.values())).get_base64()
+    raise EndpointError(
+        f"{endpoint}: the host key of {names[0]} is not in {path}; add the server's host "
+        "key to that file (or name another with --known-hosts), or pass "
+        "--insecure-no-host-key-check to skip the check (tests only)")
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a NETCONF failure, for a person."""
+    if isinstance(exc, RPCError):
+        parts = [exc.message or exc.tag or "rpc-error"]
+        if exc.path:
+            parts.append(f"(at {exc.path.strip()})")
+        if exc.tag and exc.tag not in (exc.message or ""):
+            parts.insert(0, f"{exc.tag}:")
+        return " ".join(parts)
+    if isinstance(exc, SessionCloseError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutExpiredError):
+        return "no reply in time"
+    if isinstance(exc, EndpointError):
+        return str(exc)
+    if isinstance(exc, TransportError | SSHError | OSError):
+        text = str(exc).strip()
+        return f"connection lost: {text}" if text else "connection lost"
+    if type(exc).__module__.startswith("nfmig."):
+        return str(exc)  # our own errors are written for a person already
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when the failure is the transport, not an answer from the server."""
+    return isinstance(exc, TransportError | SSHError | OSError | TimeoutExpiredError
+                      | EndpointError)

@@ -1,0 +1,78 @@
+"""The parts of a migration: its options, its failure, and what it knows about each end
+(connection, capabilities, locks, and how far the sessions got there)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .endpoints import Connection, Credentials, Endpoint
+from .negotiate import Facts
+from .report import EndpointReport
+from .selection import Entry, Selection
+
+
+@dataclass
+class Options:
+    """How a migration runs; the defaults suit a live migration."""
+
+    keep_source: bool = False  # copy: the sources keep the sessions
+    dry_run: bool = False  # everything up to validate on the targets, then discard
+    freeze: bool = True  # hold the selection's new sessions on the sources (rpc freeze)
+    freeze_timeout: int = 60  # seconds after which a source thaws by itself
+    confirm_timeout: int = 120  # seconds a confirmed commit waits for its confirmation
+    migration_id: str | None = None
+    require_revision: str | None = None  # of nfmig-nat, on every end
+    require_features: tuple[str, ...] = ()  # of nfmig-nat, on every end
+    credentials: Credentials = field(default_factory=Credentials)
+    rpc_timeout: float = 600
+    connect_timeout: float = 30
+    vm_image_bytes: int | None = None  # for the report's comparison with moving the VM
+    vm_memory_bytes: int | None = None
+    on_phase: Callable[[str, str | None], None] | None = None  # as each phase starts
+
+
+class MigrationError(Exception):
+    """Why a migration stopped; ``result`` is "refused" when nothing had been touched."""
+
+    def __init__(self, reason: str, result: str = "failed", conflicts: Sequence[str] = ()):
+        super().__init__(reason)
+        self.reason = reason
+        self.result = result
+        self.conflicts = list(conflicts)
+
+
+@dataclass(eq=False)
+class End:
+    """One NF instance taking part, as the migration tracks it."""
+
+    endpoint: Endpoint
+    role: str
+    report: EndpointReport
+    conn: Connection | None = None
+    facts: Facts | None = None
+    locked: list[str] = field(default_factory=list)
+    unreachable: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.endpoint}"
+
+
+@dataclass(eq=False)
+class SourceEnd(End):
+    """A source: what was read from it, whether it is frozen, whether it deleted them."""
+
+    entries: list[Entry] = field(default_factory=list)  # selected, as read
+    frozen: bool = False
+    delete: str = "none"  # none | unknown | done
+
+
+@dataclass(eq=False)
+class TargetEnd(End):
+    """A target: what it gets, what it held before under those keys, where its commit is."""
+
+    selection: Selection = field(default_factory=Selection.all)
+    entries: list[tuple[Entry, SourceEnd]] = field(default_factory=list)  # to write, by source
+    before: dict[tuple, Entry] = field(default_factory=dict)  # held before, by key
+    staged: bool = False  # candidate holds our edit
+    commit: str = "none"  # none | unknown | pending (confirmed, not yet confirmed) | done

@@ -1,0 +1,611 @@
+"""The migrator: moves a selection of NAT sessions from source NF instances to target ones
+through NETCONF, with the coordination of the "Policies Migration" deck.
+
+Phases, each timed, logged and reported: connect; negotiate (hello + yang-library of every
+end); announce (rpc announce-migration, started); lock (targets' candidate and running, the
+sources' running); freeze (rpc freeze on the sources); read (get-data, operational);
+check (conflicts between sources); prepare (what the targets hold under the moved keys);
+edit (candidate); validate; commit (confirmed when the target can); verify (read back);
+confirm; delete (from the sources); then, on every way out, unlock, thaw and announce
+finished or failed.
+
+A failure rolls back: staged changes are discarded, a pending confirmed commit is
+cancelled, a finished commit is undone by restoring what the target held before, and the
+sources keep their sessions. Running the same migration again after any failure completes
+it: writes are merges, deletes are removes, so sessions a previous run left on a target do
+not stand in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from ncclient.operations.rpc import RPCError
+
+from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
+from .ends import End, MigrationError, Options, SourceEnd, TargetEnd
+from .negotiate import problems, read_facts
+from .report import EndpointReport, PhaseRecord, Report
+from .selection import (
+    Entry,
+    Selection,
+    Split,
+    entries_xml,
+    parse_entries,
+    removal_xml,
+    replacement_xml,
+)
+
+# The API in one import: Migration(sources, targets, selection, options).run() -> Report
+__all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", "Report",
+           "Selection", "Split"]
+
+log = logging.getLogger(__name__)
+_RESTORE_TRIES = 25
+
+
+class Migration:
+    """Moves ``selection`` from ``sources`` to ``targets``.
+
+    ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
+    target of each subscriber prefix (``targets`` may then be left empty). Endpoints are
+    :class:`Endpoint` objects or ``netconf://user@host:port`` text.
+    """
+
+    def __init__(self, sources: Sequence[Endpoint | str],
+                 targets: Sequence[Endpoint | str] | Endpoint | str | None,
+                 selection: Selection | Split | None = None, options: Options | None = None):
+        self.options = options or Options()
+        selection = selection or Selection.all()
+        if isinstance(targets, Endpoint | str):
+            targets = [targets]
+        source_eps = [_endpoint(s) for s in sources]
+        target_eps = [_endpoint(t) for t in targets or []]
+        self.split: Split | None = None
+        if isinstance(selection, Split):
+            self.split = Split([(net.with_prefixlen, _endpoint(t))
+                                for net, t in selection.routes])
+            for _, t in self.split.routes:
+                if t not in target_eps:
+                    target_eps.append(t)
+            unused = [t for t in target_eps if all(t != r for _, r in self.split.routes)]
+            if unused:
+                raise ValueError(f"no --split prefix goes to {unused[0]}")
+            self.selection = self.split.selection
+        else:
+            if len(target_eps) != 1:
+                raise ValueError("several targets need a split by prefix (Split)")
+            self.selection = selection
+        if not source_eps:
+            raise ValueError("a migration needs at least one source")
+        for group, what in ((source_eps, "source"), (target_eps, "target")):
+            if len(set(group)) != len(group):
+                raise ValueError(f"the same {what} is named twice")
+        both = set(source_eps) & set(target_eps)
+        if both:
+            raise ValueError(f"{both.pop()} is both a source and a target")
+        self.migration_id = self.options.migration_id or (
+            f"nfmig-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+        self.report = Report(self.migration_id, str(self.split or self.selection),
+                             dry_run=self.options.dry_run,
+                             keep_source=self.options.keep_source,
+                             vm_image_bytes=self.options.vm_image_bytes,
+                             vm_memory_bytes=self.options.vm_memory_bytes)
+        self.sources = [SourceEnd(e, "source", EndpointReport(str(e), "source"))
+                        for e in source_eps]
+        self.targets = [TargetEnd(e, "target", EndpointReport(str(e), "target"),
+                                selection=self.split.selection_for(e) if self.split
+                                else self.selection) for e in target_eps]
+        self._freeze_t0: float | None = None
+
+    @property
+    def ends(self) -> list[End]:
+        return [*self.sources, *self.targets]
+
+    def connection(self, endpoint: Endpoint | str) -> Connection | None:
+        """The live connection to one end (for callers that watch or test a migration)."""
+        wanted = _endpoint(endpoint)
+        return next((e.conn for e in self.ends if e.endpoint == wanted), None)
+
+    def expected_steps(self) -> int:
+        """About how many phase steps a successful run reports (for a progress bar)."""
+        s, t = len(self.sources), len(self.targets)
+        return 11 * s + 14 * t + (s > 1)
+
+    # -- running -----------------------------------------------------------------------
+    def run(self) -> Report:
+        """Migrate; never raises for a failed migration: the report says what happened."""
+        started = time.perf_counter()
+        self.report.started = _now()
+        failure: MigrationError | None = None
+        try:
+            self._steps()
+        except MigrationError as exc:
+            failure = exc
+        except KeyboardInterrupt:
+            failure = MigrationError("interrupted")
+        except Exception as exc:  # a bug: still roll back, and say so in the report
+            log.exception("migration %s: unexpected error", self.migration_id)
+            failure = MigrationError(f"internal error: {exc!r}")
+        finally:
+            self._finish(failure)
+            self.report.total_seconds = round(time.perf_counter() - started, 6)
+        return self.report
+
+    async def run_async(self) -> Report:
+        """:meth:`run` in a worker thread, for asyncio programs."""
+        return await asyncio.to_thread(self.run)
+
+    def _steps(self) -> None:
+        dry = self.options.dry_run
+        self._connect()
+        self._negotiate()
+        if not dry:
+            self._announce("started")
+        self._lock()
+        self._freeze()
+        self._read()
+        self._check()
+        self._prepare()
+        self._edit()
+        self._validate()
+        if dry:
+            for t in self.targets:
+                if t.staged:
+                    with self._phase("discard", t):
+                        t.conn.simple("discard-changes")
+                        t.staged = False
+            self.report.result = "dry-run"
+            return
+        self._commit()
+        self._verify()
+        self._confirm()
+        self._delete()
+        self.report.sessions_moved = sum(len(t.entries) for t in self.targets)
+        self.report.result = "success"
+
+    @contextmanager
+    def _phase(self, name: str, end: End | None = None, fatal: bool = True
+               ) -> Iterator[PhaseRecord]:
+        """Time, log and record one phase on one end; turn its failure into a reason."""
+        label = str(end.endpoint) if end else None
+        if self.options.on_phase:
+            self.options.on_phase(name, label)
+        record = PhaseRecord(name, 0.0, label)
+        t0 = time.perf_counter()
+        try:
+            yield record
+        except MigrationError as exc:
+            record.ok, record.detail = False, exc.reason
+            raise
+        except Exception as exc:
+            record.ok, record.detail = False, describe(exc)
+            if not fatal:
+                return
+            where = f" on {end}" if end else ""
+            refused = isinstance(exc, EndpointError) or (
+                isinstance(exc, RPCError) and exc.tag in ("lock-denied", "in-use"))
+            raise MigrationError(f"{name}{where}: {describe(exc)}",
+                                 "refused" if refused and name in ("connect", "lock")
+                                 else "failed") from exc
+        finally:
+            record.seconds = round(time.perf_counter() - t0, 6)
+            self.report.phases.append(record)
+            log.log(logging.INFO if record.ok else logging.WARNING, "%s%s: %.3f s%s", name,
+                    f" {label}" if label else "", record.seconds,
+                    "" if record.ok else f" FAILED: {record.detail}")
+
+    # -- phases ------------------------------------------------------------------------
+    def _connect(self) -> None:
+        def open_one(end: End) -> None:
+            with self._phase("connect", end):
+                end.conn = Connection(end.endpoint, self.options.credentials,
+                                      self.options.rpc_timeout, self.options.connect_timeout)
+        # Parallel: an SSH handshake is mostly waiting, and many-to-one has many ends.
+        with ThreadPoolExecutor(max_workers=min(8, len(self.ends))) as pool:
+            results = [pool.submit(open_one, end) for end in self.ends]
+        for result in results:
+            result.result()  # the first failure, in the ends' order
+
+    def _negotiate(self) -> None:
+        ends = []
+        for end in self.ends:
+            with self._phase("negotiate", end):
+                end.facts = read_facts(end.conn)
+            nat = end.facts.nat
+            end.report.module = str(nat) if nat else None
+            ends.append((str(end.endpoint), end.role, end.facts))
+        found = problems(ends, self.options.require_revision, self.options.require_features)
+        if self.options.freeze:
+            found += self._probe_freeze()
+        if found:
+            raise MigrationError("capabilities do not match: " + "; ".join(found), "refused")
+        for t in self.targets:
+            t.report.confirmed_commit = t.facts.confirmed_commit
+
+    def _probe_freeze(self) -> list[str]:
+        """Ask each source to thaw this migration: harmless (nothing is frozen yet, and
+        thawing a closed window is no error), and tells whether it implements the window."""
+        found = []
+        for s in self.sources:
+            with self._phase("negotiate", s):
+                try:
+                    s.conn.nat_rpc("thaw", **{"migration-id": self.migration_id})
+                except RPCError as exc:
+                    if exc.tag not in ("operation-not-supported", "unknown-element",
+                                       "unknown-namespace"):
+                        raise
+                    found.append(f"source {s.endpoint} does not implement the nfmig-nat "
+                                 "operations freeze and thaw; move without a freeze window "
+                                 "(--no-freeze) or upgrade it")
+        return found
+
+    def _announce(self, event: str, reason: str | None = None) -> None:
+        """announce-migration on every end it can reach; a failure here is only a warning:
+        the notification informs others, the migration does not depend on it."""
+        for end in self.ends:
+            conn = end.conn if end.conn and end.conn.connected else None
+            if conn is None:
+                self.report.warnings.append(f"{end}: no migration-event ({event}) announced: "
+                                            "not connected")
+                continue
+            peers = self.targets if end.role == "source" else self.sources
+            leaves = {"migration-id": self.migration_id, "role": end.role,
+                      "peer": " ".join(str(p.endpoint) for p in peers)[:255], "event": event,
+                      "selection": self.report.selection[:1024],
+                      "sessions": self._session_count(end, event) if event != "started"
+                      else None,
+                      "window-start": self.report.freeze_start or
+                      (_now() if event == "started" and self.options.freeze else None),
+                      "window-end": self.report.freeze_end if event != "started" else None,
+                      "reason": reason[:1024] if reason else None}
+            with self._phase("announce" if event == "started" else "finish", end, fatal=False):
+                try:
+                    conn.nat_rpc("announce-migration", **leaves)
+                except Exception as exc:
+                    self.report.warnings.append(f"{end}: announce-migration ({event}) "
+                                                f"failed: {describe(exc)}")
+                    raise
+
+    def _session_count(self, end: End, event: str) -> int:
+        if event != "finished":
+            return 0
+        if isinstance(end, TargetEnd):
+            return len(end.entries)
+        return end.report.deleted if not self.options.keep_source else len(end.entries)
+
+    def _lock(self) -> None:
+        for t in self.targets:
+            for datastore in ("candidate", "running"):
+                with self._phase("lock", t):
+                    t.conn.lock(datastore)
+                    t.locked.append(datastore)
+        if self.options.keep_source or self.options.dry_run:
+            return  # the sources are only read
+        for s in self.sources:  # nobody else edits the sessions being moved
+            with self._phase("lock", s):
+                s.conn.lock("running")
+                s.locked.append("running")
+
+    def _freeze(self) -> None:
+        if not self.options.freeze:
+            self.report.warnings.append("no freeze window: sessions the sources open during "
+                                        "the migration stay on them")
+            return
+        prefixes = self.selection.freeze_prefixes()
+        for s in self.sources:
+            with self._phase("freeze", s):
+                s.frozen = True  # from the request on: thawing a window never opened is fine
+                s.conn.nat_rpc("freeze", **{"migration-id": self.migration_id,
+                                            "source-prefix": prefixes,
+                                            "timeout": self.options.freeze_timeout})
+            if self._freeze_t0 is None:
+                self._freeze_t0 = time.perf_counter()
+                self.report.freeze_start = _now()
+
+    def _read(self) -> None:
+        by_target = {t.endpoint: t for t in self.targets}
+        for s in self.sources:
+            with self._phase("read", s) as record:
+                text = s.conn.get_data("operational", self.selection.filter_xml())
+                s.entries = [e for e in parse_entries(text) if self.selection.matches(e)]
+                record.detail = f"{len(s.entries)} sessions"
+            s.report.sessions = len(s.entries)
+            for entry in s.entries:
+                target = by_target[self.split.target_of(entry)] if self.split else \
+                    self.targets[0]
+                target.entries.append((entry, s))
+        self.report.sessions_selected = sum(len(s.entries) for s in self.sources)
+
+    def _check(self) -> None:
+        """Sessions from several sources into one target must not collide: not the same
+        key twice, not one translated endpoint for two sessions."""
+        if len(self.sources) < 2:
+            return
+        conflicts = []
+        with self._phase("check"):
+            for t in self.targets:
+                keys: dict[tuple, SourceEnd] = {}
+                endpoints: dict[tuple, tuple[Entry, SourceEnd]] = {}
+                for entry, src in t.entries:
+                    if entry.key in keys:
+                        conflicts.append(f"session {entry.key_text()} is on both "
+                                         f"{keys[entry.key].endpoint} and {src.endpoint}")
+                        continue
+                    keys[entry.key] = src
+                    if entry.endpoint is None:
+                        continue
+                    other = endpoints.get(entry.endpoint)
+                    if other is not None:
+                        proto, address, port = entry.endpoint
+                        conflicts.append(
+                            f"translated endpoint {proto} {address}:{port} is used by "
+                            f"{other[0].key_text()} on {other[1].endpoint} and by "
+                            f"{entry.key_text()} on {src.endpoint}")
+                    else:
+                        endpoints[entry.endpoint] = (entry, src)
+            if conflicts:
+                shown = "; ".join(conflicts[:3])
+                more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
+                raise MigrationError(f"{len(conflicts)} conflicts between the sources, nothing "
+                                     f"was moved: {shown}{more}", "refused", conflicts)
+
+    def _prepare(self) -> None:
+        """What each target holds under the selection now: a rollback restores it."""
+        for t in self.targets:
+            if not t.entries:
+                continue
+            with self._phase("prepare", t):
+                text = t.conn.get_data("running", t.selection.filter_xml())
+                held = {e.key: e for e in parse_entries(text)}
+                t.before = {e.key: held[e.key] for e, _ in t.entries if e.key in held}
+            t.report.already_present = len(t.before)
+
+    def _edit(self) -> None:
+        for t in self.targets:
+            if not t.entries:
+                continue
+            with self._phase("edit", t) as record:
+                t.staged = True  # from the first byte sent: a half-sent edit is discarded too
+                size = t.conn.edit_config(entries_xml(e for e, _ in t.entries), "candidate")
+                record.detail = f"{len(t.entries)} sessions, {size} bytes"
+            self.report.state_bytes += size
+            t.report.sessions = len(t.entries)
+
+    def _validate(self) -> None:
+        for t in self.targets:
+            if t.staged:
+                with self._phase("validate", t):
+                    t.conn.simple("validate", "<source><candidate/></source>")
+
+    def _commit(self) -> None:
+        for t in self.targets:
+            if not t.staged:
+                continue
+            with self._phase("commit", t):
+                t.commit = "unknown"  # until a reply says what happened
+                try:
+                    if t.facts.confirmed_commit:
+                        t.conn.simple("commit", "<confirmed/><confirm-timeout>"
+                                      f"{self.options.confirm_timeout}</confirm-timeout>")
+                        t.commit = "pending"
+                    else:
+                        t.conn.simple("commit")
+                        t.commit = "done"
+                except RPCError:
+                    t.commit = "none"  # an answered commit that failed applied nothing
+                    raise
+                t.staged = False
+
+    def _verify(self) -> None:
+        for t in self.targets:
+            if t.commit == "none":
+                continue
+            with self._phase("verify", t) as record:
+                text = t.conn.get_data("running", t.selection.filter_xml())
+                found = {e.key: e for e in parse_entries(text)}
+                missing = [e for e, _ in t.entries if e.key not in found]
+                changed = [e for e, _ in t.entries
+                           if e.key in found and found[e.key].endpoint != e.endpoint]
+                record.detail = f"{len(t.entries) - len(missing)} of {len(t.entries)} found"
+                if missing or changed:
+                    first = (missing or changed)[0].key_text()
+                    raise MigrationError(
+                        f"verify on {t}: {len(missing)} of {len(t.entries)} sessions missing "
+                        f"and {len(changed)} with another translated endpoint after the commit"
+                        f" (first: {first})")
+
+    def _confirm(self) -> None:
+        for t in self.targets:
+            if t.commit == "pending":
+                with self._phase("confirm", t):
+                    t.conn.simple("commit")
+                    t.commit = "done"
+
+    def _delete(self) -> None:
+        if self.options.keep_source:
+            return
+        for s in self.sources:
+            if not s.entries:
+                continue
+            with self._phase("delete", s):
+                s.delete = "unknown"
+                try:
+                    s.conn.edit_config(removal_xml(s.entries), "running")
+                except RPCError:
+                    s.delete = "none"  # answered: an edit that fails changes nothing
+                    raise
+                s.delete = "done"
+            s.report.deleted = len(s.entries)
+
+    # -- every way out -----------------------------------------------------------------
+    def _finish(self, failure: MigrationError | None) -> None:
+        if failure is not None:
+            self.report.result = failure.result
+            self.report.reason = failure.reason
+            self.report.conflicts = failure.conflicts
+            log.warning("migration %s %s: %s", self.migration_id, failure.result,
+                        failure.reason)
+            self._rollback()
+        self._unlock()
+        self._thaw()
+        if not self.options.dry_run and any(e.conn for e in self.ends):
+            self._announce("failed" if failure else "finished",
+                           failure.reason if failure else None)
+        for end in self.ends:
+            if end.conn is not None:
+                end.report.bytes_sent += end.conn.bytes_sent
+                end.report.bytes_received += end.conn.bytes_received
+                end.conn.close()
+        self.report.endpoints = [e.report for e in self.ends]
+
+    def _rollback(self) -> None:
+        for s in self.sources:
+            if s.delete == "unknown":
+                self._settle_delete(s)
+        for t in self.targets:
+            # Only sessions their source still holds come off a target: none is ever lost.
+            undo = [e for e, src in t.entries if src.delete != "done"]
+            kept = len(t.entries) - len(undo)
+            if kept:
+                self.report.warnings.append(f"{kept} sessions stay on {t}: their source "
+                                            "deleted them before the failure")
+            try:
+                self._undo(t, undo)
+            except Exception as exc:
+                self.report.cleanup_complete = False
+                self.report.warnings.append(
+                    f"rollback on {t} failed ({describe(exc)}): the {len(undo)} sessions "
+                    "written there may still be there and on their source too; run the same "
+                    "migration again once it is reachable to complete the move")
+
+    def _settle_delete(self, s: SourceEnd) -> None:
+        """The delete's reply was lost: look whether the sessions are still on the source.
+        If that cannot be known, they count as deleted, so their copy stays on the target:
+        a session on both ends is repaired by the next run, a session on neither is lost."""
+        conn = self._reconnect(s)
+        try:
+            if conn is None:
+                raise EndpointError(f"{s.endpoint} is unreachable")
+            with self._phase("settle", s):
+                text = conn.get_data("running", self.selection.filter_xml())
+        except Exception as exc:
+            s.delete = "done"
+            self.report.cleanup_complete = False
+            self.report.warnings.append(
+                f"{s}: whether it deleted the moved sessions is unknown ({describe(exc)}); "
+                "they stay on the target too; run the same migration again to finish")
+            return
+        held = {e.key for e in parse_entries(text)}
+        s.delete = "none" if any(e.key in held for e in s.entries) else "done"
+
+    def _undo(self, t: TargetEnd, undo: list[Entry]) -> None:
+        if t.commit == "none":
+            if t.staged and t.conn and t.conn.connected:
+                with self._phase("discard", t, fatal=False):
+                    t.conn.simple("discard-changes")
+            # a lost session's candidate goes with its lock (RFC 6241 §8.3.5.2)
+            t.staged = False
+            return
+        conn = t.conn if t.conn and t.conn.connected else None
+        if t.commit == "pending" and conn is not None:
+            with self._phase("cancel-commit", t, fatal=False):
+                conn.simple("cancel-commit")
+                t.commit = "none"
+                return
+        # Done, or unknown: put back what the target held (a confirmed commit whose session
+        # died is reverted by the server itself; restoring again changes nothing).
+        conn = conn or self._reconnect(t)
+        if conn is None:
+            raise EndpointError(f"{t.endpoint} is unreachable")
+        new = [e for e in undo if e.key not in t.before]
+        old = [t.before[e.key] for e in undo if e.key in t.before]
+        if not new and not old:
+            return
+        with self._phase("restore", t):
+            for attempt in range(_RESTORE_TRIES):
+                try:
+                    conn.edit_config(removal_xml(new) + replacement_xml(old), "candidate")
+                    conn.simple("commit")
+                    break
+                except RPCError as exc:
+                    # A lost session's locks are released when the server notices the loss,
+                    # which may be a moment after we reconnected.
+                    if exc.tag not in ("in-use", "lock-denied") or \
+                            attempt == _RESTORE_TRIES - 1:
+                        raise
+                    time.sleep(0.2)
+            t.commit = "none"
+
+    def _reconnect(self, end: End) -> Connection | None:
+        if end.conn is not None and end.conn.connected:
+            return end.conn
+        if end.unreachable:
+            return None
+        with self._phase("reconnect", end, fatal=False):
+            try:
+                conn = end.conn.reopen(min(self.options.connect_timeout, 10)) if end.conn \
+                    else Connection(end.endpoint, self.options.credentials,
+                                    self.options.rpc_timeout,
+                                    min(self.options.connect_timeout, 10))
+            except Exception:
+                end.unreachable = True
+                raise
+            if end.conn is not None:
+                end.report.bytes_sent += end.conn.bytes_sent
+                end.report.bytes_received += end.conn.bytes_received
+                end.conn.close()
+            end.conn = conn
+            end.locked = []  # the old session's locks went with it
+            return conn
+        return None
+
+    def _unlock(self) -> None:
+        for end in self.ends:
+            conn = end.conn
+            for datastore in reversed(end.locked):
+                if conn is None or not conn.connected:
+                    break  # the server released them with the session
+                with self._phase("unlock", end, fatal=False):
+                    conn.unlock(datastore)
+            end.locked = []
+
+    def _thaw(self) -> None:
+        frozen = [s for s in self.sources if s.frozen]
+        for s in frozen:
+            conn = self._reconnect(s)
+            if conn is None:
+                self.report.warnings.append(f"{s} not thawed (unreachable): its window "
+                                            f"closes by itself within "
+                                            f"{self.options.freeze_timeout} s")
+                continue
+            with self._phase("thaw", s, fatal=False) as record:
+                conn.nat_rpc("thaw", **{"migration-id": self.migration_id})
+                s.frozen = False
+            if not record.ok:
+                self.report.warnings.append(f"{s} not thawed ({record.detail}): its window "
+                                            "closes by itself")
+        if self._freeze_t0 is not None:
+            seconds = time.perf_counter() - self._freeze_t0
+            self.report.freeze_end = _now()
+            self.report.freeze_seconds = round(seconds, 6)
+            if seconds > self.options.freeze_timeout:
+                self.report.warnings.append(
+                    f"the migration took {seconds:.1f} s, longer than the freeze timeout "
+                    f"({self.options.freeze_timeout} s): sessions opened after the window "
+                    "closed stay on the sources; raise --freeze-timeout")
+
+
+def _endpoint(value: Endpoint | str) -> Endpoint:
+    return value if isinstance(value, Endpoint) else Endpoint.parse(value)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

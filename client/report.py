@@ -1,0 +1,245 @@
+"""What a migration reports: its outcome, each phase's time, the bytes it moved, the freeze
+window, and how the state it moved compares with moving the NAT's whole VM."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+PHASES = ("connect", "negotiate", "announce", "lock", "freeze", "read", "check", "prepare",
+          "edit", "validate", "commit", "verify", "confirm", "delete", "unlock", "thaw",
+          "finish")
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    seconds: float
+    endpoint: str | None = None
+    ok: bool = True
+    detail: str | None = None
+
+
+@dataclass
+class EndpointReport:
+    endpoint: str
+    role: str  # source | target
+    sessions: int = 0  # read (source) or written (target)
+    deleted: int = 0  # sessions removed from a source
+    already_present: int = 0  # target: sessions it held before under a moved key
+    confirmed_commit: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    module: str | None = None  # nfmig-nat@revision, features
+
+
+@dataclass
+class Report:
+    migration_id: str
+    selection: str
+    result: str = "running"  # success | failed | refused | dry-run
+    reason: str | None = None
+    cleanup_complete: bool = True
+    dry_run: bool = False
+    keep_source: bool = False
+    sessions_selected: int = 0
+    sessions_moved: int = 0
+    state_bytes: int = 0  # the sessions as written to the targets
+    endpoints: list[EndpointReport] = field(default_factory=list)
+    phases: list[PhaseRecord] = field(default_factory=list)
+    started: str | None = None
+    total_seconds: float = 0.0
+    freeze_start: str | None = None
+    freeze_end: str | None = None
+    freeze_seconds: float | None = None
+    conflicts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    vm_image_bytes: int | None = None
+    vm_memory_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("success", "dry-run")
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(e.bytes_sent for e in self.endpoints)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(e.bytes_received for e in self.endpoints)
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Time per phase, summed over endpoints, in the order the phases ran."""
+        totals: dict[str, float] = {}
+        for p in self.phases:
+            totals[p.name] = round(totals.get(p.name, 0.0) + p.seconds, 6)
+        return totals
+
+    def vm_comparison(self) -> dict[str, Any] | None:
+        if self.vm_image_bytes is None and self.vm_memory_bytes is None:
+            return None
+        vm = (self.vm_image_bytes or 0) + (self.vm_memory_bytes or 0)
+        return {"vm_image_bytes": self.vm_image_bytes, "vm_memory_bytes": self.vm_memory_bytes,
+                "vm_bytes": vm, "state_bytes": self.state_bytes,
+                "vm_to_state_ratio": round(vm / self.state_bytes, 1) if self.state_bytes
+                else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for name in ("vm_image_bytes", "vm_memory_bytes", "freeze_start", "freeze_end",
+                     "freeze_seconds"):
+            out.pop(name)
+        out.update(
+            ok=self.ok,
+            bytes={"sent": self.bytes_sent, "received": self.bytes_received,
+                   "state": self.state_bytes},
+            phase_seconds=self.phase_seconds(),
+            freeze_window={"start": self.freeze_start, "end": self.freeze_end,
+                           "seconds": self.freeze_seconds},
+            vm_comparison=self.vm_comparison())
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        """The report for a person."""
+        lines = [f"migration {self.migration_id}: {self.result}"
+                 + (f": {self.reason}" if self.reason else "")]
+        sources = [e for e in self.endpoints if e.role == "source"]
+        targets = [e for e in self.endpoints if e.role == "target"]
+        verb = "would move" if self.dry_run else "moved"
+        count = self.sessions_selected if self.dry_run else self.sessions_moved
+        lines.append(f"  {verb} {count} of {self.sessions_selected} selected sessions "
+                     f"({self.selection}) from {', '.join(e.endpoint for e in sources)} to "
+                     f"{', '.join(e.endpoint for e in targets)}")
+        for t in targets:
+            lines.append(f"    {t.endpoint}: {t.sessions} sessions"
+                         + (f" ({t.already_present} already there)" if t.already_present
+                            else "")
+                         + (", confirmed commit" if t.confirmed_commit else ""))
+        lines.append("  phase        seconds")
+        for name, seconds in self.phase_seconds().items():
+            lines.append(f"    {name:<10} {seconds:8.3f}")
+        lines.append(f"    {'total':<10} {self.total_seconds:8.3f}")
+        if self.freeze_seconds is not None:
+            lines.append(f"  freeze window {self.freeze_seconds:.3f} s "
+                         f"({self.freeze_start} .. {self.freeze_end})")
+        lines.append(f"  bytes on the wire: {human_bytes(self.bytes_sent)} sent, "
+                     f"{human_bytes(self.bytes_received)} received; state moved "
+                     f"{human_bytes(self.state_bytes)}")
+        vm = self.vm_comparison()
+        if vm:
+            ratio = vm["vm_to_state_ratio"]
+            lines.append(f"  moving the VM would transfer {human_bytes(vm['vm_bytes'])}"
+                         + (f", {ratio:,.0f} times the state" if ratio else ""))
+        lines += [f"  conflict: {c}" for c in self.conflicts[:20]]
+        if len(self.conflicts) > 20:
+            lines.append(f"  ... and {len(self.conflicts) - 20} more conflicts")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        if not self.cleanup_complete:
+            lines.append("  CLEANUP INCOMPLETE: see the warnings; running the same migration "
+                         "again completes it")
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as 2147483648, 512M, 1.5G or 20GiB (k/M/G/T, powers of 1024)."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = cleaned[-1:] if cleaned[-1:] in units else ""
+    number = cleaned[:-1] if unit else cleaned
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 2147483648, 512M, 1.5G)") from None
+    if value < 0:
+        raise ValueError(f"{text!r}: a size cannot be negative")
+    return int(value * units[unit])
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a migration report: {exc}") from None
+    if not isinstance(data, dict) or "bytes" not in data or "migration_id" not in data:
+        raise ValueError(f"{path}: not a migration report (written by nfmig migrate --json)")
+    return data
+
+
+def draw_chart(report: dict[str, Any], out: Path, vm_image_bytes: int | None = None,
+               vm_memory_bytes: int | None = None) -> None:
+    """The seed's chart: what moving the NAT's VM transfers (image + memory) next to the
+    state nfmig moved."""
+    vm = report.get("vm_comparison") or {}
+    image = vm_image_bytes if vm_image_bytes is not None else vm.get("vm_image_bytes")
+    memory = vm_memory_bytes if vm_memory_bytes is not None else vm.get("vm_memory_bytes")
+    if image is None and memory is None:
+        raise ValueError("the report has no VM figures: pass --vm-image-bytes and/or "
+                         "--vm-memory-bytes (here or to nfmig migrate)")
+    image, memory = image or 0, memory or 0
+    state = report["bytes"]["state"]
+    wire = report["bytes"]["sent"] + report["bytes"]["received"]
+    import matplotlib  # lazy: only this command needs it
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        labels = ["VM migration\n(image + memory)", "nfmig: state moved",
+                  "nfmig: NETCONF bytes\n(both ways)"]
+        ax.bar(labels[0], image, color="#8c8c8c", label="VM image")
+        ax.bar(labels[0], memory, bottom=image, color="#bdbdbd", label="VM memory")
+        ax.bar(labels[1], state, color="#1f77b4", label="sessions (YANG, XML)")
+        ax.bar(labels[2], wire, color="#aec7e8", label="on the wire")
+        ax.set_yscale("log")
+        ax.set_ylabel("bytes (log scale)")
+        sessions = report.get("sessions_moved") or report.get("sessions_selected") or 0
+        ax.set_title(f"Moving a NAT: VM vs state ({sessions:,} sessions)")
+        for x, value in enumerate((image + memory, state, wire)):
+            ax.annotate(human_bytes(value), (x, max(value, 1)), ha="center",
+                        va="bottom", fontsize=9)
+        if state:
+            ax.text(0.98, 0.95, f"VM / state = {(image + memory) / state:,.0f}x",
+                    transform=ax.transAxes, ha="right", va="top")
+        ax.legend(loc="upper center", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+
+
+class Progress:
+    """A one-line progress bar over the migration's phases, on a terminal only."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 30):
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.width = width
+
+    def __call__(self, phase: str, endpoint: str | None = None) -> None:
+        self.done = min(self.done + 1, self.total)
+        filled = self.width * self.done // self.total
+        where = f" {endpoint}" if endpoint else ""
+        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {phase}{where}"
+        self.stream.write(line[:100].ljust(100))
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\r" + " " * 100 + "\r")
+        self.stream.flush()

@@ -1,0 +1,214 @@
+"""`nfmig migrate` and `nfmig report`: the migrator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+endpoints are netconf://user@host:port (port 830 when left out). The password comes from
+--password-file, else the NFMIG_PASSWORD environment variable, else SSH keys (--ssh-key,
+the agent, ~/.ssh/id_*), else a prompt on the terminal. Host keys are checked against
+--known-hosts. `nfmig -v migrate ...` logs every phase as it ends.
+
+forms:
+  nfmig migrate SOURCE TARGET                       one to one
+  nfmig migrate SOURCE [SOURCE ...] --to TARGET     many to one
+  nfmig migrate SOURCE --split PREFIX=TARGET ...    one to many, by subscriber prefix
+
+exit status: 0 moved (or the dry run passed); 1 refused or failed, and every session is
+where it was; 2 bad command line; 3 failed and the rollback could not finish (the report
+says where; running the same command again completes the migration).
+"""
+
+
+def _seconds(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low}..{high}")
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    from nfmig.client.report import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parsers(sub) -> None:
+    migrate = sub.add_parser(
+        "migrate", help="move NAT sessions between NF instances over NETCONF",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Move the selected sessions from the source NF instances to the target\n"
+        "ones: negotiate capabilities, announce the migration, lock the targets, freeze\n"
+        "the selection on the sources, read it, write it into the targets' candidate,\n"
+        "validate, commit (confirmed when a target supports it), verify, delete it from\n"
+        "the sources, unlock, thaw. Any failure rolls everything back.")
+    migrate.add_argument("endpoints", nargs="+", metavar="ENDPOINT",
+                         help="SOURCE TARGET, or the sources when --to or --split is given")
+    where = migrate.add_argument_group("where the sessions go")
+    where.add_argument("--to", metavar="TARGET",
+                       help="the target; every ENDPOINT is then a source (many to one)")
+    where.add_argument("--split", action="append", default=[], metavar="PREFIX=TARGET",
+                       help="send the sessions of subscriber PREFIX (e.g. 10.0.1.0/24) to "
+                            "TARGET; repeat for each target (one to many; the longest prefix "
+                            "wins; sessions of other subscribers stay)")
+    where.add_argument("--select", action="append", default=[], metavar="SELECTION",
+                       help="what to move: all (default), subscriber=ADDR_OR_PREFIX "
+                            "(repeatable), or xpath=EXPR over the model, prefix nfnat, e.g. "
+                            "\"xpath=/nfnat:nat-session[nfnat:dst_port=443]\"")
+    how = migrate.add_argument_group("how")
+    how.add_argument("--keep-source", action="store_true",
+                     help="copy: leave the sessions on the sources")
+    how.add_argument("--dry-run", action="store_true",
+                     help="do everything up to validating the targets' candidate, then "
+                          "discard: nothing moves, no migration is announced")
+    how.add_argument("--no-freeze", action="store_true",
+                     help="do not hold the selection's new sessions on the sources during "
+                          "the migration (for sources without the freeze operation; "
+                          "sessions they open meanwhile stay on them)")
+    how.add_argument("--freeze-timeout", type=_seconds(1, 3600), default=60, metavar="S",
+                     help="a source thaws by itself after S seconds even if the migrator "
+                          "vanishes (default 60)")
+    how.add_argument("--confirm-timeout", type=_seconds(1, 86400), default=120, metavar="S",
+                     help="a confirmed commit is reverted by the target if not confirmed "
+                          "within S seconds (default 120)")
+    how.add_argument("--migration-id", metavar="ID",
+                     help="name of the migration in announcements and freeze (default: "
+                          "generated)")
+    how.add_argument("--require-revision", metavar="DATE",
+                     help="refuse unless every end implements this nfmig-nat revision")
+    how.add_argument("--require-feature", action="append", default=[], metavar="NAME",
+                     help="refuse unless every end supports this nfmig-nat feature")
+    how.add_argument("--timeout", type=_seconds(1, 86400), default=600, metavar="S",
+                     help="longest wait for one NETCONF reply (default 600)")
+    auth = migrate.add_argument_group("authentication")
+    auth.add_argument("--password-file", type=Path, metavar="FILE",
+                      help="read the password from the first line of FILE")
+    auth.add_argument("--ssh-key", type=Path, metavar="FILE", help="SSH private key file")
+    auth.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"),
+                      metavar="FILE", help="known-hosts file the servers' host keys are "
+                                           "checked against (default ~/.ssh/known_hosts)")
+    auth.add_argument("--insecure-no-host-key-check", action="store_true",
+                      help="do not check host keys (tests only: anyone in the middle could "
+                           "read and change the sessions)")
+    out = migrate.add_argument_group("report")
+    out.add_argument("--json", action="store_true",
+                     help="print the report as JSON: sessions moved, bytes each way, seconds "
+                          "per phase, the freeze window, the VM comparison")
+    out.add_argument("--report-file", type=Path, metavar="FILE",
+                     help="also write the JSON report to FILE (for nfmig report)")
+    out.add_argument("--vm-image-bytes", type=_size, metavar="SIZE",
+                     help="size of the NAT VM's image (e.g. 2G), to compare with the state")
+    out.add_argument("--vm-memory-bytes", type=_size, metavar="SIZE",
+                     help="memory of the NAT VM (e.g. 1G), to compare with the state")
+
+    report = sub.add_parser("report", help="draw a migration report as a chart",
+                            description="Draw what moving the NAT's VM would transfer "
+                            "(image + memory) next to the state a migration moved, from a "
+                            "report written by nfmig migrate --json or --report-file.")
+    report.add_argument("report", type=Path, metavar="FILE.json")
+    report.add_argument("--png", type=Path, required=True, metavar="OUT",
+                        help="PNG file to write")
+    report.add_argument("--vm-image-bytes", type=_size, metavar="SIZE",
+                        help="VM image size, when the report has none (or to override it)")
+    report.add_argument("--vm-memory-bytes", type=_size, metavar="SIZE",
+                        help="VM memory size, when the report has none (or to override it)")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from nfmig.client.endpoints import Credentials, EndpointError
+    from nfmig.client.migrate import Migration, Options
+    from nfmig.client.report import Progress
+    from nfmig.client.selection import Selection, SelectionError, Split
+
+    # Phases are logged; without -v only their warnings reach the terminal, the report
+    # (and the progress bar) say the rest.
+    logging.getLogger("nfmig.client").setLevel(logging.DEBUG if args.verbose
+                                               else logging.WARNING)
+    try:
+        sources, targets, selection = _plan(args, Selection, Split)
+        credentials = Credentials.from_sources(
+            args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
+            known_hosts=args.known_hosts,
+            verify_host_keys=not args.insecure_no_host_key_check)
+        options = Options(keep_source=args.keep_source, dry_run=args.dry_run,
+                          freeze=not args.no_freeze, freeze_timeout=args.freeze_timeout,
+                          confirm_timeout=args.confirm_timeout,
+                          migration_id=args.migration_id,
+                          require_revision=args.require_revision,
+                          require_features=tuple(args.require_feature),
+                          credentials=credentials, rpc_timeout=args.timeout,
+                          vm_image_bytes=args.vm_image_bytes,
+                          vm_memory_bytes=args.vm_memory_bytes)
+        migration = Migration(sources, targets, selection, options)
+    except (SelectionError, EndpointError, ValueError) as exc:
+        return _fail(str(exc), 2)
+    progress = None
+    if sys.stdout.isatty():
+        progress = Progress(migration.expected_steps())
+        options.on_phase = progress
+    try:
+        report = migration.run()
+    finally:
+        if progress:
+            progress.close()
+    text = report.to_json()
+    if args.report_file:
+        try:
+            args.report_file.write_text(text + "\n")
+        except OSError as exc:
+            print(f"nfmig: cannot write {args.report_file}: {exc.strerror}", file=sys.stderr)
+    print(text if args.json else report.summary())
+    if report.ok:
+        return 0
+    print(f"nfmig: migration {report.result}: {report.reason}", file=sys.stderr)
+    return 1 if report.cleanup_complete else 3
+
+
+def _plan(args: argparse.Namespace, Selection, Split):
+    """Sources, targets and selection from the command line's forms."""
+    if args.split:
+        if args.to:
+            raise ValueError("--split names the targets; leave out --to")
+        if args.select:
+            raise ValueError("--split selects by prefix; it cannot be combined with --select")
+        return args.endpoints, [], Split.parse(args.split)
+    selection = Selection.parse(args.select)
+    if args.to:
+        return args.endpoints, [args.to], selection
+    if len(args.endpoints) != 2:
+        raise ValueError("name one SOURCE and one TARGET, or the target with --to (many to "
+                         "one) or --split (one to many)")
+    return args.endpoints[:1], args.endpoints[1:], selection
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nfmig.client.report import draw_chart, load_report
+
+    try:
+        data = load_report(args.report)
+        draw_chart(data, args.png, args.vm_image_bytes, args.vm_memory_bytes)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    except ImportError:
+        return _fail("drawing needs matplotlib (pip install matplotlib)", 2)
+    except OSError as exc:
+        return _fail(f"cannot write {args.png}: {exc.strerror or exc}", 2)
+    print(f"wrote {args.png}")
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"nfmig: error: {message}", file=sys.stderr)
+    return code
