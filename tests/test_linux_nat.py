@@ -99,6 +99,17 @@ def start(bed: TestBed, ns: str, *args: str) -> subprocess.Popen:
                      stdout=subprocess.PIPE, text=True)
 
 
+def open_tcp(bed: TestBed, port: int, size: int
+             ) -> tuple[subprocess.Popen, subprocess.Popen, list[str]]:
+    """A TCP connection from the client to the server through the active NAT, greeted and
+    waiting for "go": the server's and the client's process, and the peer the server saw."""
+    server = start(bed, bed.server, "tcp-server", str(port), str(size))
+    expect(server, "listening")
+    client = start(bed, bed.client, "tcp-client", TestBed.SERVER, str(port), str(size))
+    expect(client, "ready")
+    return server, client, expect(server, "ready")
+
+
 def expect(proc: subprocess.Popen, word: str) -> list[str]:
     line = proc.stdout.readline().split()
     assert line and line[0] == word, f"expected {word!r}, got {line!r}"
@@ -145,12 +156,7 @@ def translated_ports(nat: Nat, protocol: str) -> set[tuple[str, str]]:
 
 def test_tcp_connection_survives_migration_with_strict_tracking(bed, nats):
     a, b = nats
-    size = 2 << 20
-    server = start(bed, bed.server, "tcp-server", "5001", str(size))
-    expect(server, "listening")
-    client = start(bed, bed.client, "tcp-client", TestBed.SERVER, "5001", str(size))
-    expect(client, "ready")
-    peer_before = expect(server, "ready")
+    server, client, peer_before = open_tcp(bed, 5001, 2 << 20)
     assert peer_before[0] == TestBed.EXTERNAL
     migrate(a, b, bed)
     assert translated_ports(b, "TCP") == {tuple(peer_before)}
@@ -385,12 +391,7 @@ def test_frozen_subscribers_open_no_new_connection_until_thawed(bed, nats):
 
 def test_freeze_lets_established_connections_flow(bed, nats):
     a, _ = nats
-    size = 1 << 20
-    server = start(bed, bed.server, "tcp-server", "5013", str(size))
-    expect(server, "listening")
-    client = start(bed, bed.client, "tcp-client", TestBed.SERVER, "5013", str(size))
-    expect(client, "ready")
-    expect(server, "ready")
+    server, client, _ = open_tcp(bed, 5013, 1 << 20)
     a.client.m.dispatch(etree.fromstring(
         f'<freeze xmlns="{NAT_NS}"><migration-id>t-2</migration-id></freeze>'))
     go(server, client)

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 
-import pytest
 from nfmig.client.endpoints import Credentials, Endpoint
 from nfmig.client.local import start_local_server
 from nfmig.client.migrate import Migration, Options
@@ -19,42 +18,21 @@ from nfmig.client.netconf import NatClient
 
 from nfmig.testbed import TestBed
 
+from . import test_linux_nat as kernel
 from .test_linux_nat import (
     NAT_NS,
     POLICY,
-    WATCH,
     Nat,
     assert_clean,
     expect,
     go,
-    start,
+    open_tcp,
     translated_ports,
 )
 
+bed, nats = kernel.bed, kernel.nats  # the kernel NAT tests' own fixtures
+
 NO_HOST_KEY_CHECK = Credentials(verify_host_keys=False)
-
-
-@pytest.fixture
-def bed():
-    with TestBed() as testbed:
-        for ns in (testbed.server, testbed.client):
-            testbed.run(ns, "nft", "-f", "-", input=WATCH)
-        yield testbed
-
-
-@pytest.fixture
-def nats(bed, tmp_path):
-    """NAT A (active) and NAT B, each with its server and the test's policy."""
-    a = Nat(bed, bed.nat_a, tmp_path / "a")
-    try:
-        b = Nat(bed, bed.nat_b, tmp_path / "b")
-    except BaseException:
-        a.close()
-        raise
-    bed.activate(bed.nat_a)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def endpoint(nat: Nat) -> Endpoint:
@@ -79,12 +57,7 @@ def count(nat: Nat) -> int:
 
 def test_live_tcp_connection_survives_a_migration_by_the_migrator(bed, nats):
     a, b = nats
-    size = 1 << 20
-    server = start(bed, bed.server, "tcp-server", "5301", str(size))
-    expect(server, "listening")
-    client = start(bed, bed.client, "tcp-client", TestBed.SERVER, "5301", str(size))
-    expect(client, "ready")
-    peer = expect(server, "ready")
+    server, client, peer = open_tcp(bed, 5301, 1 << 20)
     report = Migration([endpoint(a)], endpoint(b), None,
                        Options(credentials=NO_HOST_KEY_CHECK)).run()
     assert report.result == "success", report.reason
