@@ -182,12 +182,13 @@ class Nat:
     """One NAT namespace with its nfmig server, a client of it and a ctnetlink handle;
     ``stack`` stops and closes them, in reverse order, however the run ends."""
 
-    def __init__(self, stack: contextlib.ExitStack, bed: TestBed, netns: str, workdir: Path):
+    def __init__(self, stack: contextlib.ExitStack, bed: TestBed, netns: str, workdir: Path,
+                 password: str | None = None):
         self.netns = netns
         self.path = bed.ns_path(netns)
         with deferred_interrupts():
             self.server = start_local_server(workdir, "--backend", "linux", "--netns", netns,
-                                             verbose=True)
+                                             verbose=True, password=password)
             stack.callback(self.server.stop)
         self.log = ServerLog(self.server.log)
         self.client = MeasuringClient("127.0.0.1", self.server.port, self.server.user,

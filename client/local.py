@@ -35,11 +35,12 @@ class LocalServer:
 
 
 def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float = 60,
-                       verbose: bool = False) -> LocalServer:
-    """`nfmig serve` on 127.0.0.1 with a fresh random password, port chosen by the kernel."""
+                       verbose: bool = False, password: str | None = None) -> LocalServer:
+    """`nfmig serve` on 127.0.0.1 for user admin with ``password`` (a fresh random one when
+    None), port chosen by the kernel."""
     workdir.mkdir(parents=True, exist_ok=True)
     users = workdir / "users"
-    password = secrets.token_urlsafe(16)
+    password = password or secrets.token_urlsafe(16)
     subprocess.run([sys.executable, "-m", "nfmig", "adduser", "--users", str(users), "admin",
                     f"--password={password}"], check=True, capture_output=True)
     port_file = workdir / "port"

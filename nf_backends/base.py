@@ -145,11 +145,31 @@ SessionEvent = tuple[str, Session]
 EventListener = Callable[[list[SessionEvent]], None]
 
 
+class Transaction:
+    """One request's reads of some sessions and its write of them. The datastore plans an
+    edit on what lookup() returns and hands the result to apply() moments later, under its
+    lock; a backend whose reads are costly may reuse them (a session that changed in
+    between is caught by apply() as it would be anyway: missing or existing)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        return self.backend.lookup(keys)
+
+    def apply(self, changes: SessionChanges) -> None:
+        self.backend.apply(changes)
+
+
 class Backend(ABC):
     """A NAT instance's native state, read and written in model terms."""
 
     name: str = "abstract"
     _listener: EventListener | None = None
+
+    def transaction(self) -> Transaction:
+        """A lookup-then-apply unit for one request (see :class:`Transaction`)."""
+        return Transaction(self)
 
     def watch(self, listener: EventListener | None) -> None:
         """From now on report every change of the session table to ``listener``, in batches

@@ -14,78 +14,75 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11
-NETLINK_CAP_ACK = 10
-CLONE_NEWNET = 0x40000000
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
-NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x200, 0x400
-NLA_F_NESTED = 0x8000
-NLMSGERR_ATTR_MSG = 1
-
-CT_NEW, CT_GET, CT_DELETE = 0x100, 0x101, 0x102  # NFNL_SUBSYS_CTNETLINK << 8 | message
-NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3  # multicast groups of events
-
-# Attribute numbers (linux/netfilter/nfnetlink_conntrack.h).
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
-CTA_NAT_SRC, CTA_TIMEOUT, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_NAT_DST = 6, 7, 9, 10, 13
-CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
-CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
-CTA_PROTOINFO_TCP = 1
-TCP_STATE, TCP_WSCALE_ORIG, TCP_WSCALE_REPLY, TCP_FLAGS_ORIG, TCP_FLAGS_REPLY = 1, 2, 3, 4, 5
-CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
-CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
-CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
-CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
-
-IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 0x2, 0x4, 0x8
-IPS_SRC_NAT, IPS_DST_NAT = 0x10, 0x20
-TCP_FLAG_WINDOW_SCALE, TCP_FLAG_SACK_PERM = 0x01, 0x02
-
-ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
-ECHO_REPLY = {ICMP: (8, 0), ICMPV6: (128, 129)}  # protocol -> (request type, reply type)
-
-_HDR = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-_BATCH = 256  # messages per send; their acks fit easily in the receive buffer
-
-
-class CtEntry(NamedTuple):
-    """One conntrack entry as the NAT sees it. Addresses are packed bytes (4 or 16); for
-    ICMP, sport is the echo identifier and dport 0. ``nat_*`` is the translated source (SNAT,
-    from the reply tuple) and ``dnat_*`` the translated destination (DNAT)."""
-
-    family: int
-    proto: int
-    src: bytes
-    dst: bytes
-    sport: int
-    dport: int
-    nat_addr: bytes | None = None
-    nat_port: int | None = None
-    dnat_addr: bytes | None = None
-    dnat_port: int | None = None
-    tcp_state: int | None = None
-    wscale_orig: int | None = None
-    wscale_reply: int | None = None
-    timeout: int | None = None
-    orig_packets: int = 0
-    orig_bytes: int = 0
-    reply_packets: int = 0
-    reply_bytes: int = 0
-
-    @property
-    def key(self) -> tuple:
-        return (self.proto, self.src, self.sport, self.dst, self.dport)
+from .ctattrs import (
+    _BATCH,
+    _HDR,
+    _NLA,
+    CLONE_NEWNET,
+    CT_DELETE,
+    CT_GET,
+    CT_NEW,
+    CTA_IP_V4_DST,
+    CTA_IP_V4_SRC,
+    CTA_IP_V6_DST,
+    CTA_IP_V6_SRC,
+    CTA_NAT_DST,
+    CTA_NAT_PROTO,
+    CTA_NAT_SRC,
+    CTA_NAT_V4_MAXIP,
+    CTA_NAT_V4_MINIP,
+    CTA_NAT_V6_MAXIP,
+    CTA_NAT_V6_MINIP,
+    CTA_PROTO_DST_PORT,
+    CTA_PROTO_ICMP_ID,
+    CTA_PROTO_ICMPV6_ID,
+    CTA_PROTO_NUM,
+    CTA_PROTO_SRC_PORT,
+    CTA_PROTOINFO,
+    CTA_PROTOINFO_TCP,
+    CTA_PROTONAT_PORT_MAX,
+    CTA_PROTONAT_PORT_MIN,
+    CTA_STATUS,
+    CTA_TIMEOUT,
+    CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
+    CTA_TUPLE_REPLY,
+    ECHO_REPLY,
+    ICMP,
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_SEEN_REPLY,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_NETFILTER,
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGERR_ATTR_MSG,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    TCP,
+    TCP_FLAG_SACK_PERM,
+    TCP_FLAG_WINDOW_SCALE,
+    TCP_FLAGS_ORIG,
+    TCP_FLAGS_REPLY,
+    TCP_STATE,
+    TCP_WSCALE_ORIG,
+    TCP_WSCALE_REPLY,
+    CtEntry,
+)
+from .ctparse import parse_entry
 
 
 class ConntrackError(Exception):
@@ -258,112 +255,6 @@ class _Encoder:
         return buf
 
 
-# -- parsing dumps ------------------------------------------------------------------------
-def _parse_tuple(buf: bytes, pos: int, end: int) -> tuple:
-    src = dst = b""
-    proto = sport = dport = 0
-    unpack = _NLA.unpack_from
-    while pos < end:
-        length, kind = unpack(buf, pos)
-        kind &= 0x3FFF
-        inner, stop = pos + 4, pos + length
-        if kind == CTA_TUPLE_IP:
-            while inner < stop:
-                ilen, ikind = unpack(buf, inner)
-                value = buf[inner + 4:inner + ilen]
-                if ikind & 0x3FFF in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
-                    src = value
-                else:
-                    dst = value
-                inner += (ilen + 3) & ~3
-        elif kind == CTA_TUPLE_PROTO:
-            while inner < stop:
-                ilen, ikind = unpack(buf, inner)
-                ikind &= 0x3FFF
-                if ikind == CTA_PROTO_NUM:
-                    proto = buf[inner + 4]
-                elif ikind in (CTA_PROTO_SRC_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
-                    sport = (buf[inner + 4] << 8) | buf[inner + 5]
-                elif ikind == CTA_PROTO_DST_PORT:
-                    dport = (buf[inner + 4] << 8) | buf[inner + 5]
-                inner += (ilen + 3) & ~3
-        pos += (length + 3) & ~3
-    return src, dst, proto, sport, dport
-
-
-def _parse_counters(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    packets = octets = 0
-    while pos < end:
-        length, kind = _NLA.unpack_from(buf, pos)
-        kind &= 0x3FFF
-        if kind == CTA_COUNTERS_PACKETS:
-            packets = int.from_bytes(buf[pos + 4:pos + 12], "big")
-        elif kind == CTA_COUNTERS_BYTES:
-            octets = int.from_bytes(buf[pos + 4:pos + 12], "big")
-        pos += (length + 3) & ~3
-    return packets, octets
-
-
-def _parse_tcp(buf: bytes, pos: int, end: int) -> tuple:
-    state = ws_o = ws_r = None
-    while pos < end:
-        length, kind = _NLA.unpack_from(buf, pos)
-        if kind & 0x3FFF == CTA_PROTOINFO_TCP:
-            inner, stop = pos + 4, pos + length
-            while inner < stop:
-                ilen, ikind = _NLA.unpack_from(buf, inner)
-                ikind &= 0x3FFF
-                if ikind == TCP_STATE:
-                    state = buf[inner + 4]
-                elif ikind == TCP_WSCALE_ORIG:
-                    ws_o = buf[inner + 4]
-                elif ikind == TCP_WSCALE_REPLY:
-                    ws_r = buf[inner + 4]
-                inner += (ilen + 3) & ~3
-        pos += (length + 3) & ~3
-    return state, ws_o, ws_r
-
-
-def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
-    """One conntrack message's attributes (``pos`` just after the nfgenmsg header)."""
-    orig = reply = None
-    status = timeout = 0
-    tcp: tuple = (None, None, None)
-    counters = [0, 0, 0, 0]
-    while pos < end:
-        length, kind = _NLA.unpack_from(buf, pos)
-        kind &= 0x3FFF
-        if kind == CTA_TUPLE_ORIG:
-            orig = _parse_tuple(buf, pos + 4, pos + length)
-        elif kind == CTA_TUPLE_REPLY:
-            reply = _parse_tuple(buf, pos + 4, pos + length)
-        elif kind == CTA_STATUS:
-            status = int.from_bytes(buf[pos + 4:pos + 8], "big")
-        elif kind == CTA_TIMEOUT:
-            timeout = int.from_bytes(buf[pos + 4:pos + 8], "big")
-        elif kind == CTA_PROTOINFO:
-            tcp = _parse_tcp(buf, pos + 4, pos + length)
-        elif kind == CTA_COUNTERS_ORIG:
-            counters[0:2] = _parse_counters(buf, pos + 4, pos + length)
-        elif kind == CTA_COUNTERS_REPLY:
-            counters[2:4] = _parse_counters(buf, pos + 4, pos + length)
-        pos += (length + 3) & ~3
-    if orig is None or reply is None:
-        raise ValueError("conntrack message without both tuples")
-    src, dst, proto, sport, dport = orig
-    if proto in ECHO_REPLY:
-        dport = 0
-    nat_addr = nat_port = dnat_addr = dnat_port = None
-    if status & IPS_SRC_NAT:  # replies go to the translated source
-        nat_addr, nat_port = reply[1], reply[4]
-        if proto in ECHO_REPLY:
-            nat_port = reply[3]
-    if status & IPS_DST_NAT:  # replies come from the translated destination
-        dnat_addr, dnat_port = reply[0], reply[3]
-    return CtEntry(family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr,
-                   dnat_port, *tcp, timeout, *counters)
-
-
 # -- the socket ---------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -439,7 +330,8 @@ class Conntrack:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def dump(self) -> list[CtEntry]:
+    def dump(self, parse: Callable[[bytes, int, int, int], CtEntry] = parse_entry
+             ) -> list[CtEntry]:
         seq = self._next_seq()
         request = _HDR.pack(20, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self.sock.send(request + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
@@ -454,7 +346,7 @@ class Conntrack:
                 if code:
                     raise ConntrackError(0, code, message)
             elif kind == CT_NEW:
-                entries.append(parse_entry(data, pos + 20, pos + length, data[pos + 16]))
+                entries.append(parse(data, pos + 20, pos + length, data[pos + 16]))
         return entries
 
     def _receive(self) -> Iterator[tuple[bytes, int, int, int, int]]:

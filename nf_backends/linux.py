@@ -28,6 +28,7 @@ from .base import (
     Session,
     SessionChanges,
     SessionKey,
+    Transaction,
 )
 from .ctnetlink import (
     ECHO_REPLY,
@@ -188,22 +189,27 @@ class LinuxBackend(Backend):
         return (s for s in map(self._session, entries) if s is not None)
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
-        probes = [self._probe(k) for k in set(keys)]
+        return self._sessions_of(self._read(set(keys)))
+
+    def transaction(self) -> Transaction:
+        return _KernelTransaction(self)
+
+    def _sessions_of(self, entries: dict[tuple, CtEntry]) -> dict[SessionKey, Session]:
+        return {s.key: s for s in map(self._session, entries.values()) if s is not None}
+
+    def _read(self, keys: set[SessionKey]) -> dict[tuple, CtEntry]:
+        """The kernel's entries for these keys, by native key: one GET each for a few,
+        one dump for many (a dump costs the same whatever it is asked for)."""
         with self._lock:
-            current = self._current(probes)
-        return {s.key: s for s in map(self._session, current.values()) if s is not None}
+            if len(keys) <= DIRECT_LOOKUPS:
+                probes = [self._probe(k) for k in keys]
+                return {e.key: e for e in self.ct.get(probes) if e is not None}
+            wanted = set(map(self._native_key, keys))
+            return {e.key: e for e in self.ct.dump() if e.key in wanted}
 
     def _probe(self, key: SessionKey) -> CtEntry:
         """An entry naming ``key``'s original tuple, enough to look it up."""
         return self._entry(Session(*key, *[None] * (len(Session._fields) - len(key))))
-
-    def _current(self, probes: list[CtEntry]) -> dict[tuple, CtEntry]:
-        """The kernel's entries for these probes, by native key: one GET each for a few,
-        one dump for many (a dump costs the same whatever it is asked for)."""
-        if len(probes) <= DIRECT_LOOKUPS:
-            return {e.key: e for e in self.ct.get(probes) if e is not None}
-        wanted = {p.key for p in probes}
-        return {e.key: e for e in self.ct.dump() if e.key in wanted}
 
     def stats(self) -> BackendStats:
         if self._count is None:
@@ -211,11 +217,13 @@ class LinuxBackend(Backend):
         return BackendStats("linux", self._count.read(), sessions_imported=self._imported)
 
     # -- writes ------------------------------------------------------------------------
-    def apply(self, changes: SessionChanges) -> None:
+    def apply(self, changes: SessionChanges, current: dict[tuple, CtEntry] | None = None
+              ) -> None:
+        """``current``: the kernel's entries under the changed keys, if just read."""
         wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
-        probes = [e for _, e in wanted.values()] + [self._probe(k) for k in changes.deletes]
+        if current is None:
+            current = self._read({s.key for s in changes.upserts} | set(changes.deletes))
         with self._lock:
-            current = self._current(probes)
             deletes = [current[k] for k in map(self._native_key, changes.deletes)
                        if k in current and k not in wanted]
             creates = [e for k, (_, e) in wanted.items() if k not in current]
@@ -375,3 +383,28 @@ def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: 
         target = f"[{first}]" if len(externals) == 1 else f"[{first}]-[{last}]"
     return [" ".join([*with_ports, f"snat {family} to {target}:{ports}"]),
             " ".join([*match, f"snat {family} to {target}"])]
+
+
+class _KernelTransaction(Transaction):
+    """Keeps what lookup() read so that apply() need not read the kernel again: for a bulk
+    edit that is a second dump of the whole table saved."""
+
+    backend: LinuxBackend
+
+    def __init__(self, backend: LinuxBackend) -> None:
+        super().__init__(backend)
+        self._keys: set[SessionKey] = set()
+        self._entries: dict[tuple, CtEntry] = {}
+
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        keys = set(keys)
+        found = self.backend._read(keys)
+        self._keys |= keys
+        self._entries.update(found)
+        return self.backend._sessions_of(found)
+
+    def apply(self, changes: SessionChanges) -> None:
+        keys = {s.key for s in changes.upserts} | set(changes.deletes)
+        entries = self._entries if keys <= self._keys else None
+        self._keys, self._entries = set(), {}  # what apply changed is no longer known
+        self.backend.apply(changes, entries)

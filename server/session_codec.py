@@ -187,8 +187,16 @@ class SessionDecoder:
         for prefix, uri in config.nsmap.items():
             if prefix and uri == NC_NS:
                 attributes.update({f' {prefix}:operation="{op}"': op for op in EDIT_OPERATIONS})
-        return {f"nat-session{decl}{attr}>": op
-                for decl in declarations for attr, op in attributes.items()}
+        heads = {f"nat-session{decl}{attr}>": op
+                 for decl in declarations for attr, op in attributes.items()}
+        # Clients that declare the base namespace on every entry that carries an operation
+        # (lxml keeps the entry's declarations in their order, then its attributes).
+        nc_decl = f' xmlns:nc="{NC_NS}"'
+        for decl in declarations:
+            for both in {decl + nc_decl, nc_decl + decl}:
+                heads.update({f'nat-session{both} nc:operation="{op}">': op
+                              for op in EDIT_OPERATIONS})
+        return heads
 
     def _shape(self, closers: tuple[str, ...]) -> _Shape | None:
         """The leaf layout an entry's end tags (after "<") describe, when it is plain:

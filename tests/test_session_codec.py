@@ -125,6 +125,15 @@ def test_whole_edit_reading_accepts_entries_declaring_the_namespace(decoder):
     assert fast == slow
 
 
+def test_whole_edit_reading_accepts_entries_declaring_the_base_namespace_for_operation(
+        decoder):
+    entries = [e.replace("<nat-session", f'<nat-session xmlns:nc="{NC}" nc:operation="remove"',
+                         1) for e in sessions_to_xml(sample_sessions(), NS)]
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow
+    assert {op for op, *_ in fast} == {"remove"}
+
+
 @pytest.mark.parametrize("odd", [
     '<nat-session><src_port nc:operation="delete">1</src_port>',  # an attribute on a leaf
     '<nat-session><src_port xmlns="urn:other">1</src_port>',       # a leaf in another namespace
