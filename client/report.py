@@ -59,6 +59,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     vm_image_bytes: int | None = None
     vm_memory_bytes: int | None = None
+    # Where the VM figures came from: "command line", or "measured from pid N" when the
+    # memory is the NF process tree's resident memory (then the image is 0 unless given).
+    vm_source: str = "command line"
 
     @property
     def ok(self) -> bool:
@@ -86,13 +89,21 @@ class Report:
         return {"vm_image_bytes": self.vm_image_bytes, "vm_memory_bytes": self.vm_memory_bytes,
                 "vm_bytes": vm, "state_bytes": self.state_bytes,
                 "vm_to_state_ratio": round(vm / self.state_bytes, 1) if self.state_bytes
-                else None}
+                else None, "source": self.vm_source}
+
+    def vm(self) -> dict[str, Any] | None:
+        """The VM figures the comparison uses, and where they came from."""
+        if self.vm_image_bytes is None and self.vm_memory_bytes is None:
+            return None
+        return {"memory_bytes": self.vm_memory_bytes, "image_bytes": self.vm_image_bytes,
+                "source": self.vm_source}
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for name in ("vm_image_bytes", "vm_memory_bytes", "freeze_start", "freeze_end",
-                     "freeze_seconds"):
+        for name in ("vm_image_bytes", "vm_memory_bytes", "vm_source", "freeze_start",
+                     "freeze_end", "freeze_seconds"):
             out.pop(name)
+        out["vm"] = self.vm()
         out.update(
             ok=self.ok,
             bytes={"sent": self.bytes_sent, "received": self.bytes_received,
@@ -136,7 +147,8 @@ class Report:
         if vm:
             ratio = vm["vm_to_state_ratio"]
             lines.append(f"  moving the VM would transfer {human_bytes(vm['vm_bytes'])}"
-                         + (f", {ratio:,.0f} times the state" if ratio else ""))
+                         + (f", {ratio:,.0f} times the state" if ratio else "")
+                         + f" (VM figures: {self.vm_source})")
         lines += [f"  conflict: {c}" for c in self.conflicts[:20]]
         if len(self.conflicts) > 20:
             lines.append(f"  ... and {len(self.conflicts) - 20} more conflicts")
@@ -168,6 +180,44 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"{text!r}: a size cannot be negative")
     return int(value * units[unit])
+
+
+def process_memory(pid: int, proc: Path = Path("/proc")) -> tuple[int, list[int]]:
+    """Resident memory (VmRSS) of process ``pid`` and of every process below it, in bytes,
+    with the pids counted: what an NF process and the daemons it started occupy on this host.
+
+    A lower bound of what the NF's VM would carry (a VM also holds its kernel and whatever
+    else it runs), so the comparison never flatters nfmig. Pages processes share are counted
+    in each of them.
+    """
+    if not (proc / str(pid) / "status").exists():
+        raise ValueError(f"no process {pid} on this host (--vm-memory-from-pid needs the NF "
+                         "process's pid where nfmig migrate runs)")
+    children: dict[int, list[int]] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses: fields follow the last ")".
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    counted, todo, total = [], [pid], 0
+    while todo:
+        current = todo.pop()
+        counted.append(current)
+        todo.extend(children.get(current, []))
+        total += _resident_bytes(proc / str(current) / "status")
+    return total, counted
+
+
+def _resident_bytes(status: Path) -> int:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    except (OSError, ValueError, IndexError):
+        pass  # the process ended meanwhile: it holds nothing now
+    return 0  # kernel threads have no VmRSS
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -216,6 +266,9 @@ def draw_chart(report: dict[str, Any], out: Path, vm_image_bytes: int | None = N
         if state:
             ax.text(0.98, 0.95, f"VM / state = {(image + memory) / state:,.0f}x",
                     transform=ax.transAxes, ha="right", va="top")
+        if vm.get("source") and vm_image_bytes is None and vm_memory_bytes is None:
+            ax.text(0.98, 0.89, f"VM figures: {vm['source']}", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8)
         ax.legend(loc="upper center", fontsize=8)
         fig.tight_layout()
         fig.savefig(out)

@@ -109,9 +109,14 @@ def add_parsers(sub) -> None:
     out.add_argument("--report-file", type=Path, metavar="FILE",
                      help="also write the JSON report to FILE (for nfmig report)")
     out.add_argument("--vm-image-bytes", type=_size, metavar="SIZE",
-                     help="size of the NAT VM's image (e.g. 2G), to compare with the state")
+                     help="size of the NAT VM's image (e.g. 2G), to compare with the state "
+                          "(0, memory only, when --vm-memory-from-pid is given without it)")
     out.add_argument("--vm-memory-bytes", type=_size, metavar="SIZE",
                      help="memory of the NAT VM (e.g. 1G), to compare with the state")
+    out.add_argument("--vm-memory-from-pid", type=_seconds(1, 1 << 22), metavar="PID",
+                     help="measure the VM memory instead: the resident memory of the source "
+                          "NF's process PID on this host and of the processes it started, "
+                          "read before the migration begins")
 
     report = sub.add_parser("report", help="draw a migration report as a chart",
                             description="Draw what moving the NAT's VM would transfer "
@@ -138,6 +143,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                                else logging.WARNING)
     try:
         sources, targets, selection = _plan(args, Selection, Split)
+        vm_image, vm_memory, vm_source = _vm_figures(args)
         credentials = Credentials.from_sources(
             args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
             known_hosts=args.known_hosts,
@@ -149,9 +155,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           require_revision=args.require_revision,
                           require_features=tuple(args.require_feature),
                           credentials=credentials, rpc_timeout=args.timeout,
-                          vm_image_bytes=args.vm_image_bytes,
-                          vm_memory_bytes=args.vm_memory_bytes)
+                          vm_image_bytes=vm_image, vm_memory_bytes=vm_memory)
         migration = Migration(sources, targets, selection, options)
+        migration.report.vm_source = vm_source
     except (SelectionError, EndpointError, ValueError) as exc:
         return _fail(str(exc), 2)
     progress = None
@@ -191,6 +197,20 @@ def _plan(args: argparse.Namespace, Selection, Split):
         raise ValueError("name one SOURCE and one TARGET, or the target with --to (many to "
                          "one) or --split (one to many)")
     return args.endpoints[:1], args.endpoints[1:], selection
+
+
+def _vm_figures(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
+    """VM image and memory bytes for the comparison, and where they came from."""
+    if args.vm_memory_from_pid is None:
+        return args.vm_image_bytes, args.vm_memory_bytes, "command line"
+    if args.vm_memory_bytes is not None:
+        raise ValueError("give the VM memory with --vm-memory-bytes or measure it with "
+                         "--vm-memory-from-pid, not both")
+    from nfmig.client.report import process_memory
+
+    memory, _ = process_memory(args.vm_memory_from_pid)
+    image = args.vm_image_bytes if args.vm_image_bytes is not None else 0
+    return image, memory, f"measured from pid {args.vm_memory_from_pid}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
