@@ -12,9 +12,9 @@ from .netconf import NatClient, timed
 
 def run_demo(sessions: int) -> int:
     if os.geteuid() == 0:
-        from .demo_linux import run_linux_demo
+        from .demo_hetero import run_hetero_demo
 
-        return run_linux_demo()
+        return run_hetero_demo()
     print("note: not root, so the demo uses two simulated NATs (no kernel state); run it as "
           "root to see a live connection move between two Linux kernel NATs")
     with tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:

@@ -15,7 +15,7 @@ __all__ = [
     "SessionKey", "create_backend", "BACKENDS",
 ]
 
-BACKENDS = ("simulated", "linux")
+BACKENDS = ("simulated", "linux", "openflow")
 
 
 def create_backend(name: str, **options) -> Backend:
@@ -31,4 +31,11 @@ def create_backend(name: str, **options) -> Backend:
         if not options.get("netns"):
             raise ValueError("the linux backend needs --netns NAME (the NAT's namespace)")
         return LinuxBackend(options["netns"])
+    if name == "openflow":
+        from .openflow import OpenflowBackend
+
+        if not options.get("netns"):
+            raise ValueError("the openflow backend needs --netns NAME (the namespace whose "
+                             "inside and outside interfaces the switch takes)")
+        return OpenflowBackend(options["netns"])
     raise ValueError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

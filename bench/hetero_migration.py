@@ -1,0 +1,143 @@
+"""Linux kernel NAT <-> SDN NAT (Open vSwitch): N sessions moved through two nfmig servers.
+
+Builds a test bed (nfmig.testbed), serves NAT A with `nfmig serve --backend linux` and NAT B
+with `--backend openflow`, loads N synthetic TCP ESTABLISHED sessions into A (not timed) and
+moves them: get-data on A, edit-config on B, delete on A (Linux -> OVS); then back the same
+way (OVS -> Linux). For reference, the same moves between two Linux NATs (NAT B served by
+the linux backend instead).
+
+Goal: each direction within 1.5x of the Linux -> Linux figure. Needs root.
+
+    .venv/bin/python bench/hetero_migration.py [--sessions 10000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from nfmig.client.local import LocalServer, start_local_server
+from nfmig.client.netconf import NAT_NS, NatClient, timed
+from nfmig.nf_backends.base import Session
+from nfmig.server.session_codec import sessions_to_xml
+
+from nfmig.testbed import TestBed
+from nfmig.testbed_ovs import without_checksum_offload
+
+SUBSCRIBERS = [f"10.0.0.{10 + i}" for i in range(200)]
+SERVERS = [f"192.0.2.{100 + i}" for i in range(8)]
+EXTERNALS = [f"192.0.2.{1 + i}" for i in range(4)]
+PORT_MIN, PORT_MAX = 1024, 65535
+PORTS = PORT_MAX - PORT_MIN + 1
+PHASES = ("get-data", "edit-config", "delete", "total")
+
+
+def synthetic(n: int) -> str:
+    """N distinct TCP ESTABLISHED sessions with unique reply tuples, as model XML."""
+    sessions = []
+    for i in range(n):
+        binding = i // len(EXTERNALS)
+        sessions.append(Session(
+            "TCP", SUBSCRIBERS[i % len(SUBSCRIBERS)], PORT_MIN + i // len(SUBSCRIBERS),
+            SERVERS[binding // PORTS], 443, EXTERNALS[i % len(EXTERNALS)],
+            PORT_MIN + binding % PORTS, None, None, "established", 7, 7, 3600))
+    return "".join(sessions_to_xml(sessions, NAT_NS))
+
+
+def policy() -> str:
+    externals = "".join(f"<external-address>{a}</external-address>" for a in EXTERNALS)
+    return (f'<nat-policy xmlns="{NAT_NS}"><inside-prefix>{TestBed.INSIDE_PREFIX}'
+            f"</inside-prefix>{externals}<port-min>{PORT_MIN}</port-min>"
+            f"<port-max>{PORT_MAX}</port-max></nat-policy>")
+
+
+class Nat:
+    def __init__(self, workdir: Path, backend: str, netns: str):
+        self.server: LocalServer = start_local_server(workdir, "--backend", backend,
+                                                      "--netns", netns)
+        self.client = NatClient("127.0.0.1", self.server.port, self.server.user,
+                                self.server.password, hostkey_verify=False)
+        self.client.edit(policy())
+
+    def count(self) -> int:
+        return self.client.get_sessions()[0].count("<nat-session")
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.server.stop()
+
+
+def move(src: Nat, dst: Nat, n: int) -> dict[str, float]:
+    (body, _), t_get = timed(src.client.get_sessions)
+    _, t_edit = timed(dst.client.edit, body)
+    _, t_del = timed(src.client.delete_sessions, body)
+    if dst.count() != n or src.count() != 0:
+        raise RuntimeError(f"incomplete move: {dst.count()} of {n} arrived, "
+                           f"{src.count()} left behind")
+    return {"get-data": t_get, "edit-config": t_edit, "delete": t_del,
+            "total": t_get + t_edit + t_del}
+
+
+def report(name: str, runs: list[dict[str, float]]) -> dict[str, float]:
+    medians = {p: statistics.median(r[p] for r in runs) for p in PHASES}
+    print(f"{name:<16}" + "".join(f"{medians[p]:>13.3f}" for p in PHASES))
+    return medians
+
+
+def run(n: int, repeat: int, workdir: Path) -> int:
+    results: dict[str, list[dict[str, float]]] = {"Linux -> OVS": [], "OVS -> Linux": [],
+                                                  "Linux -> Linux": []}
+    with TestBed() as bed:
+        without_checksum_offload(bed)
+        a = Nat(workdir / "a", "linux", bed.nat_a)
+        try:
+            a.client.edit(synthetic(n))
+            b = Nat(workdir / "sdn", "openflow", bed.nat_b)
+            try:
+                for _ in range(repeat):
+                    results["Linux -> OVS"].append(move(a, b, n))
+                    results["OVS -> Linux"].append(move(b, a, n))
+            finally:
+                b.close()
+            b = Nat(workdir / "b", "linux", bed.nat_b)
+            try:
+                for _ in range(repeat):
+                    results["Linux -> Linux"].append(move(a, b, n))
+                    move(b, a, n)
+            finally:
+                b.close()
+        finally:
+            a.close()
+    print(f"{n} sessions, median of {repeat} (seconds)")
+    print(f"{'direction':<16}" + "".join(f"{p:>13}" for p in PHASES))
+    medians = {name: report(name, runs) for name, runs in results.items()}
+    reference = medians["Linux -> Linux"]["total"]
+    ok = True
+    for name in ("Linux -> OVS", "OVS -> Linux"):
+        ratio = medians[name]["total"] / reference
+        within = ratio <= 1.5
+        ok &= within
+        print(f"{name}: {ratio:.2f}x Linux -> Linux ({'within' if within else 'OVER'} 1.5x)")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/hetero_migration.py needs root (network namespaces, Open vSwitch)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="nfmig-bench-") as tmp:
+        return run(args.sessions, args.repeat, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

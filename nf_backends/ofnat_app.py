@@ -1,0 +1,455 @@
+"""The OpenFlow NAT application (os-ken), run as its own process by the openflow backend.
+
+    python -m nfmig.nf_backends.ofnat_app  (configured through NFMIG_OFNAT as JSON)
+
+It runs in the NAT's network namespace next to its Open vSwitch and:
+- answers ARP for the gateway addresses the namespace's inside/outside interfaces carry (the
+  kernel there is silenced, so an address there means "this NAT owns it now"), with the
+  interface's own MAC address, which gratuitous ARP from that interface announces;
+- resolves next hops by ARP and installs their flows in table 1 (MAC rewrite, TTL, output);
+- on a table-miss packet-in of a new TCP or UDP connection from the inside, allocates a
+  translated port (never one in use, imported sessions included) from the address mapping or
+  the external addresses and installs the session's flow pair (see flows.py);
+- learns window scales from the handshakes it sees, releases a session's port when its flows
+  expire or are deleted, and reports created/deleted sessions to watchers.
+
+The backend talks to it over a unix socket with line-delimited JSON (one request, one reply;
+"watch" turns the connection into an event stream). Bulk imports do not pass through here:
+the backend reserves their ports here, then installs the flows itself in one bundle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+from os_ken.base import app_manager
+from os_ken.controller import ofp_event
+from os_ken.controller.handler import CONFIG_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+from os_ken.lib.packet import arp, ethernet, ipv4, packet, tcp, udp
+from os_ken.ofproto import ofproto_v1_3
+
+from . import flows
+
+log = logging.getLogger("nfmig.ofnat")
+CONFIG = json.loads(os.environ.get("NFMIG_OFNAT", "{}"))
+HOLD_COOKIE = 0x6E67 << flows.COOKIE_SHIFT
+NO_SCALE = None
+MAX_PENDING = 64  # packets waiting for one next hop's ARP reply
+
+
+class NatState:
+    """Sessions, ports in use, policy and holds; shared by the OpenFlow and control threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.sessions: dict[int, list] = {}  # sid -> [proto, src, sport, dst, dport, ext, port]
+        self.replies: dict[tuple, int] = {}  # (proto, ext, port, dst, dport) -> sid
+        self.ports: dict[tuple, int] = {}  # (proto, ext, port) -> sessions using it
+        self.scales: dict[int, list] = {}  # sid -> [orig, reply] window scales seen
+        self.prefixes: list = []
+        self.externals: list[str] = []
+        self.mappings: list[tuple] = []  # (network, external), longest prefix first
+        self.port_min, self.port_max = 1024, 65535
+        self.timeouts = {"TCP": 65535, "UDP": 120}
+        self.held: list = []
+        self.created = self.expired = 0
+
+    def reserve(self, entries: list[list]) -> str:
+        """Claim these sessions' translated endpoints, all or none: the reply names the
+        sessions that were new, or the entry that collided."""
+        with self.lock:
+            claimed: dict[tuple, int] = {}
+            for index, e in enumerate(entries):
+                sid = flows.session_id(tuple(e[:5]))
+                reply = (e[0], e[5], e[6], e[3], e[4])
+                owner = claimed.get(reply, self.replies.get(reply, sid))
+                if owner != sid:
+                    return json.dumps({"error": "port taken", "index": index})
+                claimed[reply] = sid
+            fresh = []
+            for e in entries:
+                sid = flows.session_id(tuple(e[:5]))
+                if sid not in self.sessions:
+                    fresh.append(sid)
+                self.add(sid, e)
+        return json.dumps({"ok": True, "new": fresh})
+
+    def add(self, sid: int, e: list) -> None:
+        if sid in self.sessions:
+            self.remove(sid)
+        self.sessions[sid] = list(e)
+        self.replies[(e[0], e[5], e[6], e[3], e[4])] = sid
+        endpoint = (e[0], e[5], e[6])
+        self.ports[endpoint] = self.ports.get(endpoint, 0) + 1
+
+    def remove(self, sid: int) -> list | None:
+        e = self.sessions.pop(sid, None)
+        if e is None:
+            return None
+        self.replies.pop((e[0], e[5], e[6], e[3], e[4]), None)
+        endpoint = (e[0], e[5], e[6])
+        left = self.ports.get(endpoint, 1) - 1
+        if left:
+            self.ports[endpoint] = left
+        else:
+            self.ports.pop(endpoint, None)
+        self.scales.pop(sid, None)
+        return e
+
+    def external_for(self, src: str) -> str | None:
+        address = ipaddress.ip_address(src)
+        for network, external in self.mappings:
+            if address in network:
+                return external
+        if self.prefixes and not any(address in p for p in self.prefixes):
+            return None
+        return self.externals[0] if self.externals else None
+
+    def allocate(self, proto: str, external: str) -> int | None:
+        span = self.port_max - self.port_min + 1
+        start = random.randrange(span)
+        for i in range(span):
+            port = self.port_min + (start + i) % span
+            if (proto, external, port) not in self.ports:
+                return port
+        return None
+
+    def set_policy(self, p: dict) -> None:
+        with self.lock:
+            self.prefixes = [ipaddress.ip_network(x, strict=False) for x in p["prefixes"]]
+            self.externals = list(p["externals"])
+            self.mappings = [(ipaddress.ip_network(n, strict=False), e)
+                             for n, e in p["mappings"]]
+            self.port_min, self.port_max = p["port_min"], p["port_max"]
+            self.timeouts = {"TCP": p["tcp"], "UDP": p["udp"]}
+
+
+STATE = NatState()
+
+
+class OfNat(app_manager.OSKenApp):
+    OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inside = CONFIG.get("inside_port", 1)
+        self.outside = CONFIG.get("outside_port", 2)
+        self.ifnames = {self.inside: CONFIG.get("inside", "inside"),
+                        self.outside: CONFIG.get("outside", "outside")}
+        self.macs = {port: Path(f"/sys/class/net/{name}/address").read_text().strip()
+                     for port, name in self.ifnames.items()}
+        self.neighbours: dict[str, tuple[str, int]] = {}  # ip -> (mac, port)
+        self.pending: dict[str, list] = {}  # ip -> packets waiting for its MAC
+        self.dp = None
+        self.watchers: list[socket.socket] = []
+        self.ready = threading.Event()
+        control = CONFIG.get("socket")
+        if control:
+            threading.Thread(target=self._serve_control, args=(control,), daemon=True).start()
+
+    # -- switch set-up -------------------------------------------------------------------
+    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    def _features(self, ev) -> None:
+        dp = ev.msg.datapath
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        to_controller = [parser.OFPActionOutput(ofp.OFPP_CONTROLLER, ofp.OFPCML_NO_BUFFER)]
+        self._flow(dp, 0, 50, parser.OFPMatch(eth_type=0x0806), to_controller)
+        self._flow(dp, 0, 2, parser.OFPMatch(in_port=self.inside, eth_type=0x0800),
+                   to_controller)
+        self._flow(dp, 1, 0, parser.OFPMatch(), to_controller)
+        self.dp = dp
+        self._apply_holds()
+        self.ready.set()
+        log.info("switch %016x connected", dp.id)
+
+    def _flow(self, dp, table: int, priority: int, match, actions, cookie: int = 0,
+              idle: int = 0, goto: int | None = None, command=None, flags: int = 0) -> None:
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        inst = [parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions)] if actions \
+            else []
+        if goto is not None:
+            inst.append(parser.OFPInstructionGotoTable(goto))
+        dp.send_msg(parser.OFPFlowMod(
+            dp, cookie=cookie or flows.BASE_COOKIE, table_id=table, priority=priority,
+            idle_timeout=idle, match=match, instructions=inst, flags=flags,
+            command=ofp.OFPFC_ADD if command is None else command))
+
+    def _apply_holds(self) -> None:
+        dp = self.dp
+        if dp is None:
+            return
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        dp.send_msg(parser.OFPFlowMod(dp, cookie=HOLD_COOKIE, cookie_mask=(1 << 64) - 1,
+                                      table_id=0, command=ofp.OFPFC_DELETE,
+                                      out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+        for net in STATE.held:
+            self._flow(dp, 0, 10, parser.OFPMatch(
+                in_port=self.inside, eth_type=0x0800,
+                ipv4_src=(str(net.network_address), str(net.netmask))), [], cookie=HOLD_COOKIE)
+
+    # -- packets -------------------------------------------------------------------------
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def _packet_in(self, ev) -> None:
+        msg = ev.msg
+        pkt = packet.Packet(msg.data)
+        in_port = msg.match["in_port"]
+        eth = pkt.get_protocol(ethernet.ethernet)
+        if eth is None:
+            return
+        found_arp = pkt.get_protocol(arp.arp)
+        if found_arp is not None:
+            self._arp(msg.datapath, in_port, found_arp)
+            return
+        ip = pkt.get_protocol(ipv4.ipv4)
+        if ip is None:
+            return
+        if msg.cookie >> flows.COOKIE_SHIFT == flows.MAGIC:
+            self._handshake_reply(msg, pkt)
+        elif msg.table_id == flows.NEXT_HOP_TABLE:
+            self._forward(msg.datapath, ip.dst, msg.data)
+        elif in_port == self.inside:
+            if ip.src not in self.neighbours:
+                self.neighbours[ip.src] = (eth.src, in_port)
+            self._new_session(msg, pkt, ip)
+
+    def _arp(self, dp, in_port: int, a) -> None:
+        owned = self._addresses(in_port)
+        if a.src_ip not in owned and a.src_ip != "0.0.0.0":
+            self.neighbours[a.src_ip] = (a.src_mac, in_port)
+            for data in self.pending.pop(a.src_ip, []):
+                self._forward(dp, a.src_ip, data)
+        if a.opcode == arp.ARP_REQUEST and a.dst_ip in owned:
+            mac = self.macs[in_port]
+            reply = packet.Packet()
+            reply.add_protocol(ethernet.ethernet(a.src_mac, mac, 0x0806))
+            reply.add_protocol(arp.arp(opcode=arp.ARP_REPLY, src_mac=mac, src_ip=a.dst_ip,
+                                       dst_mac=a.src_mac, dst_ip=a.src_ip))
+            self._send(dp, in_port, reply)
+
+    def _addresses(self, port: int) -> set[str]:
+        """The gateway addresses this NAT owns now on that side: the interface's own."""
+        out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", self.ifnames[port]],
+                             capture_output=True, text=True, timeout=5).stdout
+        return {line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line}
+
+    def _send(self, dp, port: int, pkt_or_data, actions=None, in_port=None) -> None:
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        if isinstance(pkt_or_data, packet.Packet):
+            pkt_or_data.serialize()
+            pkt_or_data = pkt_or_data.data
+        dp.send_msg(parser.OFPPacketOut(
+            dp, buffer_id=ofp.OFP_NO_BUFFER,
+            in_port=ofp.OFPP_CONTROLLER if in_port is None else in_port,
+            actions=actions or [parser.OFPActionOutput(port)], data=pkt_or_data))
+
+    def _side(self, address: str) -> int:
+        ip = ipaddress.ip_address(address)
+        inside = STATE.prefixes or [n for n, _ in STATE.mappings]
+        return self.inside if any(ip in n for n in inside) else self.outside
+
+    def _forward(self, dp, dst: str, data: bytes) -> None:
+        """Send a translated packet to its next hop (on-link), resolving it first."""
+        known = self.neighbours.get(dst)
+        if known is None:
+            queue = self.pending.setdefault(dst, [])
+            if len(queue) < MAX_PENDING:
+                queue.append(data)
+            self._ask(dp, dst)
+            return
+        mac, port = known
+        parser = dp.ofproto_parser
+        actions = [parser.OFPActionSetField(eth_src=self.macs[port]),
+                   parser.OFPActionSetField(eth_dst=mac), parser.OFPActionDecNwTtl(),
+                   parser.OFPActionOutput(port)]
+        self._flow(dp, flows.NEXT_HOP_TABLE, 10,
+                   parser.OFPMatch(eth_type=0x0800, ipv4_dst=dst), actions)
+        self._send(dp, port, data, actions)
+
+    def _ask(self, dp, dst: str) -> None:
+        port = self._side(dst)
+        own = sorted(self._addresses(port))
+        mac = self.macs[port]
+        request = packet.Packet()
+        request.add_protocol(ethernet.ethernet("ff:ff:ff:ff:ff:ff", mac, 0x0806))
+        request.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=mac,
+                                     src_ip=own[0] if own else "0.0.0.0",
+                                     dst_mac="00:00:00:00:00:00", dst_ip=dst))
+        self._send(dp, port, request)
+
+    def _new_session(self, msg, pkt, ip) -> None:
+        dp = msg.datapath
+        l4 = pkt.get_protocol(tcp.tcp) or pkt.get_protocol(udp.udp)
+        if l4 is None:
+            return  # ICMP and other protocols: not translated by this NAT
+        proto = "TCP" if isinstance(l4, tcp.tcp) else "UDP"
+        key = (proto, ip.src, l4.src_port, ip.dst, l4.dst_port)
+        sid = flows.session_id(key)
+        with STATE.lock:
+            if any(ipaddress.ip_address(ip.src) in n for n in STATE.held):
+                return
+            if sid not in STATE.sessions:
+                external = STATE.external_for(ip.src)
+                port = None if external is None else STATE.allocate(proto, external)
+                if port is None:
+                    log.warning("no translation for %s", key)
+                    return
+                entry = [*key, external, port]
+                STATE.add(sid, entry)
+                STATE.created += 1
+                if proto == "TCP":
+                    STATE.scales[sid] = [_window_scale(l4), None]
+                self._install(dp, entry, sid)
+                self._emit("created", entry)
+        parser = dp.ofproto_parser
+        # Through table 0 again, as from its own port, so that the new pair matches it.
+        self._send(dp, 0, msg.data, [parser.OFPActionOutput(dp.ofproto.OFPP_TABLE)],
+                   in_port=self.inside)
+
+    def _install(self, dp, e: list, sid: int, punt_reply: bool = True) -> None:
+        """The session's pair; the inbound flow first also copies packets to us, until the
+        handshake's reply has told us the peer's window scale."""
+        parser, ofp = dp.ofproto_parser, dp.ofproto
+        proto, src, sport, dst, dport, ext, port = e
+        number = 6 if proto == "TCP" else 17
+        field = "tcp" if proto == "TCP" else "udp"
+        idle = min(flows.MAX_IDLE, STATE.timeouts[proto])
+        rem = ofp.OFPFF_SEND_FLOW_REM
+        if punt_reply:
+            self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+                in_port=self.inside, eth_type=0x0800, ip_proto=number, ipv4_src=src,
+                ipv4_dst=dst, **{f"{field}_src": sport, f"{field}_dst": dport}),
+                [parser.OFPActionSetField(ipv4_src=ext),
+                 parser.OFPActionSetField(**{f"{field}_src": port})],
+                cookie=flows.cookie(sid, False), idle=idle, goto=flows.NEXT_HOP_TABLE,
+                flags=rem)
+        back = [parser.OFPActionSetField(ipv4_dst=src),
+                parser.OFPActionSetField(**{f"{field}_dst": sport})]
+        if punt_reply and proto == "TCP":
+            back.insert(0, parser.OFPActionOutput(ofp.OFPP_CONTROLLER, ofp.OFPCML_NO_BUFFER))
+        self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+            in_port=self.outside, eth_type=0x0800, ip_proto=number, ipv4_src=dst,
+            ipv4_dst=ext, **{f"{field}_src": dport, f"{field}_dst": port}), back,
+            cookie=flows.cookie(sid, True), idle=idle, goto=flows.NEXT_HOP_TABLE, flags=rem,
+            command=None if punt_reply else ofp.OFPFC_MODIFY_STRICT)
+
+    def _handshake_reply(self, msg, pkt) -> None:
+        sid = (msg.cookie >> 1) & flows.SESSION_MASK
+        segment = pkt.get_protocol(tcp.tcp)
+        with STATE.lock:
+            entry = STATE.sessions.get(sid)
+            if entry is None or segment is None:
+                return
+            if segment.bits & tcp.TCP_SYN:
+                scales = STATE.scales.setdefault(sid, [None, None])
+                scales[1] = _window_scale(segment)
+                if scales[0] is None or scales[1] is None:
+                    scales[0] = scales[1] = 0  # scaling is on only if both offered it
+            self._install(msg.datapath, entry, sid, punt_reply=False)
+
+    @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
+    def _flow_removed(self, ev) -> None:
+        msg = ev.msg
+        if msg.cookie >> flows.COOKIE_SHIFT != flows.MAGIC:
+            return
+        sid = (msg.cookie >> 1) & flows.SESSION_MASK
+        dp = msg.datapath
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        if msg.reason == ofp.OFPRR_DELETE:
+            return  # deleted by the backend (which releases the port) or by us below
+        # One direction idled out: the session ends, both flows and its port.
+        dp.send_msg(parser.OFPFlowMod(
+            dp, cookie=flows.cookie(sid, False), cookie_mask=(1 << 64) - 2, table_id=0,
+            command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+        with STATE.lock:
+            entry = STATE.remove(sid)
+            if entry is not None:
+                STATE.expired += 1
+        if entry is not None:
+            self._emit("deleted", entry)
+
+    # -- control channel -----------------------------------------------------------------
+    def _emit(self, event: str, entry: list) -> None:
+        if not self.watchers:
+            return
+        line = (json.dumps({"event": event, "session": entry}) + "\n").encode()
+        for conn in list(self.watchers):
+            try:
+                conn.sendall(line)
+            except OSError:
+                self.watchers.remove(conn)
+
+    def _serve_control(self, path: str) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                request = json.loads(line)
+                if request["op"] == "watch":
+                    self.watchers.append(conn)
+                    conn.sendall(b'{"ok": true}\n')
+                    continue
+                conn.sendall((self._answer(request) + "\n").encode())
+
+    def _answer(self, r: dict) -> str:
+        op = r["op"]
+        if op == "ready":
+            return json.dumps({"ok": self.ready.wait(r.get("timeout", 10))})
+        if op == "policy":
+            STATE.set_policy(r)
+        elif op == "hold":
+            with STATE.lock:
+                STATE.held = [ipaddress.ip_network(p, strict=False) for p in r["prefixes"]]
+            self._apply_holds()
+            if self.dp is not None:  # the hold is in place when we answer
+                self.dp.send_barrier()
+        elif op == "reserve":
+            return STATE.reserve(r["sessions"])
+        elif op == "release":
+            with STATE.lock:
+                for sid in r["sids"]:
+                    STATE.remove(sid)
+        elif op == "scales":
+            with STATE.lock:
+                return json.dumps({"scales": {str(k): v for k, v in STATE.scales.items()}})
+        elif op == "stats":
+            with STATE.lock:
+                return json.dumps({"created": STATE.created, "expired": STATE.expired})
+        else:
+            return json.dumps({"error": f"unknown operation {op}"})
+        return '{"ok": true}'
+
+
+def _window_scale(segment) -> int | None:
+    for option in segment.option or []:
+        if isinstance(option, tcp.TCPOptionWindowScale):
+            return option.shift_cnt
+    return None
+
+
+def main() -> None:
+    from os_ken import cfg
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg.CONF(args=["--ofp-listen-host", "127.0.0.1",
+                   "--ofp-tcp-listen-port", str(CONFIG["of_port"])], project="os_ken")
+    app_manager.AppManager.run_apps([__name__ if __name__ != "__main__"
+                                     else "nfmig.nf_backends.ofnat_app"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Live migration between two NATs that share nothing but the YANG model: the Linux kernel
+NAT (conntrack, NAT A) and the SDN NAT (Open vSwitch + the OpenFlow NAT app, NAT B).
+
+Each test runs a real `nfmig serve` per NAT, opens a TCP connection and a UDP flow through
+the active one, moves the sessions with get-data / edit-config / delete through the servers,
+switches the gateway addresses over and checks that both keep going (the server speaks
+first, then 2 MB each way on TCP) with the server seeing the same translated endpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nfmig.client.local import start_local_server
+from nfmig.client.netconf import NatClient
+
+from nfmig.testbed import TestBed
+from nfmig.testbed_ovs import without_checksum_offload
+
+from .test_linux_nat import (
+    POLICY,
+    WATCH,
+    Nat,
+    assert_clean,
+    expect,
+    go,
+    migrate,
+    open_tcp,
+    start,
+    translated_ports,
+)
+
+SIZE = 2 << 20
+
+
+class SdnNat:
+    """The SDN NAT instance in a namespace of the bed, served by `nfmig serve`."""
+
+    def __init__(self, netns: str, workdir: Path):
+        self.netns = netns
+        self.server = start_local_server(workdir, "--backend", "openflow", "--netns", netns)
+        self.client = NatClient("127.0.0.1", self.server.port, self.server.user,
+                                self.server.password, hostkey_verify=False)
+        self.client.edit(POLICY)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.server.stop()
+
+
+@pytest.fixture
+def bed():
+    with TestBed() as testbed:
+        for ns in (testbed.server, testbed.client):
+            testbed.run(ns, "nft", "-f", "-", input=WATCH)
+        without_checksum_offload(testbed)
+        yield testbed
+
+
+@pytest.fixture
+def nats(bed, tmp_path):
+    a = Nat(bed, bed.nat_a, tmp_path / "linux")
+    try:
+        b = SdnNat(bed.nat_b, tmp_path / "sdn")
+    except BaseException:
+        a.close()
+        raise
+    yield a, b
+    a.close()
+    b.close()
+
+
+def open_flows(bed: TestBed, port: int):
+    """A greeted TCP connection (server first after go) and a UDP flow, through the active
+    NAT: the processes and the endpoints the server saw."""
+    tcp_server, tcp_client, tcp_peer = open_tcp(bed, port, SIZE)
+    udp_server = start(bed, bed.server, "udp-server", str(port + 1), "server")
+    expect(udp_server, "listening")
+    udp_client = start(bed, bed.client, "udp-client", TestBed.SERVER, str(port + 1), "server")
+    expect(udp_client, "ready")
+    udp_peer = expect(udp_server, "ready")
+    return [tcp_server, udp_server], [tcp_client, udp_client], [tcp_peer, udp_peer]
+
+
+def assert_flowing(bed: TestBed, servers, clients, peers) -> None:
+    go(*servers, *clients)
+    assert [expect(s, "done") for s in servers] == peers
+    for c in clients:
+        expect(c, "done")
+    assert_clean(bed)
+
+
+def test_linux_to_openflow_keeps_tcp_and_udp_flowing(bed, nats):
+    linux, sdn = nats
+    bed.activate(linux.netns)
+    servers, clients, peers = open_flows(bed, 5401)
+    migrate(linux, sdn, bed)
+    assert translated_ports(sdn, "TCP") == {tuple(peers[0])}
+    assert translated_ports(sdn, "UDP") == {tuple(peers[1])}
+    assert translated_ports(linux, "TCP") == set()
+    assert_flowing(bed, servers, clients, peers)
+
+
+def test_openflow_to_linux_moves_sessions_the_sdn_app_created(bed, nats):
+    linux, sdn = nats
+    bed.activate(sdn.netns)
+    servers, clients, peers = open_flows(bed, 5411)
+    assert peers[0][0] == TestBed.EXTERNAL
+    assert translated_ports(sdn, "TCP") == {tuple(peers[0])}
+    migrate(sdn, linux, bed)
+    assert translated_ports(linux, "TCP") == {tuple(peers[0])}
+    assert translated_ports(linux, "UDP") == {tuple(peers[1])}
+    assert translated_ports(sdn, "TCP") == set()
+    assert_flowing(bed, servers, clients, peers)
+
+
+def test_round_trip_linux_to_openflow_to_linux(bed, nats):
+    linux, sdn = nats
+    bed.activate(linux.netns)
+    servers, clients, peers = open_flows(bed, 5421)
+    migrate(linux, sdn, bed)
+    migrate(sdn, linux, bed)
+    assert translated_ports(linux, "TCP") == {tuple(peers[0])}
+    assert translated_ports(sdn, "TCP") == set()
+    assert_flowing(bed, servers, clients, peers)
