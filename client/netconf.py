@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from xml.sax.saxutils import escape
 
-from lxml import etree
 from ncclient import manager
 from ncclient.operations.rpc import RPC, RPCReply
 from ncclient.transport import session as nc_session
@@ -94,13 +93,12 @@ class NatClient:
     def delete_sessions(self, sessions_xml: str) -> int:
         """Remove every session named in ``sessions_xml``; returns the request size. Only
         the keys are sent, with the operation's prefix declared once for the whole edit."""
-        tree = etree.fromstring(f'<c xmlns="{NAT_NS}">{sessions_xml}</c>'.encode(),
-                                parser=etree.XMLParser(huge_tree=True))
-        keys = [[(k, entry.findtext(f"{{{NAT_NS}}}{k}") or "") for k in KEY_LEAVES]
-                for entry in tree.iterfind(f"{{{NAT_NS}}}nat-session")]
+        from .selection import parse_entries  # it builds on this module
+
         body = "".join('<nat-session nc:operation="delete">'
-                       + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in entry)
-                       + "</nat-session>" for entry in keys)
+                       + "".join(f"<{k}>{escape(v)}</{k}>"
+                                 for k, v in zip(KEY_LEAVES, entry.key, strict=True))
+                       + "</nat-session>" for entry in parse_entries(sessions_xml))
         return self.edit(body)
 
     def close(self) -> None:

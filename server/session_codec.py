@@ -144,10 +144,14 @@ class SessionDecoder:
         start = text.find(">") + 1
         if text[start - 2] == "/":
             return []  # <config/>
-        chunks = text[start:text.rindex("</")].split("</nat-session>")
+        body = text[start:text.rindex("</")]
+        heads = self._entry_heads(config, inherited)
+        uniform = self._decode_uniform(body, heads)
+        if uniform is not None:
+            return uniform
+        chunks = body.split("</nat-session>")
         if chunks.pop().strip():
             return None
-        heads = self._entry_heads(config, inherited)
         operations: list[str] = []
         groups: dict[tuple[str, ...], tuple[_Shape, list[int], list[tuple[str, ...]]]] = {}
         for index, chunk in enumerate(chunks):
@@ -176,6 +180,57 @@ class SessionDecoder:
                                            dict(zip(shape.names, values, strict=True)), {},
                                            self.checker)
         return edits  # type: ignore[return-value] # every index was filled
+
+    def _decode_uniform(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
+        """decode_all's path for the common bulk edit: every entry with the same leaves in
+        the same order. Split once at every "<", the pieces then repeat with a fixed stride,
+        so each column (a leaf's texts, an end tag) is one slice. None when not uniform."""
+        parts = body.split("<")
+        if parts[0].strip() or len(parts) < 4:
+            return None
+        del parts[0]
+        try:
+            stride = parts.index("/nat-session>") + 1
+        except ValueError:
+            return None
+        count, rest = divmod(len(parts), stride)
+        shape = self._shape(tuple(parts[2:stride - 1:2])) if stride % 2 == 0 else None
+        if rest or shape is None:
+            return None
+        for j in range(2, stride, 2):  # every end tag, and </nat-session>, the same
+            if parts[j::stride].count(parts[j]) != count:
+                return None
+        if parts[stride - 1::stride].count("/nat-session>") != count:
+            return None
+        operations = self._operations(parts[0::stride], heads)
+        if operations is None:
+            return None
+        columns = []
+        for i, (name, cut) in enumerate(zip(shape.names, shape.cuts, strict=True)):
+            texts = [piece[cut] for piece in parts[2 * i + 1::stride]]
+            joined = "".join(texts)
+            if ">" in joined or "&" in joined:
+                return None  # namespace declarations on a leaf, or an entity: not plain
+            try:
+                columns.append(self.checker.leaves[name].convert_many(texts))
+            except ValueError:
+                return None
+        key_of = itemgetter(*shape.key_positions)
+        names, checker = shape.names, self.checker
+        return [SessionEdit(operation, key_of(values), dict(zip(names, values, strict=True)),
+                            {}, checker)
+                for operation, values in zip(operations, zip(*columns, strict=True),
+                                             strict=True)]
+
+    @staticmethod
+    def _operations(entry_heads: list[str], heads: dict[str, str]) -> list[str] | None:
+        meaning = {}
+        for head in set(entry_heads):
+            operation = heads.get(head.rstrip())
+            if operation is None:
+                return None
+            meaning[head] = operation
+        return list(map(meaning.__getitem__, entry_heads))
 
     def _entry_heads(self, config: etree._Element, inherited: str) -> dict[str, str]:
         """The start tags a plain entry may have, as lxml serialises ``config``'s children

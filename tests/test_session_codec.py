@@ -110,6 +110,39 @@ def test_whole_edit_reading_matches_entry_by_entry_reading(decoder):
     assert fast == slow and len(fast) == 4
 
 
+def uniform_sessions(n: int = 50) -> list[Session]:
+    """Entries with the same leaves in the same order: the bulk edit's usual form."""
+    tcp = sample_sessions()[0]
+    return [tcp._replace(src_port=1024 + i, translated_port=20000 + i, orig_bytes=i * 7)
+            for i in range(n)]
+
+
+def test_uniform_edit_reading_matches_entry_by_entry_reading(decoder):
+    entries = list(sessions_to_xml(uniform_sessions(), NS))
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow and len(fast) == 50
+
+
+def test_uniform_edit_reading_keeps_each_entrys_operation(decoder):
+    entries = [e.replace("<nat-session", '<nat-session nc:operation="replace"', 1) if i % 3
+               else e for i, e in enumerate(sessions_to_xml(uniform_sessions(9), NS))]
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow
+    assert [op for op, *_ in fast] == ["merge", "replace", "replace"] * 3
+
+
+@pytest.mark.parametrize(("plain", "odd"), [
+    ("<src_port>1025</src_port>", "<src_port>70000</src_port>"),           # out of range
+    ("<src_port>1025</src_port>", f'<src_port xmlns="{NS}">1025</src_port>'),  # declaration
+    ("<src_port>1025</src_port>", "<src_port>1&amp;2</src_port>"),            # an entity
+])
+def test_uniform_edit_reading_leaves_an_odd_leaf_to_the_entry_reader(decoder, plain, odd):
+    entries = list(sessions_to_xml(uniform_sessions(3), NS))
+    assert plain in entries[1]
+    entries[1] = entries[1].replace(plain, odd)
+    assert decoder.decode_all(config_of(*entries), "merge") is None
+
+
 def test_whole_edit_reading_keeps_operations_and_pretty_printing(decoder):
     entries = [e.replace("<nat-session", '<nat-session nc:operation="create"', 1) if i % 2
                else e for i, e in enumerate(sessions_to_xml(sample_sessions(), NS))]
@@ -143,8 +176,10 @@ def test_whole_edit_reading_accepts_entries_declaring_the_base_namespace_for_ope
     "<nat-session><src_port>70000</src_port>",                      # a value out of range
     "<nat-session><src_port/>",                                     # an empty leaf
 ])
-def test_whole_edit_reading_leaves_anything_unusual_to_the_entry_reader(decoder, odd):
-    entries = list(sessions_to_xml(sample_sessions(), NS))
+@pytest.mark.parametrize("sessions", [sample_sessions, uniform_sessions])
+def test_whole_edit_reading_leaves_anything_unusual_to_the_entry_reader(decoder, odd,
+                                                                        sessions):
+    entries = list(sessions_to_xml(sessions(), NS))
     entries[1] = entries[1].replace(f'<nat-session xmlns="{NS}">', odd, 1)
     assert decoder.decode_all(config_of(*entries), "merge") is None
 
