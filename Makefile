@@ -7,7 +7,7 @@ APT_PKGS := libyang2-dev libyang2-tools conntrack conntrackd nftables iptables i
             iputils-arping iputils-ping ethtool openvswitch-switch tcpdump
 MODULES := $(wildcard $(YANG)/*.yang)
 
-.PHONY: setup system-packages test demo bench lint clean
+.PHONY: setup system-packages test demo bench lint bindings clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -34,6 +34,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/netconf_bulk.py
+	$(BIN)/python bench/restconf_bulk.py
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/hetero_migration.py; fi
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/kernel_migration.py; \
 	else echo "bench/kernel_migration.py skipped: network namespaces and conntrack need root"; fi
 
@@ -43,6 +45,13 @@ lint: setup
 	yanglint -p $(YANG) $(MODULES)
 	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.json
 	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.xml
+	$(BIN)/python -m nfmig.client.typed check client/nat_bindings.py
+
+# The typed objects for scripts (client/typed.py), generated from the model by pyangbind.
+# Committed, so installing nfmig needs neither pyang nor the plugin; `make lint` fails when
+# they no longer match the model.
+bindings: setup
+	$(BIN)/python -m nfmig.client.typed generate client/nat_bindings.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

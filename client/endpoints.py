@@ -53,32 +53,37 @@ class Endpoint:
     port: int = DEFAULT_PORT
     user: str | None = None
     password: str | None = field(default=None, compare=False, repr=False)
+    scheme: str = "netconf"  # or restconf (HTTPS)
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        """``netconf://user@host:port`` (port 830 when left out; IPv6 hosts in brackets)."""
+        """``netconf://user@host:port`` (port 830 when left out; IPv6 hosts in brackets), or
+        ``restconf://user@host:port`` (HTTPS, port 443 when left out)."""
         if "://" not in text:
-            raise EndpointError(f"{text!r}: write endpoints as netconf://user@host:port")
+            raise EndpointError(f"{text!r}: write endpoints as netconf://user@host:port "
+                                "or restconf://user@host:port")
         parts = urlsplit(text)
-        if parts.scheme != "netconf":
-            raise EndpointError(f"{text!r}: only netconf:// endpoints are supported")
+        if parts.scheme not in ("netconf", "restconf"):
+            raise EndpointError(f"{text!r}: only netconf:// and restconf:// endpoints are "
+                                "supported")
         if parts.password is not None:
             raise EndpointError(f"{text!r}: do not put a password in the endpoint; use "
                                 f"{PASSWORD_ENV}, --password-file or the prompt")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise EndpointError(f"{text!r}: an endpoint has no path or query")
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port or (DEFAULT_PORT if parts.scheme == "netconf" else 443)
         except ValueError:
             raise EndpointError(f"{text!r}: the port is not a number in 1..65535") from None
         if not parts.hostname:
             raise EndpointError(f"{text!r}: no host")
-        return cls(parts.hostname, port, unquote(parts.username) if parts.username else None)
+        return cls(parts.hostname, port, unquote(parts.username) if parts.username else None,
+                   scheme=parts.scheme)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.user}@" if self.user else ""
-        return f"netconf://{user}{host}:{self.port}"
+        return f"{self.scheme}://{user}{host}:{self.port}"
 
 
 @dataclass
@@ -93,8 +98,9 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
     key_file: Path | None = None
     known_hosts: Path | None = DEFAULT_KNOWN_HOSTS
-    verify_host_keys: bool = True
+    verify_host_keys: bool = True  # for restconf:// ends: verify the TLS certificate
     prompt: Callable[[Endpoint], str] | None = None
+    ca_file: Path | None = None  # restconf:// ends: CA file (default: the system's)
 
     @classmethod
     def from_sources(cls, password_file: Path | None = None, interactive: bool = False,

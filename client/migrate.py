@@ -33,6 +33,7 @@ from .endpoints import Connection, Credentials, Endpoint, EndpointError, describ
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd
 from .negotiate import problems, read_facts
 from .report import EndpointReport, PhaseRecord, Report
+from .restconf import open_connection
 from .selection import (
     Entry,
     Selection,
@@ -206,8 +207,9 @@ class Migration:
     def _connect(self) -> None:
         def open_one(end: End) -> None:
             with self._phase("connect", end):
-                end.conn = Connection(end.endpoint, self.options.credentials,
-                                      self.options.rpc_timeout, self.options.connect_timeout)
+                end.conn = open_connection(end.endpoint, self.options.credentials,
+                                           self.options.rpc_timeout,
+                                           self.options.connect_timeout)
         # Parallel: an SSH handshake is mostly waiting, and many-to-one has many ends.
         with ThreadPoolExecutor(max_workers=min(8, len(self.ends))) as pool:
             results = [pool.submit(open_one, end) for end in self.ends]
@@ -552,9 +554,9 @@ class Migration:
         with self._phase("reconnect", end, fatal=False):
             try:
                 conn = end.conn.reopen(min(self.options.connect_timeout, 10)) if end.conn \
-                    else Connection(end.endpoint, self.options.credentials,
-                                    self.options.rpc_timeout,
-                                    min(self.options.connect_timeout, 10))
+                    else open_connection(end.endpoint, self.options.credentials,
+                                         self.options.rpc_timeout,
+                                         min(self.options.connect_timeout, 10))
             except Exception:
                 end.unreachable = True
                 raise

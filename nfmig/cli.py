@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve one NAT instance's state over NETCONF (SSH). "
                            "The datastore is the YANG model nfmig-nat, backed by the NAT's "
                            "own session table.")
-    serve.add_argument("--backend", choices=("simulated", "linux"), default="simulated",
+    serve.add_argument("--backend", choices=("simulated", "linux", "openflow"),
+                       default="simulated",
                        help="NAT implementation behind the datastore (default: simulated)")
     serve.add_argument("--netns", metavar="NAME",
-                       help="network namespace of the NAT instance (linux backend; a name "
-                            "under /run/netns or a path)")
+                       help="network namespace of the NAT instance (linux and openflow "
+                            "backends; a name under /run/netns or a path)")
     serve.add_argument("--sessions", type=_count, default=0, metavar="N",
                        help="seed N sessions at start (simulated backend)")
     serve.add_argument("--traffic", type=float, default=0.0, metavar="RATE",
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request accepted, e.g. 64m (default 256m)")
     serve.add_argument("--port-file", type=Path, metavar="FILE",
                        help="write the NETCONF port here once listening (useful with port 0)")
+    serve.add_argument("--restconf-port", type=_port, metavar="PORT",
+                       help="also serve RESTCONF (HTTPS, HTTP Basic against --users) on PORT "
+                            "(0 picks a free port)")
+    serve.add_argument("--restconf-port-file", type=Path, metavar="FILE",
+                       help="write the RESTCONF port here once listening")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM",
+                       help="RESTCONF certificate chain (default: a self-signed one created "
+                            "in --state-dir on first start)")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM",
+                       help="private key of --tls-cert")
+    serve.add_argument("--restconf-plain-http", action="store_true",
+                       help="RESTCONF over plain HTTP instead of HTTPS; only with a loopback "
+                            "--listen address")
 
     adduser = sub.add_parser("adduser", help="add a user to a users file",
                              description="Add a password (stored scrypt-hashed) or an SSH "
@@ -105,13 +119,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(state_dir=args.state_dir, users_file=args.users, listen=args.listen,
                           netconf_port=args.netconf_port,
-                          max_message_size=args.max_message_size)
+                          max_message_size=args.max_message_size,
+                          restconf_port=args.restconf_port, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, restconf_plain_http=args.restconf_plain_http)
+    problem = _restconf_problem(args)
+    if problem:
+        return _fail(problem)
     try:
         backend = create_backend(args.backend, sessions=args.sessions, traffic=args.traffic,
                                  netns=args.netns)
     except ValueError as exc:
         return _fail(str(exc))
-    if args.backend == "linux" and not Path(backend.netns_path).exists():
+    if args.backend in ("linux", "openflow") and not Path(backend.netns_path).exists():
         return _fail(f"network namespace {args.netns} does not exist")
     try:
         server = Server(config, backend)
@@ -127,10 +146,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.port_file:
         args.port_file.write_text(f"{server.listener.port}\n")
+    if args.restconf_port_file and server.restconf:
+        args.restconf_port_file.write_text(f"{server.restconf.port}\n")
     logging.getLogger("nfmig").info("serving %s NAT with %d sessions", args.backend,
                                     backend.stats().session_count)
     server.run_forever()
     return 0
+
+
+def _restconf_problem(args: argparse.Namespace) -> str | None:
+    import ipaddress
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    if args.restconf_port is None:
+        if args.tls_cert or args.restconf_plain_http or args.restconf_port_file:
+            return ("--tls-cert, --tls-key, --restconf-plain-http and --restconf-port-file "
+                    "need --restconf-port")
+        return None
+    if args.restconf_plain_http:
+        if args.tls_cert:
+            return "--restconf-plain-http and --tls-cert exclude each other"
+        try:
+            loopback = ipaddress.ip_address(args.listen).is_loopback
+        except ValueError:
+            loopback = args.listen == "localhost"
+        if not loopback:
+            return (f"--restconf-plain-http is allowed only on a loopback --listen address, "
+                    f"not {args.listen}; use HTTPS there")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            return f"{path} does not exist"
+    return None
 
 
 def _cmd_adduser(args: argparse.Namespace) -> int:

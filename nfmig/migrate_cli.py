@@ -47,7 +47,7 @@ def _size(text: str) -> int:
 
 def add_parsers(sub) -> None:
     migrate = sub.add_parser(
-        "migrate", help="move NAT sessions between NF instances over NETCONF",
+        "migrate", help="move NAT sessions between NF instances over NETCONF or RESTCONF",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Move the selected sessions from the source NF instances to the target\n"
         "ones: negotiate capabilities, announce the migration, lock the targets, freeze\n"
@@ -55,7 +55,9 @@ def add_parsers(sub) -> None:
         "validate, commit (confirmed when a target supports it), verify, delete it from\n"
         "the sources, unlock, thaw. Any failure rolls everything back.")
     migrate.add_argument("endpoints", nargs="+", metavar="ENDPOINT",
-                         help="SOURCE TARGET, or the sources when --to or --split is given")
+                         help="SOURCE TARGET, or the sources when --to or --split is given; "
+                              "each netconf://user@host[:port] (SSH, port 830) or "
+                              "restconf://user@host[:port] (HTTPS, port 443), mixed freely")
     where = migrate.add_argument_group("where the sessions go")
     where.add_argument("--to", metavar="TARGET",
                        help="the target; every ENDPOINT is then a source (many to one)")
@@ -99,9 +101,12 @@ def add_parsers(sub) -> None:
     auth.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"),
                       metavar="FILE", help="known-hosts file the servers' host keys are "
                                            "checked against (default ~/.ssh/known_hosts)")
+    auth.add_argument("--ca-file", type=Path, metavar="PEM",
+                      help="CA certificates the restconf:// servers' certificates are checked "
+                           "against (default: the system's)")
     auth.add_argument("--insecure-no-host-key-check", action="store_true",
-                      help="do not check host keys (tests only: anyone in the middle could "
-                           "read and change the sessions)")
+                      help="do not check host keys nor TLS certificates (tests only: anyone "
+                           "in the middle could read and change the sessions)")
     out = migrate.add_argument_group("report")
     out.add_argument("--json", action="store_true",
                      help="print the report as JSON: sessions moved, bytes each way, seconds "
@@ -146,7 +151,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         vm_image, vm_memory, vm_source = _vm_figures(args)
         credentials = Credentials.from_sources(
             args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
-            known_hosts=args.known_hosts,
+            known_hosts=args.known_hosts, ca_file=args.ca_file,
             verify_host_keys=not args.insecure_no_host_key_check)
         options = Options(keep_source=args.keep_source, dry_run=args.dry_run,
                           freeze=not args.no_freeze, freeze_timeout=args.freeze_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from .migration import MigrationWindows
 from .netconf import NetconfListener, load_or_create_host_key
 from .notifications import NotificationHub
 from .operations import Operations
+from .restconf import RestconfListener
 from .schema import Schema
+from .tls import load_or_create_certificate, server_context
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,10 @@ class ServerConfig:
     listen: str = "127.0.0.1"
     netconf_port: int = 830
     max_message_size: int = 256 << 20
+    restconf_port: int | None = None  # None: no RESTCONF listener
+    tls_cert: Path | None = None  # with tls_key; None: a self-signed one in state_dir
+    tls_key: Path | None = None
+    restconf_plain_http: bool = False  # loopback only
 
 
 class Server:
@@ -41,9 +48,11 @@ class Server:
         self.hub = NotificationHub(backend, self.schema.nat_ns)
         self.windows = MigrationWindows(backend, self.hub, self.schema, self.schema.nat_ns)
         self.operations = Operations(self.datastores, self.schema, self.hub, self.windows)
+        self._users = users
         self._auth = SshAuthenticator(users)
         self._host_key = load_or_create_host_key(config.state_dir)
         self.listener: NetconfListener | None = None
+        self.restconf: RestconfListener | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -53,8 +62,27 @@ class Server:
         self.listener = NetconfListener(self.operations, self._auth, self._host_key,
                                         self.config.listen, self.config.netconf_port,
                                         self.config.max_message_size)
+        if self.config.restconf_port is not None:
+            self.restconf = self._start_restconf()
+
+    def _start_restconf(self) -> RestconfListener:
+        config = self.config
+        tls = None
+        if not config.restconf_plain_http:
+            cert, key = config.tls_cert, config.tls_key
+            if cert is None or key is None:
+                cert, key = load_or_create_certificate(config.state_dir, config.listen)
+            try:
+                tls = server_context(cert, key)
+            except (ssl.SSLError, OSError) as exc:
+                raise RuntimeError(f"cannot use the TLS certificate {cert} and key {key}: "
+                                   f"{exc}") from None
+        return RestconfListener(self.operations, self._users, config.listen,
+                                config.restconf_port, tls, config.max_message_size)
 
     def stop(self) -> None:
+        if self.restconf is not None:
+            self.restconf.close()
         if self.listener is not None:
             self.listener.close()
         self.windows.close_all()

@@ -128,6 +128,22 @@ class Datastores:
     def config_text(self, datastore: str) -> str:
         return "".join(node.text() for node in self.config_nodes(datastore))
 
+    def sessions(self, datastore: str) -> Iterator[Session]:
+        """The sessions of running, operational or candidate (running with its pending
+        changes)."""
+        with self._lock:
+            candidate = self._candidate if datastore == "candidate" else None
+            overlay = dict(candidate.sessions) if candidate else {}
+        return self._sessions_with(overlay)
+
+    def session(self, datastore: str, key: tuple) -> Session | None:
+        """One session of running, operational or candidate, by key."""
+        with self._lock:
+            candidate = self._candidate if datastore == "candidate" else None
+            if candidate is not None and key in candidate.sessions:
+                return candidate.sessions[key]
+        return self.backend.lookup([key]).get(key)
+
     def _sessions_with(self, overlay: dict) -> Iterator[Session]:
         for s in self.backend.sessions():
             if s.key in overlay:

@@ -118,7 +118,7 @@ class Operations:
     # -- reads -------------------------------------------------------------------------
     def get(self, session: SessionInfo, op: etree._Element) -> Reply:
         _only(op, "filter")
-        nodes = [*self.ds.config_nodes("running"), *self._state_nodes()]
+        nodes = [*self.ds.config_nodes("running"), *self.state_nodes()]
         return self._reply_data(NC, nodes, op.find(f"{{{NC}}}filter"))
 
     def get_config(self, session: SessionInfo, op: etree._Element) -> Reply:
@@ -137,7 +137,7 @@ class Operations:
             if config_filter != "false":
                 nodes += self.ds.config_nodes("running")
             if config_filter != "true":
-                nodes += self._state_nodes()
+                nodes += self.state_nodes()
         elif datastore in CONFIG_DATASTORES:
             if config_filter != "false":
                 nodes += self.ds.config_nodes(datastore)
@@ -204,7 +204,7 @@ class Operations:
         return etree.fromstring(f'<data xmlns="{ns}">{"".join(parts)}</data>'.encode(),
                                 parser=_PARSER)
 
-    def _state_nodes(self) -> list[TopNode]:
+    def state_nodes(self) -> list[TopNode]:
         return [*self.ds.state_nodes(),
                 # yang-library and modules-state in one text: left to the filter to split
                 TopNode(None, None, lambda: [self.schema.yang_library_xml(self.content_id)]),
