@@ -554,10 +554,10 @@ class Datastores:
         Running and candidate hold the NF's own sessions and entries that passed the per-leaf
         checks when they were edited in (the same verdicts as libyang, tested in
         tests/test_session_codec.py), under a key kept unique by construction; the model
-        constrains nothing across
-        nat-session entries beyond the key. So what is left to validate is the policy, with
-        libyang in full. Parsing the whole session list instead would cost seconds at 10k
-        entries: libyang checks each top-level list instance against every sibling.
+        constrains nothing across nat-session entries beyond the key. So what is left to
+        validate is the policy, with libyang in full. Parsing the whole session list instead
+        would cost seconds at 10k entries: libyang checks each top-level list instance
+        against every sibling.
         """
         if source == "startup":
             text = self.config_text(source)  # written by hand, perhaps: parse it all

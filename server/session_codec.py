@@ -185,14 +185,16 @@ class SessionDecoder:
         """decode_all's path for the common bulk edit: every entry with the same leaves in
         the same order. Split once at every "<", the pieces then repeat with a fixed stride,
         so each column (a leaf's texts, an end tag) is one slice. None when not uniform."""
+        # Counting first costs no allocation: entries of other layouts are the rule for a
+        # mixed table (TCP and UDP), and then the split below would be wasted.
+        first_end = body.find("</nat-session>")
+        stride = body.count("<", 0, first_end + 1)
+        if first_end < 0 or body.count("<") != stride * body.count("</nat-session>"):
+            return None
         parts = body.split("<")
-        if parts[0].strip() or len(parts) < 4:
+        if parts[0].strip():
             return None
         del parts[0]
-        try:
-            stride = parts.index("/nat-session>") + 1
-        except ValueError:
-            return None
         count, rest = divmod(len(parts), stride)
         shape = self._shape(tuple(parts[2:stride - 1:2])) if stride % 2 == 0 else None
         if rest or shape is None:
