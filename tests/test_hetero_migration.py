@@ -9,17 +9,12 @@ first, then 2 MB each way on TCP) with the server seeing the same translated end
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from nfmig.client.local import start_local_server
-from nfmig.client.netconf import NatClient
 
 from nfmig.testbed import TestBed
 from nfmig.testbed_ovs import without_checksum_offload
 
 from .test_linux_nat import (
-    POLICY,
     WATCH,
     Nat,
     assert_clean,
@@ -32,23 +27,6 @@ from .test_linux_nat import (
 )
 
 SIZE = 2 << 20
-
-
-class SdnNat:
-    """The SDN NAT instance in a namespace of the bed, served by `nfmig serve`."""
-
-    def __init__(self, netns: str, workdir: Path):
-        self.netns = netns
-        self.server = start_local_server(workdir, "--backend", "openflow", "--netns", netns)
-        self.client = NatClient("127.0.0.1", self.server.port, self.server.user,
-                                self.server.password, hostkey_verify=False)
-        self.client.edit(POLICY)
-
-    def close(self) -> None:
-        try:
-            self.client.close()
-        finally:
-            self.server.stop()
 
 
 @pytest.fixture
@@ -64,7 +42,7 @@ def bed():
 def nats(bed, tmp_path):
     a = Nat(bed, bed.nat_a, tmp_path / "linux")
     try:
-        b = SdnNat(bed.nat_b, tmp_path / "sdn")
+        b = Nat(bed, bed.nat_b, tmp_path / "sdn", backend="openflow")
     except BaseException:
         a.close()
         raise

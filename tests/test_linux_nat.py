@@ -58,9 +58,9 @@ WATCH = """table inet watch {
 class Nat:
     """One NAT instance: its namespace and its NETCONF server."""
 
-    def __init__(self, bed: TestBed, netns: str, workdir: Path):
+    def __init__(self, bed: TestBed, netns: str, workdir: Path, backend: str = "linux"):
         self.netns = netns
-        self.server = start_local_server(workdir, "--backend", "linux", "--netns", netns)
+        self.server = start_local_server(workdir, "--backend", backend, "--netns", netns)
         self.client = NatClient("127.0.0.1", self.server.port, self.server.user,
                                 self.server.password, hostkey_verify=False)
         self.client.edit(POLICY)
