@@ -243,13 +243,7 @@ class Connection:
 
     def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
         """One of the model's own operations (freeze, thaw, announce-migration)."""
-        inner = []
-        for leaf, value in leaves.items():
-            if value is None:
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                inner.append(f"<{leaf}>{escape(str(item))}</{leaf}>")
-        self.simple(name, "".join(inner), NAT_NS)
+        self.simple(name, nat_rpc_input(**leaves), NAT_NS)
 
     def cut(self) -> None:
         """Drop the transport without a goodbye, as a broken network would."""
@@ -361,3 +355,15 @@ def is_connection_error(exc: BaseException) -> bool:
     """True when the failure is the transport, not an answer from the server."""
     return isinstance(exc, TransportError | SSHError | OSError | TimeoutExpiredError
                       | EndpointError)
+
+
+def nat_rpc_input(**leaves: str | int | list[str] | None) -> str:
+    """The input leaves of one of the model's operations as XML: None leaves out, a list
+    repeats the leaf."""
+    inner = []
+    for leaf, value in leaves.items():
+        if value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            inner.append(f"<{leaf}>{escape(str(item))}</{leaf}>")
+    return "".join(inner)

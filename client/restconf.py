@@ -28,7 +28,7 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError
 from ncclient.transport.errors import TransportError
 
-from .endpoints import Connection, Credentials, Endpoint, EndpointError
+from .endpoints import Connection, Credentials, Endpoint, EndpointError, nat_rpc_input
 from .netconf import NAT_NS, NC_NS
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,7 @@ class RestconfConnection:
         """RESTCONF has no locks."""
 
     def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
-        inner = []
-        for leaf, value in leaves.items():
-            if value is None:
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                inner.append(f"<{leaf}>{escape(str(item))}</{leaf}>")
-        self.simple(name, "".join(inner), NAT_NS)
+        self.simple(name, nat_rpc_input(**leaves), NAT_NS)
 
     def cut(self) -> None:
         """Drop the connections without a goodbye, as a broken network would."""
