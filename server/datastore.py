@@ -412,7 +412,7 @@ class Datastores:
                 raise errors.invalid_value(
                     f"nat-session {_key_text(edit.key)} appears twice in this edit",
                     path=edit.path, app_tag="data-not-unique")
-            wanted[edit.key] = Session(**edit.values)
+            wanted[edit.key] = edit.session
         return policy, wanted
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:

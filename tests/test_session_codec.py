@@ -100,8 +100,11 @@ def both_readings(decoder: SessionDecoder, config: etree._Element) -> tuple[list
     fast = decoder.decode_all(config, "merge")
     assert fast is not None, "plain entries must take the fast path"
     slow = [decoder.decode(child, "merge") for child in config]
-    as_tuples = lambda edits: [(e.operation, e.key, e.values, e.removed) for e in edits]  # noqa: E731
-    return as_tuples(fast), as_tuples(slow)
+    return _as_tuples(fast), _as_tuples(slow)
+
+
+def _as_tuples(edits: list) -> list[tuple]:
+    return [(e.operation, e.key, e.session, e.values, dict(e.removed)) for e in edits]
 
 
 def test_whole_edit_reading_matches_entry_by_entry_reading(decoder):
@@ -129,6 +132,26 @@ def test_uniform_edit_reading_keeps_each_entrys_operation(decoder):
     fast, slow = both_readings(decoder, config_of(*entries))
     assert fast == slow
     assert [op for op, *_ in fast] == ["merge", "replace", "replace"] * 3
+
+
+def test_uniform_edit_reading_of_many_blocks_matches_entry_by_entry_reading(decoder):
+    entries = list(sessions_to_xml(uniform_sessions(3000), NS))  # a block is ~500 entries
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow and len(fast) == 3000
+
+
+def test_an_entry_of_another_layout_in_a_later_block_is_read_by_its_own_layout(decoder):
+    sessions = uniform_sessions(3000)
+    sessions[2500] = sessions[2500]._replace(orig_bytes=None)
+    fast, slow = both_readings(decoder, config_of(*sessions_to_xml(sessions, NS)))
+    assert fast == slow
+    assert fast[2500][2] == sessions[2500]
+
+
+def test_an_odd_leaf_in_a_later_block_goes_to_the_entry_reader(decoder):
+    entries = list(sessions_to_xml(uniform_sessions(3000), NS))
+    entries[2500] = entries[2500].replace("<src_port>", f'<src_port xmlns="{NS}">', 1)
+    assert decoder.decode_all(config_of(*entries), "merge") is None
 
 
 @pytest.mark.parametrize(("plain", "odd"), [
