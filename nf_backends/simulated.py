@@ -73,7 +73,9 @@ def _ip_text(value: int | None, v6: bool) -> str | None:
 
 def _native_key(key: SessionKey) -> tuple:
     proto, src, sport, dst, dport = key
-    return (PROTOCOL_NUMBERS[proto], _ip(src), sport, _ip(dst), dport, ":" in src)
+    # Once per session of every bulk edit: the cache is asked first, without _ip's call.
+    return (PROTOCOL_NUMBERS[proto], _INT_OF.get(src) or _ip(src), sport,
+            _INT_OF.get(dst) or _ip(dst), dport, ":" in src)
 
 
 def _to_session(nkey: tuple, row: list, now: float) -> Session:
@@ -149,9 +151,10 @@ class SimulatedBackend(Backend):
         found = {}
         with self._lock:
             for key in keys:
-                row = self._table.get(_native_key(key))
+                nkey = _native_key(key)
+                row = self._table.get(nkey)
                 if row is not None:
-                    found[key] = _to_session(_native_key(key), row, now)
+                    found[key] = _to_session(nkey, row, now)
         return found
 
     def apply(self, changes: SessionChanges) -> None:

@@ -192,6 +192,7 @@ def test_whole_edit_reading_accepts_entries_declaring_the_base_namespace_for_ope
 
 @pytest.mark.parametrize("odd", [
     '<nat-session><src_port nc:operation="delete">1</src_port>',  # an attribute on a leaf
+    '<nat-session><timeout nc:operation="remove"/>',               # ... on an empty leaf
     '<nat-session><src_port xmlns="urn:other">1</src_port>',       # a leaf in another namespace
     "<nat-session><nc:src_port>1</nc:src_port>",                   # a prefixed leaf
     "<nat-session><extra>1</extra>",                               # an unknown leaf
