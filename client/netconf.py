@@ -17,6 +17,26 @@ nc_session.TICK = 0.002
 # fifth off the client's CPU time for a 10k-session reply.
 nc_ssh.BUF_SIZE = 256 << 10
 
+# ...and sends a request by slicing off what each channel write took, which copies the rest
+# of the request every time: quadratic, 4.7 s for a 100k-session (51 MB) edit. Whole blocks
+# through sendall keep it linear.
+_SEND_BLOCK = 256 << 10
+
+
+def send_in_blocks(m: manager.Manager) -> manager.Manager:
+    """``m`` with its session writing each request in whole blocks (see above)."""
+    channel = m._session._channel
+
+    def write_all(data: bytes) -> int:
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_BLOCK):
+            channel.sendall(view[start:start + _SEND_BLOCK].tobytes())
+        return len(data)
+
+    m._session._transport_write = write_all
+    return m
+
+
 NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
@@ -57,9 +77,10 @@ class TextRpc(RPC):
 class NatClient:
     def __init__(self, host: str, port: int, username: str, password: str | None = None,
                  hostkey_verify: bool = True, timeout: int = 600):
-        self.m = manager.connect(host=host, port=port, username=username, password=password,
-                                 hostkey_verify=hostkey_verify, allow_agent=password is None,
-                                 look_for_keys=password is None, timeout=timeout)
+        self.m = send_in_blocks(manager.connect(
+            host=host, port=port, username=username, password=password,
+            hostkey_verify=hostkey_verify, allow_agent=password is None,
+            look_for_keys=password is None, timeout=timeout))
         self.m.huge_tree = True
 
     def get_sessions(self, datastore: str = "operational",
