@@ -13,12 +13,10 @@ all-or-nothing: the backend takes the whole session batch or none of it.
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from nfmig.nf_backends.base import (
 from . import errors
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
+from .gc_pause import collector_paused
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import OPERATION_ATTR, SessionDecoder, SessionEdit, sessions_to_xml
 from .tree_edit import edit_node, strip_operations
@@ -211,7 +210,7 @@ class Datastores:
         if datastore not in ("running", "candidate"):
             raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
                                        "running or candidate", info={"bad-element": "target"})
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             self.check_writable(datastore, session_id)
             if options.default_operation == "replace":
                 if options.test_option == "test-only":
@@ -436,7 +435,7 @@ class Datastores:
                persist: str | None = None, persist_id: str | None = None) -> None:
         """Candidate into running. A confirmed commit is undone unless confirmed (by a
         plain commit of the same session, or one naming its persist id) within timeout."""
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             self.check_writable("running", session_id)
             pending = self._pending
             if pending is not None:
@@ -470,7 +469,7 @@ class Datastores:
                 log.info("confirmed commit confirmed by session %s", session_id)
 
     def cancel_commit(self, session_id: int, persist_id: str | None) -> None:
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             pending = self._pending
             if pending is None:
                 raise errors.operation_failed("no confirmed commit is pending",
@@ -480,7 +479,7 @@ class Datastores:
 
     def session_ended(self, session_id: int) -> None:
         """A confirmed commit without persist ends with its session (RFC 6241 §8.4.1)."""
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             pending = self._pending
             if pending is not None and pending.persist is None \
                     and pending.session_id == session_id:
@@ -521,7 +520,7 @@ class Datastores:
                  session_id, timeout)
 
     def _expire(self, pending: PendingConfirm) -> None:
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             if self._pending is pending:
                 self._roll_back("its confirm timeout expired")
 
@@ -577,7 +576,7 @@ class Datastores:
 
     # -- copy / delete -----------------------------------------------------------------
     def copy_config(self, source: str | etree._Element, target: str, session_id: int) -> None:
-        with self._lock, _collector_paused():
+        with self._lock, collector_paused():
             if target != "startup":
                 self.check_writable(target, session_id)
             if isinstance(source, str):
@@ -606,21 +605,6 @@ class Datastores:
         tmp = self.startup_path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.startup_path)  # never a half-written startup
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection during a bulk change. It allocates tens of thousands of
-    acyclic objects (entries, tuples, dicts) that reference counting frees anyway, and the
-    collector would rescan them, and the whole table, many times over (a fifth of a 10k
-    edit). Changes run one at a time under the datastore lock, so no other pause overlaps."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _key_text(key: tuple) -> str:

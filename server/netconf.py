@@ -34,6 +34,7 @@ from .framing import (
     frame_chunks,
     frame_eom,
 )
+from .gc_pause import collector_paused
 from .operations import NC, Operations, Reply, SessionInfo
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class NetconfSession(nc_base.NetconfSession):
                                       "unknown-element", f"expected an rpc element, got "
                                       f"{etree.QName(root).localname}", type="rpc"), None)
             return
-        self._handle_rpc(root)
+        with collector_paused():
+            self._handle_rpc(root)
 
     def _handle_rpc(self, rpc: etree._Element) -> None:
         attrs = dict(rpc.attrib)
