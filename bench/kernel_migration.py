@@ -103,9 +103,9 @@ def flush(ct: Conntrack) -> None:
     ct.delete(ct.dump())
 
 
-def timed_like_an_edit(fn: Callable, *args: object) -> tuple[object, float]:
+def timed_like_a_request(fn: Callable, *args: object) -> tuple[object, float]:
     """timed(), with the cyclic garbage collector paused as the server pauses it for the
-    length of an edit."""
+    length of a request."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -267,14 +267,14 @@ class Codec:
     def read_side(self, ct: Conntrack) -> dict[str, float]:
         """What get-data does on A: dump the kernel table, encode it as XML. Then what
         edit-config does before the kernel on B: parse, decode, check (validate)."""
-        entries, dump = timed(ct.dump)
-        body, encode = timed(self.encode, entries)
-        _, validate = timed_like_an_edit(self.decode, body)
+        entries, dump = timed_like_a_request(ct.dump)
+        body, encode = timed_like_a_request(self.encode, entries)
+        _, validate = timed_like_a_request(self.decode, body)
         return {"dump": dump, "encode": encode, "validate": validate}
 
     def write_side(self, ct: Conntrack, sessions: list[Session]) -> dict[str, float]:
         """Kernel writes into an empty NAT with the same policy (A, after the move)."""
-        entries, insert = timed_like_an_edit(self.insert, ct, sessions)
+        entries, insert = timed_like_a_request(self.insert, ct, sessions)
         _, delete = timed(ct.delete, entries)
         return {"insert": insert, "kernel_delete": delete}
 
@@ -496,14 +496,14 @@ def progress(n: int, r: dict[str, float]) -> str:
 # (label, figure, where it comes from); None as figure starts a section
 PHASES: list[tuple[str, str | None, str]] = [
     ("nfmig, per phase", None, ""),
-    ("dump (kernel read on A)", "dump", "in-process: Conntrack.dump on A"),
+    ("dump (kernel read on A)", "dump", "in-process: Conntrack.dump on A, GC paused"),
     ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._session + "
-     "sessions_to_xml"),
+     "sessions_to_xml, GC paused"),
     ("get-data, server", "get_server", "server log: handled + sent (dump, encode, send)"),
     ("get-data, client", "get_client", "bench clock around NatClient.get_sessions"),
     ("  transfer get-data", "get_transfer", "client - server: SSH, framing, ncclient parse"),
     ("validate (decode + checks)", "validate", "in-process: lxml parse + "
-     "SessionDecoder.decode_all, GC paused as in an edit"),
+     "SessionDecoder.decode_all, GC paused"),
     ("insert (kernel write)", "insert", "in-process: LinuxBackend._entry + Conntrack.create"
      " into an empty NAT, GC paused"),
     ("edit-config, server", "edit_server", "server log: handled (decode, checks, insert)"),
