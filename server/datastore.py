@@ -205,8 +205,10 @@ class Datastores:
 
     # -- edits -------------------------------------------------------------------------
     def edit(self, datastore: str, config: etree._Element, options: EditOptions,
-             session_id: int) -> None:
-        """edit-config / edit-data of ``config``'s children into ``datastore``."""
+             session_id: int, source: bytes | None = None) -> None:
+        """edit-config / edit-data of ``config``'s children into ``datastore``. ``source``,
+        the request's text that ``config`` was parsed from, lets a bulk edit be read from
+        it directly."""
         if datastore not in ("running", "candidate"):
             raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
                                        "running or candidate", info={"bad-element": "target"})
@@ -218,7 +220,8 @@ class Datastores:
                     return
                 self._replace_datastore(datastore, config)
                 return
-            policy_edits, session_edits = self._split(config, options.default_operation)
+            policy_edits, session_edits = self._split(config, options.default_operation,
+                                                      source)
             base = self._base_for(datastore)
             new_policy = self._plan_policy(base.policy, policy_edits)
             tx = self.backend.transaction()
@@ -240,11 +243,11 @@ class Datastores:
             return self._candidate
         return Candidate(policy=self._policy)
 
-    def _split(self, config: etree._Element, default_op: str
+    def _split(self, config: etree._Element, default_op: str, source: bytes | None = None
                ) -> tuple[list[etree._Element], list[SessionEdit]]:
         policy_edits, session_edits = [], []
         inherited = config.get(OPERATION_ATTR, default_op)
-        bulk = self.decoder.decode_all(config, inherited)
+        bulk = self.decoder.decode_all(config, inherited, source)
         if bulk is not None:
             return [], bulk
         session_tags = (f"{{{self.ns}}}nat-session", "nat-session")

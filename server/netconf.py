@@ -147,8 +147,12 @@ class NetconfSession(nc_base.NetconfSession):
                                       "unknown-element", f"expected an rpc element, got "
                                       f"{etree.QName(root).localname}", type="rpc"), None)
             return
-        with collector_paused():
-            self._handle_rpc(root)
+        self.info.request = message
+        try:
+            with collector_paused():
+                self._handle_rpc(root)
+        finally:
+            self.info.request = None
 
     def _handle_rpc(self, rpc: etree._Element) -> None:
         attrs = dict(rpc.attrib)

@@ -44,6 +44,7 @@ class SessionInfo:
     out_rpc_errors: int = 0
     close: Callable[[], None] | None = None
     notify: Callable[[str], None] | None = None  # sends one notification message
+    request: bytes | None = None  # the text of the rpc being handled, for bulk readers
 
 
 class Operations:
@@ -260,7 +261,8 @@ class Operations:
                                 "test-then-set"),
             error_option=_choice(op, "error-option", NC, ("stop-on-error", "continue-on-error",
                                                           "rollback-on-error"), "stop-on-error"))
-        self.ds.edit(target, _config_param(op, NC), options, session.session_id)
+        self.ds.edit(target, _config_param(op, NC), options, session.session_id,
+                     source=session.request)
         return OK
 
     def edit_data(self, session: SessionInfo, op: etree._Element) -> str:
@@ -268,7 +270,8 @@ class Operations:
         datastore = _identity(op.find(f"{{{NCDS}}}datastore"))
         options = EditOptions(default_operation=_choice(
             op, "default-operation", NCDS, ("merge", "replace", "none"), "merge"))
-        self.ds.edit(datastore, _config_param(op, NCDS), options, session.session_id)
+        self.ds.edit(datastore, _config_param(op, NCDS), options, session.session_id,
+                     source=session.request)
         return OK
 
     def copy_config(self, session: SessionInfo, op: etree._Element) -> str:

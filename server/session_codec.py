@@ -6,6 +6,7 @@ text directly instead of building a tree per entry.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from itertools import repeat
@@ -24,6 +25,7 @@ OPERATION_ATTR = f"{{{NC_NS}}}operation"
 EDIT_OPERATIONS = ("merge", "replace", "create", "delete", "remove")
 _END = "</nat-session>"
 _BLOCK = 1 << 18  # characters of a bulk edit read at a time: about 500 entries
+_RAW_MINIMUM = 1 << 16  # bytes of a request from which the reader tries its text first
 _NONES = repeat(None)  # the column of a leaf an edit's entries leave out
 _NO_REMOVALS = MappingProxyType({})
 
@@ -149,27 +151,37 @@ class SessionDecoder:
         return SessionEdit(operation, key, Session(**values), tuple(values), removed,
                            self.checker)
 
-    def decode_all(self, config: etree._Element, inherited: str) -> list[SessionEdit] | None:
+    def decode_all(self, config: etree._Element, inherited: str,
+                   source: bytes | None = None) -> list[SessionEdit] | None:
         """Every child of ``config`` when all are nat-session entries of plain leaves, or
         None: then :meth:`decode`, the authority on errors, reads them one by one.
 
-        The bulk fast path. Instead of one lxml proxy per leaf, it splits lxml's own
-        serialisation of the (already parsed, so well-formed) tree at its tags, and converts
-        the values a column at a time. Anything unusual (other nodes, prefixes, attributes
-        on leaves, entities, a value that does not convert) returns None.
+        The bulk fast path. Instead of one lxml proxy per leaf, it splits text at its tags
+        and converts the values a column at a time: the request's own text (``source``, the
+        document ``config`` was parsed from) when it is written plainly, else lxml's
+        serialisation of the (already parsed, so well-formed) tree. Anything unusual (other
+        nodes, prefixes, attributes on leaves, entities, a value that does not convert)
+        returns None.
         """
+        heads = self._entry_heads(config, inherited)
+        body = _content_in(source, config) if source is not None else None
+        if body is not None:
+            edits = self._decode_text(body, heads)
+            # The count ties the text to the tree: an entry or any other node the text
+            # search missed or added makes it differ.
+            if edits is not None and len(edits) == len(config):
+                return edits
         # Attributes on leaves need no search of the tree: their start tags leave a ">" in
         # the leaf's text piece, which both readers refuse.
         text = etree.tostring(config, encoding="unicode", with_tail=False)
         start = text.find(">") + 1
         if text[start - 2] == "/":
             return []  # <config/>
-        body = text[start:text.rindex("</")]
-        heads = self._entry_heads(config, inherited)
+        return self._decode_text(text[start:text.rindex("</")], heads)
+
+    def _decode_text(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
         uniform = self._decode_uniform(body, heads)
-        if uniform is not None:
-            return uniform
-        return self._decode_layouts(body, heads)
+        return uniform if uniform is not None else self._decode_layouts(body, heads)
 
     def _decode_layouts(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
         """decode_all's path for entries of several layouts: entries grouped by layout,
@@ -343,3 +355,27 @@ def check_operation(value: str, where: str) -> str:
                        f"{', '.join(EDIT_OPERATIONS)}", type="protocol",
                        info={"bad-attribute": "operation", "bad-element": where})
     return value
+
+
+def _content_in(source: bytes, element: etree._Element) -> str | None:
+    """The text between ``element``'s start and end tags as written in ``source``, found by
+    its qualified name (its first start tag, its last end tag); None where that is not
+    plain (another encoding, an empty element). The caller checks what it reads from it."""
+    if len(source) < _RAW_MINIMUM:
+        return None  # small edits gain nothing from it
+    encoding = element.getroottree().docinfo.encoding
+    if encoding and encoding.lower() not in ("utf-8", "utf8"):
+        return None
+    tag = element.prefix + ":" + etree.QName(element).localname if element.prefix \
+        else etree.QName(element).localname
+    opening = re.search(rb"<" + re.escape(tag.encode()) + rb"[\s>/]", source)
+    if opening is None:
+        return None
+    start = source.find(b">", opening.end() - 1) + 1
+    end = source.rfind(b"</" + tag.encode())
+    if start <= 0 or source[start - 2:start] == b"/>" or end < start:
+        return None
+    try:
+        return source[start:end].decode()
+    except UnicodeDecodeError:
+        return None

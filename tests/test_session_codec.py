@@ -12,7 +12,7 @@ from lxml import etree
 from nfmig.nf_backends.base import Session
 from nfmig.server.errors import RpcError
 from nfmig.server.schema import ListEntryChecker, Schema, YangError
-from nfmig.server.session_codec import SessionDecoder, sessions_to_xml
+from nfmig.server.session_codec import SessionDecoder, _content_in, sessions_to_xml
 
 NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -210,3 +210,55 @@ def test_whole_edit_reading_leaves_anything_unusual_to_the_entry_reader(decoder,
 
 def test_whole_edit_reading_of_an_empty_config_is_empty(decoder):
     assert decoder.decode_all(config_of(), "merge") == []
+
+
+def edit_request(entries: str, before: str = "") -> bytes:
+    """An edit-config rpc as a client writes it: the model's namespace declared on config."""
+    return (f'<rpc xmlns="{NC}" message-id="1"><edit-config><target><running/></target>'
+            f'{before}<nc:config xmlns:nc="{NC}" xmlns="{NS}">{entries}</nc:config>'
+            "</edit-config></rpc>").encode()
+
+
+def config_in(request: bytes) -> etree._Element:
+    return etree.fromstring(request).find(f"{{{NC}}}edit-config/{{{NC}}}config")
+
+
+def plain_entries(n: int = 300) -> str:
+    return "".join(sessions_to_xml(uniform_sessions(n), NS)).replace(f' xmlns="{NS}"', "")
+
+
+def test_a_bulk_edit_is_read_from_the_requests_own_text(decoder):
+    request = edit_request(plain_entries())
+    assert _content_in(request, config_in(request)) == plain_entries()
+
+
+def test_reading_the_requests_text_matches_reading_the_tree(decoder):
+    request = edit_request(plain_entries())
+    config = config_in(request)
+    from_text = decoder.decode_all(config, "merge", request)
+    assert _as_tuples(from_text) == _as_tuples(decoder.decode_all(config, "merge"))
+    assert len(from_text) == 300
+
+
+@pytest.mark.parametrize("before", [
+    "<!-- <nc:config> -->",                                # the tag in a comment first
+    "<default-operation>merge</default-operation>",
+])
+def test_text_that_misleads_the_search_is_read_from_the_tree(decoder, before):
+    request = edit_request(plain_entries(), before)
+    config = config_in(request)
+    assert _as_tuples(decoder.decode_all(config, "merge", request)) == \
+        _as_tuples(decoder.decode_all(config, "merge"))
+
+
+def test_text_in_another_encoding_is_read_from_the_tree(decoder):
+    request = b'<?xml version="1.0" encoding="ISO-8859-1"?>' + edit_request(plain_entries())
+    assert _content_in(request, config_in(request)) is None
+    assert len(decoder.decode_all(config_in(request), "merge", request)) == 300
+
+
+def test_an_entry_hidden_in_a_comment_is_not_read(decoder):
+    hidden = plain_entries(1).replace("<nat-session>", "<!-- <nat-session>", 1) + " -->"
+    request = edit_request(plain_entries() + hidden)
+    config = config_in(request)
+    assert len(decoder.decode_all(config, "merge", request) or []) != 301
