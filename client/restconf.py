@@ -4,8 +4,9 @@ RESTCONF (RFC 8040/8527) with aiohttp, so a migration mixes restconf:// and netc
 How each NETCONF step is carried:
 - get-data: GET of the datastore's top-level resource (XML), with the subtree or XPath
   filter applied here to what comes back;
-- edit-config: PATCH of the datastore (plain merge, XML), whose entries may carry the NETCONF
-  operation attribute (delete, remove, replace) as in an edit-config;
+- edit-config: one YANG Patch (RFC 8072) of the datastore, one edit per entry (merge, or the
+  operation an entry's NETCONF operation attribute names: delete, remove, replace), so the
+  server applies all of it or nothing;
 - validate, commit, cancel-commit, discard-changes and the model's freeze, thaw and
   announce-migration: POST to /restconf/operations;
 - lock and unlock: RESTCONF has no locks (RFC 8040 §1.4); they do nothing, and the
@@ -19,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
+import secrets
 import ssl
 from dataclasses import replace
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 import aiohttp
@@ -38,6 +42,14 @@ XML = "application/yang-data+xml"
 CAP = "urn:ietf:params:netconf:capability:"
 _MODULES = {NAT_NS: "nfmig-nat", NC_NS: "ietf-netconf", None: "ietf-netconf"}
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
+YANG_PATCH = "application/yang-patch+xml"
+YANG_PATCH_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-patch"
+KEY_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
+SESSION_TARGET = "/nfmig-nat:nat-session="
+_SESSION_HEAD = re.compile(rf'<nat-session(?:\s+xmlns="{re.escape(NAT_NS)}"|'
+                           rf'\s+xmlns:nc="{re.escape(NC_NS)}"|\s+nc:operation="(\w+)")*\s*>')
+_SESSION_KEYS = re.compile("".join(rf"\s*<{k}>([^<]*)</{k}>" for k in KEY_LEAVES))
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._~-]*")  # RFC 3986 unreserved: no percent-encoding
 
 
 def open_connection(endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
@@ -182,11 +194,10 @@ class RestconfConnection:
         return names[namespace]
 
     def edit_config(self, body: str, target: str = "candidate") -> int:
-        """A merge of top-level nodes (entries may carry nc:operation); the request size."""
-        body = body.replace(f' xmlns="{NAT_NS}"', "")
-        document = (f'<rc:data xmlns:rc="{RESTCONF_NS}" xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">'
-                    f"{body}</rc:data>")
-        self._call("PATCH", f"/restconf/ds/ietf-datastores:{target}", document)
+        """An edit-config's content (top-level nodes, entries may carry nc:operation) as one
+        YANG Patch; the request size."""
+        document = yang_patch(body, f"nfmig-{secrets.token_hex(6)}")
+        self._call("PATCH", f"/restconf/ds/ietf-datastores:{target}", document, YANG_PATCH)
         return len(document)
 
     def simple(self, name: str, inner: str = "", ns: str | None = None) -> None:
@@ -219,6 +230,62 @@ class RestconfConnection:
             self._loop.close()
 
 
+def yang_patch(body: str, patch_id: str) -> str:
+    """The YANG Patch document (XML) of an edit-config's content: one edit per top-level
+    node. Entries written the usual way are cut from the text; anything else is read as XML."""
+    edits = _session_edits(body)
+    if edits is None:
+        edits = _tree_edits(body)
+    return (f'<yang-patch xmlns="{YANG_PATCH_NS}"><patch-id>{patch_id}</patch-id>'
+            f'{"".join(edits)}</yang-patch>')
+
+
+def _edit(number: int, operation: str, target: str, value: str | None) -> str:
+    return (f"<edit><edit-id>{number}</edit-id><operation>{operation}</operation>"
+            f"<target>{escape(target)}</target>"
+            + (f"<value>{value}</value></edit>" if value is not None else "</edit>"))
+
+
+def _session_edits(body: str) -> list[str] | None:
+    """The edits of nat-session entries as the migrator writes them (a head of known
+    attributes, unprefixed leaves, keys first); None for anything else."""
+    chunks = body.split("</nat-session>")
+    if chunks.pop().strip():
+        return None
+    own = f'<nat-session xmlns="{NAT_NS}">'
+    edits = []
+    for number, chunk in enumerate(chunks, 1):
+        head = _SESSION_HEAD.fullmatch(chunk, 0, chunk.find(">") + 1)
+        keys = _SESSION_KEYS.match(chunk, head.end()) if head else None
+        if keys is None or "&" in chunk:
+            return None
+        operation = head.group(1) or "merge"
+        target = SESSION_TARGET + ",".join(
+            v if _PLAIN_KEY.fullmatch(v) else quote(v, safe="") for v in keys.groups())
+        value = None if operation in ("delete", "remove") else \
+            f"{own}{chunk[head.end():]}</nat-session>"
+        edits.append(_edit(number, operation, target, value))
+    return edits
+
+
+def _tree_edits(body: str) -> list[str]:
+    root = etree.fromstring(f'<x xmlns="{NAT_NS}" xmlns:nc="{NC_NS}">{body}</x>'.encode(),
+                            parser=_PARSER)
+    edits = []
+    for number, node in enumerate((c for c in root if isinstance(c.tag, str)), 1):
+        operation = node.attrib.pop(f"{{{NC_NS}}}operation", "merge")
+        qname = etree.QName(node)
+        target = f"/{_MODULES.get(qname.namespace, 'nfmig-nat')}:{qname.localname}"
+        if qname.localname == "nat-session":
+            target += "=" + ",".join(quote((node.findtext(f"{{{NAT_NS}}}{k}") or "").strip(),
+                                           safe="") for k in KEY_LEAVES)
+        etree.cleanup_namespaces(node)
+        value = None if operation in ("delete", "remove") else \
+            etree.tostring(node, encoding="unicode", with_tail=False)
+        edits.append(_edit(number, operation, target, value))
+    return edits
+
+
 def _resource_text(text: str) -> str:
     """The content of a RESTCONF XML reply as top-level nodes (a datastore's <data> opened)."""
     start = text.find("<data")
@@ -232,7 +299,10 @@ def _rpc_error(status: int, text: str) -> RPCError:
     """A RESTCONF errors document as the NETCONF client's RPCError (first error)."""
     try:
         root = etree.fromstring(text.encode(), parser=_PARSER)
+        # an errors document, or a yang-patch-status whose errors use its namespace
         error = root.find(f"{{{RESTCONF_NS}}}error")
+        if error is None:
+            error = root.find(f"{{{YANG_PATCH_NS}}}errors/{{{YANG_PATCH_NS}}}error")
     except etree.XMLSyntaxError:
         error = None
     fields = {"error-type": "application", "error-tag": "operation-failed",

@@ -340,6 +340,8 @@ class Datastores:
         changes: dict[tuple, Session | None] = {}
         failed: list[RpcError] = []
         for key, edit in seen.items():
+            if edit.operation == "remove" and current.get(key) is None:
+                continue  # removing what is not there changes nothing (RFC 6241 7.2)
             try:
                 changes[key] = self._plan_entry(edit, current.get(key))
             except RpcError as exc:

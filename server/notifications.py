@@ -85,6 +85,8 @@ class NotificationHub:
         self.namespace = namespace
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()
+        # Sees every notification published, subscribers or not (a replay log).
+        self.recorder: Send | None = None
 
     # -- subscriptions -----------------------------------------------------------------
     def subscribe(self, session_id: int, send: Send, selector: etree._Element | None) -> None:
@@ -113,11 +115,14 @@ class NotificationHub:
     def publish(self, content: str) -> None:
         """Send one notification whose content (the model's notification element) is
         ``content`` to every subscriber whose filter selects it."""
+        recorder = self.recorder
+        head = f'<notification xmlns="{NOTIF_NS}"><eventTime>{event_time()}</eventTime>'
+        if recorder is not None:  # first: a subscriber that replays from it misses nothing
+            recorder(f"{head}{content}</notification>")
         with self._lock:
             subscriptions = list(self._subscriptions.values())
         if not subscriptions:
             return
-        head = f'<notification xmlns="{NOTIF_NS}"><eventTime>{event_time()}</eventTime>'
         for subscription in subscriptions:
             selected = _select(content, subscription.selector)
             if selected:

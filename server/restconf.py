@@ -13,7 +13,6 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ from lxml import etree
 from . import errors
 from .auth import User, verify_password
 from .errors import RpcError, RpcErrors
-from .notifications import NOTIF_NS
 from .operations import Operations
 from .restconf_codec import (
     JSON,
@@ -46,16 +44,10 @@ from .restconf_codec import (
     remember_namespaces,
     status_of,
 )
-from .restconf_handlers import (
-    Query,
-    Resources,
-    check_datastore,
-    check_insert,
-    etag,
-    not_found,
-    uri_of,
-)
+from .restconf_handlers import Resources, check_datastore, etag, uri_of
 from .restconf_patch import apply_yang_patch
+from .restconf_query import Query, check_insert, not_found
+from .restconf_streams import BASE_MARK, EventStreams
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +200,7 @@ class RestconfListener:
             return
 
         async def stop() -> None:
-            self.routes.close_streams()
+            self.routes.streams.close()
             if self._runner is not None:
                 await self._runner.cleanup()
 
@@ -240,7 +232,6 @@ YANG_PATCH = {"application/yang-patch+json": JSON, "application/yang-patch+xml":
 PLAIN = {JSON: JSON, XML: XML, "application/json": JSON, "application/xml": XML}
 READ_PARAMS = ("content", "depth", "fields", "with-defaults")
 DATA_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-STREAM = "NETCONF"
 _ETAG_MEMORY = 4096
 
 
@@ -251,8 +242,8 @@ class Routes:
         self.r = resources
         self.ops = operations
         self._first_seen: dict[str, float] = {}  # entity tag -> when first served
-        self._streams: dict[int, asyncio.Queue] = {}
-        self._stream_ids = itertools.count(2**31)
+        self.streams = EventStreams(operations.hub, resources.index, resources.json)
+        resources.state_extra.append(self.streams.state_node())
         # The yang-library names the modules' files; RESTCONF clients get them by URL
         # instead (RFC 8040 §3.7), from /restconf/modules.
         self._schema_files = f"file://{resources.schema.yang_dir}/"
@@ -269,7 +260,7 @@ class Routes:
         router.add_route("*", "/restconf/operations/{name}", self.operation)
         router.add_get("/restconf/modules/{name}", self.module)
         router.add_get("/restconf/modules/{name}/{revision}", self.module)
-        router.add_get("/restconf/streams/{stream}/{encoding}", self.stream)
+        router.add_get("/restconf/streams/{stream}/{encoding}", self.streams.stream)
         router.add_route("*", r"/restconf/data{rest:(/.*)?}", self.data)
         router.add_route("*", r"/restconf/ds/{ds:[^/]+}{rest:(/.*)?}", self.datastore)
 
@@ -363,6 +354,8 @@ class Routes:
         if self._schema_files in (body.text or ""):
             body.text = self._schema_urls.sub(
                 f"{request.scheme}://{request.host}/restconf/modules/\\1/\\2", body.text)
+        if BASE_MARK in (body.text or ""):
+            body.text = body.text.replace(BASE_MARK, f"{request.scheme}://{request.host}")
         tag = etag(body.text or "")
         if tag in _tags(request.headers.get("If-None-Match")):
             return web.Response(status=304, headers={"ETag": tag})
@@ -503,49 +496,6 @@ class Routes:
                 self._first_seen.clear()
             seen = self._first_seen[tag] = time.time()
         return http_date(seen)
-
-    # -- event stream ------------------------------------------------------------------
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        stream, encoding = request.match_info["stream"], request.match_info["encoding"]
-        if stream != STREAM or encoding not in ("json", "xml"):
-            raise not_found(f"no stream {stream}/{encoding}; this server has "
-                            f"/restconf/streams/{STREAM}/json and .../xml")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        sid = next(self._stream_ids)
-
-        def deliver(message: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
-
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        self.ops.hub.subscribe(sid, deliver, None)
-        self._streams[sid] = queue
-        try:
-            await response.write(b": subscribed\n\n")
-            while (message := await queue.get()) is not None:
-                text = message if encoding == "xml" else self._notification_json(message)
-                lines = "".join(f"data: {line}\n" for line in text.splitlines())
-                await response.write(f"{lines}\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self._streams.pop(sid, None)
-            self.ops.hub.unsubscribe(sid)
-        return response
-
-    def _notification_json(self, message: str) -> str:
-        root = etree.fromstring(message.encode())
-        event_time = root.findtext(f"{{{NOTIF_NS}}}eventTime")
-        content = [c for c in root if c.tag != f"{{{NOTIF_NS}}}eventTime"]
-        members = self.r.json.members(content, None)
-        return json.dumps({"ietf-restconf:notification": {"eventTime": event_time,
-                                                          **members}})
-
-    def close_streams(self) -> None:
-        for queue in list(self._streams.values()):
-            queue.put_nowait(None)
 
 
 async def _blocking(fn, *args):

@@ -26,6 +26,9 @@ from .schema import Schema, module_ns
 
 RESTCONF_NS = "urn:ietf:params:xml:ns:yang:ietf-restconf"
 JSON = "application/yang-data+json"
+WD_NS = "urn:ietf:params:xml:ns:netconf:default:1.0"  # RFC 6243's default attribute
+WD_DEFAULT = f"{{{WD_NS}}}default"
+WD_ANNOTATION = {"ietf-netconf-with-defaults:default": True}  # the same, RFC 7952 JSON
 XML = "application/yang-data+xml"
 _NUMBER = {libyang.Type.INT8, libyang.Type.INT16, libyang.Type.INT32, libyang.Type.UINT8,
            libyang.Type.UINT16, libyang.Type.UINT32}
@@ -260,6 +263,8 @@ class JsonWriter:
                 out.setdefault(name, []).append(value)
             else:
                 out[name] = value
+                if node.kind == "leaf" and el.get(WD_DEFAULT) == "true":
+                    out[f"@{name}"] = WD_ANNOTATION
         return out
 
     def _node_of(self, qname: etree.QName, parent: Node | None) -> Node | None:
@@ -304,7 +309,16 @@ class XmlWriter:
             raise errors.invalid_value(f"{path or '/'}: expected a JSON object",
                                        path=path or None)
         out = []
+        children = self.index.children(parent) if parent is not None else None
         for name, value in obj.items():
+            node = children.get(name) if children is not None else None
+            if node is not None and node.kind == "leaf" and node.value != "identityref":
+                # the common case, a plain leaf of the parent's module, without detours
+                text = _LEAF_TEXT.get((node.value, type(value)), _no_text)(value)
+                if text is None:
+                    text = self.value(value, node, f"{path}/{name}")
+                out.append(f"<{name}>{text}</{name}>")
+                continue
             node = self._node_of(name, parent, path)
             xmlns = f' xmlns="{node.ns}"' if parent is None or parent.ns != node.ns else ""
             where = f"{path}/{name}"
@@ -374,6 +388,22 @@ class XmlWriter:
                                        f"(RFC 7951), not {json.dumps(value)}", path=where,
                                        info={"bad-element": node.name})
         return escape(str(value))
+
+
+def _string_text(value: str) -> str:
+    return escape(value) if "&" in value or "<" in value or ">" in value else value
+
+
+def _no_text(value) -> None:
+    return None
+
+
+# The XML text of a leaf's JSON value by (value kind, JSON type), when that pair is valid as
+# it stands; other pairs go through XmlWriter.value, which refuses them with the reason.
+_LEAF_TEXT: dict[tuple[str, type], Callable] = {
+    ("number", int): str, ("text-number", str): _string_text, ("string", str): _string_text,
+    ("text-number", int): str, ("boolean", bool): lambda v: "true" if v else "false",
+}
 
 
 # -- nat-session as JSON, column-wise ------------------------------------------------------

@@ -34,9 +34,20 @@ from .restconf_codec import (
     parse_api_path,
     sessions_to_json,
 )
+from .restconf_query import (
+    Query,
+    bad_request,
+    not_found,
+    parse_fields,
+    print_with_defaults,
+    prune_fields,
+    tag_defaults,
+)
+from .schema import _PARSE_LOCK as _SCHEMA_LOCK
 from .session_codec import NC_NS, sessions_to_xml
 
 DATASTORES = ("running", "candidate", "startup", "operational")
+MONITORING = "ietf-restconf-monitoring"  # RFC 8040 §9: a RESTCONF server implements it
 SESSION = "nfmig-nat:nat-session"
 # The RPCs RESTCONF offers: the model's own and the NETCONF ones that make sense without a
 # session (no lock: a RESTCONF request is its own session; RFC 8040 §1.4).
@@ -49,59 +60,6 @@ OPERATIONS = ("ietf-netconf:commit", "ietf-netconf:cancel-commit",
 RESTCONF_SESSION_ID = 2**31 - 1
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True,
                           remove_comments=True)
-
-
-def not_found(message: str, path: str | None = None) -> RpcError:
-    error = errors.invalid_value(message, path=path)
-    error.status = 404  # RFC 8040 §7: invalid-value is 404 when the resource is not there
-    return error
-
-
-def bad_request(message: str, parameter: str) -> RpcError:
-    return errors.invalid_value(message, info={"bad-element": parameter})
-
-
-@dataclass
-class Query:
-    """The query parameters of a read (RFC 8040 §4.8)."""
-
-    content: str = "all"
-    depth: int | None = None
-    fields: str | None = None
-    with_defaults: str | None = None
-
-    @classmethod
-    def parse(cls, params, allowed: tuple[str, ...]) -> Query:
-        for name in params:
-            if name not in allowed:
-                raise bad_request(f"query parameter {name!r} is not allowed here "
-                                  f"(allowed: {', '.join(allowed) or 'none'})", name)
-            if len(params.getall(name)) > 1:
-                raise bad_request(f"query parameter {name!r} appears more than once", name)
-        query = cls()
-        content = params.get("content", "all")
-        if content not in ("all", "config", "nonconfig"):
-            raise bad_request("content is all, config or nonconfig", "content")
-        query.content = content
-        depth = params.get("depth", "unbounded")
-        if depth != "unbounded":
-            if not depth.isdigit() or not 1 <= int(depth) <= 65535:
-                raise bad_request("depth is 1..65535 or unbounded", "depth")
-            query.depth = int(depth)
-        query.fields = params.get("fields")
-        if query.fields is not None and not query.fields.strip():
-            raise bad_request("fields is empty", "fields")
-        wd = params.get("with-defaults")
-        if wd is not None and wd not in ("report-all", "trim", "explicit"):
-            raise bad_request("with-defaults is report-all, trim or explicit (report-all-"
-                              "tagged is not supported)", "with-defaults")
-        query.with_defaults = wd
-        return query
-
-    @property
-    def plain(self) -> bool:
-        return self.depth is None and self.fields is None and self.with_defaults in (
-            None, "explicit")
 
 
 @dataclass
@@ -119,7 +77,9 @@ class Resources:
         self.ops = ops
         self.ds: Datastores = ops.ds
         self.schema = ops.schema
+        implement(ops.schema, MONITORING)
         self.index = SchemaIndex(ops.schema)
+        self.state_extra: list[TopNode] = []  # state only RESTCONF has (restconf-state)
         self.json = JsonWriter(self.index)
         self.xml = XmlWriter(self.index)
 
@@ -136,7 +96,7 @@ class Resources:
             return self._read_fast(datastore, target, query, media)
         nodes = self._top_nodes(datastore, target, query.content)
         data = self._tree(nodes)
-        if query.with_defaults in ("report-all", "trim"):
+        if query.with_defaults in ("report-all", "trim", "report-all-tagged"):
             self._defaults(data, query.with_defaults)
         picked = self._select(data, target)
         if query.depth is not None:
@@ -146,9 +106,7 @@ class Resources:
             limit_depth(holder, query.depth)
             picked = list(holder)
         if query.fields is not None:
-            wanted = parse_fields(query.fields)
-            for el in picked:
-                prune_fields(el, wanted)
+            picked = self._fields(picked, target, parse_fields(query.fields))
         return self._render(picked, target, media)
 
     def _read_fast(self, datastore: str, target: Target, query: Query, media: str) -> Body:
@@ -183,6 +141,7 @@ class Resources:
                                           else datastore)
         if datastore == "operational" and content != "config":
             nodes += self.ops.state_nodes()
+            nodes += self.state_extra
         if target.steps:
             top = target.steps[0].node
             nodes = [n for n in nodes if n.name is None or (n.name, n.namespace) == (top.name,
@@ -226,23 +185,43 @@ class Resources:
                             target.instance_path())
         return found
 
+    def _fields(self, picked: list[etree._Element], target: Target, wanted: dict
+                ) -> list[etree._Element]:
+        """fields on the resource (or, for a datastore, on its top-level nodes)."""
+        if target.steps:
+            for el in picked:
+                prune_fields(el, wanted, target.node, self.index)
+            return picked
+        kept = []
+        for el in picked:
+            qname = etree.QName(el)
+            if qname.localname in wanted:
+                node = self.index.top.get(f"{self.index.module_of.get(qname.namespace)}:"
+                                          f"{qname.localname}")
+                if wanted[qname.localname]:
+                    prune_fields(el, wanted[qname.localname], node, self.index)
+                kept.append(el)
+        return kept
+
     def _defaults(self, data: etree._Element, mode: str) -> None:
-        """with-defaults report-all / trim on the (small) policy container, by libyang."""
+        """with-defaults on the (small) policy container, printed by libyang: report-all,
+        trim, or report-all-tagged (RFC 6243 §3.4: the default attribute on every node
+        trim would leave out)."""
         policy = data.find(f"{{{self.ds.ns}}}nat-policy")
         tree = None
-        if policy is None and mode == "report-all":
+        if policy is None and mode != "trim":
             tree = self.schema.parse_xml(f'<nat-policy xmlns="{self.ds.ns}"/>')
         elif policy is not None:
             tree = self.schema.parse_xml(etree.tostring(policy))
         if tree is None:
             return
         try:
-            text = tree.print_mem("xml", with_siblings=True, pretty=False,
-                                  include_implicit_defaults=mode == "report-all",
-                                  trim_default_values=mode == "trim")
+            text = print_with_defaults(tree, mode)
         finally:
             tree.free()
         new = etree.fromstring(text) if text else None
+        if new is not None and mode == "report-all-tagged":
+            tag_defaults(new)
         if policy is not None:
             if new is None:
                 data.remove(policy)
@@ -339,6 +318,13 @@ class Resources:
         self.ds.edit(datastore, config, EditOptions(default_operation=default_operation),
                      RESTCONF_SESSION_ID)
 
+    def edit_config(self, datastore: str, config: etree._Element) -> None:
+        """An edit of ``config``'s children (operations as nc:operation), merged."""
+        if datastore not in ("running", "candidate"):
+            raise errors.not_supported(f"{datastore} cannot be edited this way",
+                                       type="application")
+        self.ds.edit(datastore, config, EditOptions(), RESTCONF_SESSION_ID)
+
     def replace_datastore(self, datastore: str, inner: list[etree._Element]) -> None:
         body = "".join(etree.tostring(e, encoding="unicode") for e in inner)
         config = etree.fromstring(f"<config>{body}</config>".encode(), parser=_PARSER)
@@ -360,13 +346,14 @@ class Resources:
                 if found is None:
                     inner[0].insert(0, etree.Element(f"{{{node.ns}}}{name}"))
                     inner[0][0].text = value
-                elif found.strip() != value and not self._same_key(name, found, value):
+                elif found.strip() != value and not self.same_key(name, found, value):
                     raise bad_request(f"key {name} is {found!r} in the body but {value!r} in "
                                       "the URI", name)
         elif keys and (inner[0].text or "").strip() != keys[0]:
             raise bad_request("the leaf-list value differs from the URI's", node.name)
 
-    def _same_key(self, name: str, a: str, b: str) -> bool:
+    def same_key(self, name: str, a: str, b: str) -> bool:
+        """Whether two texts of key leaf ``name`` are the same value (e.g. IPv6 forms)."""
         leaf = self.ds.decoder.checker.leaves.get(name)
         try:
             return leaf is not None and leaf.convert(a) == leaf.convert(b)
@@ -446,69 +433,15 @@ def etag(text: str) -> str:
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:20] + '"'
 
 
-# -- fields (RFC 8040 §4.8.3) -------------------------------------------------------------
-def parse_fields(expr: str) -> dict:
-    """``a;b/c;d(e;f)`` as nested dicts of the names selected."""
-    pos = 0
-
-    def parse_list(end: str | None) -> dict:
-        nonlocal pos
-        out: dict = {}
-        while True:
-            node = parse_path()
-            for k, v in node.items():
-                out[k] = merge(out.get(k), v)
-            if pos < len(expr) and expr[pos] == ";":
-                pos += 1
-                continue
-            if end and pos < len(expr) and expr[pos] == end:
-                pos += 1
-                return out
-            if end is None and pos == len(expr):
-                return out
-            raise bad_request(f"fields {expr!r} is not a valid fields expression", "fields")
-
-    def parse_path() -> dict:
-        nonlocal pos
-        start = pos
-        while pos < len(expr) and expr[pos] not in ";/()":
-            pos += 1
-        name = expr[start:pos].split(":")[-1]
-        if not name:
-            raise bad_request(f"fields {expr!r} has an empty name", "fields")
-        sub: dict = {}
-        if pos < len(expr) and expr[pos] == "/":
-            pos += 1
-            sub = parse_path()
-        elif pos < len(expr) and expr[pos] == "(":
-            pos += 1
-            sub = parse_list(")")
-        return {name: sub}
-
-    def merge(a: dict | None, b: dict) -> dict:
-        if a is None:
-            return b
-        if not a or not b:
-            return {}
-        merged = dict(a)
-        for k, v in b.items():
-            merged[k] = merge(a.get(k), v)
-        return merged
-
-    return parse_list(None)
-
-
-def prune_fields(el: etree._Element, wanted: dict) -> None:
-    """Keep only the children ``wanted`` selects ({} below a name: all of it)."""
-    for child in list(el):
-        if not isinstance(child.tag, str):
-            continue
-        name = etree.QName(child).localname
-        if name in wanted:
-            if wanted[name]:
-                prune_fields(child, wanted[name])
-        else:
-            el.remove(child)
+def implement(schema, module: str) -> None:
+    """Make ``module`` (from the server's yang directory) implemented in its context, once.
+    Loading compiles only that module: the compiled nodes data trees point to stay."""
+    loaded = schema.ctx.get_module(module) if module in {m.name() for m in schema.ctx} \
+        else None
+    if loaded is not None and loaded.implemented():
+        return
+    with _SCHEMA_LOCK:
+        schema.ctx.load_module(module)
 
 
 def check_datastore(name: str) -> str:
@@ -516,32 +449,6 @@ def check_datastore(name: str) -> str:
         raise not_found(f"no datastore {name!r}; this server has "
                         f"{', '.join('ietf-datastores:' + d for d in DATASTORES)}")
     return name
-
-
-def check_insert(query, node: Node | None) -> None:
-    """insert/point (RFC 8040 §4.8.5, §4.8.6): only for ordered-by user lists, which this
-    model has none of; checked so a client learns that, not silently ignored."""
-    insert = query.get("insert")
-    point = query.get("point")
-    for name in query:
-        if name not in ("insert", "point"):
-            raise errors.invalid_value(f"query parameter {name!r} is not allowed here",
-                                       info={"bad-element": name})
-    if insert is None and point is None:
-        return
-    if insert is not None and insert not in ("first", "last", "before", "after"):
-        raise errors.invalid_value("insert is first, last, before or after",
-                                   info={"bad-element": "insert"})
-    if insert in ("before", "after") and point is None:
-        raise errors.invalid_value(f"insert={insert} needs point",
-                                   info={"bad-element": "point"})
-    if point is not None and insert not in ("before", "after"):
-        raise errors.invalid_value("point goes only with insert=before or after",
-                                   info={"bad-element": "point"})
-    if node is None or not node.user_ordered:
-        raise errors.invalid_value(f"{getattr(node, 'name', 'the datastore')} is not an "
-                                   "ordered-by user list; insert and point do not apply",
-                                   info={"bad-element": "insert"})
 
 
 assert set(CONFIG_DATASTORES) < set(DATASTORES)

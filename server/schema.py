@@ -32,6 +32,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "ietf-datastores": (),
     "ietf-origin": (),
     "ietf-netconf-with-defaults": (),
+    "ietf-restconf-monitoring": (),
 }
 
 # libyang keeps its error list per context, so parses on one context are serialised.

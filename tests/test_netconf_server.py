@@ -117,6 +117,13 @@ def test_delete_operation_removes_a_session(nc):
     assert sessions_of(nc, "10.9.2.1") == []
 
 
+def test_remove_of_a_missing_session_changes_nothing_and_succeeds(nc):
+    remove = session_xml(src="10.9.2.2", attrs=op_attr("remove"))
+    nc.edit_config(target="running", config=config(session_xml(src="10.9.2.3"), remove))
+    assert sessions_of(nc, "10.9.2.2") == []
+    assert len(sessions_of(nc, "10.9.2.3")) == 1
+
+
 def test_candidate_changes_reach_running_only_on_commit(nc):
     nc.edit_config(target="candidate", config=config(session_xml(src="10.9.3.1")))
     assert sessions_of(nc, "10.9.3.1") == []

@@ -206,6 +206,74 @@ def test_with_defaults_report_all_adds_the_default_timeouts(rc):
     assert full["nfmig-nat:nat-policy"]["timeouts"]["udp"] == 120
 
 
+POLICY = "/restconf/data/nfmig-nat:nat-policy"
+WD = "urn:ietf:params:xml:ns:netconf:default:1.0"
+TAGGED = {"ietf-netconf-with-defaults:default": True}
+
+
+def set_policy(rc, **leaves):
+    reply = rc.request("PUT", POLICY, {"nfmig-nat:nat-policy": {
+        "external-address": ["192.0.2.1"], **leaves}})
+    assert reply.status in (201, 204), reply.text
+
+
+def test_with_defaults_report_all_tagged_annotates_defaults_in_json(rc, tmp_path):
+    set_policy(rc)
+    reply = rc.get(f"{POLICY}?with-defaults=report-all-tagged")
+    policy = reply.json()["nfmig-nat:nat-policy"]
+    assert policy["timeouts"]["udp"] == 120 and policy["timeouts"]["@udp"] == TAGGED
+    assert policy["@port-max"] == TAGGED
+    assert "@external-address" not in policy  # set, and not a default
+    assert_valid(reply, tmp_path, "get")
+
+
+def test_with_defaults_report_all_tagged_tags_a_leaf_set_to_its_default(rc):
+    set_policy(rc, **{"port-min": 1024})  # RFC 6243 §3.4: what trim would leave out
+    policy = rc.get(f"{POLICY}?with-defaults=report-all-tagged").json()[
+        "nfmig-nat:nat-policy"]
+    assert policy["port-min"] == 1024 and policy["@port-min"] == TAGGED
+
+
+def test_with_defaults_report_all_tagged_uses_the_rfc_6243_attribute_in_xml(rc):
+    set_policy(rc, **{"port-min": 2000})
+    root = etree.fromstring(rc.get(f"{POLICY}?with-defaults=report-all-tagged",
+                                   accept=XML).text.encode())
+    assert root.find(f"{{{NAT}}}timeouts/{{{NAT}}}udp").get(f"{{{WD}}}default") == "true"
+    assert root.find(f"{{{NAT}}}port-max").get(f"{{{WD}}}default") == "true"
+    assert root.find(f"{{{NAT}}}port-min").get(f"{{{WD}}}default") is None
+
+
+def test_with_defaults_trim_leaves_out_a_leaf_set_to_its_default(rc):
+    set_policy(rc, **{"port-min": 1024})
+    trimmed = rc.get(f"{POLICY}?with-defaults=trim").json()["nfmig-nat:nat-policy"]
+    explicit = rc.get(f"{POLICY}?with-defaults=explicit").json()["nfmig-nat:nat-policy"]
+    assert "port-min" not in trimmed and explicit["port-min"] == 1024
+    assert "timeouts" not in explicit
+
+
+def test_with_defaults_of_another_value_is_400(rc, tmp_path):
+    assert_error(rc.get(f"{POLICY}?with-defaults=all"), 400, "invalid-value", tmp_path)
+
+
+def test_fields_keep_the_list_keys_so_the_reply_stays_valid(rc, tmp_path):
+    reply = rc.get(f"{SESSION}?fields=translated_port")
+    sessions = reply.json()["nfmig-nat:nat-session"]
+    assert sessions and all(set(s) <= {"protocol", "src_address", "src_port", "dst_address",
+                                       "dst_port", "translated_port"} and
+                            {"protocol", "src_port", "dst_port"} <= set(s) for s in sessions)
+    assert any("translated_port" in s for s in sessions)
+    assert_valid(reply, tmp_path, "get")
+
+
+def test_fields_on_the_datastore_select_top_level_nodes_and_keep_keys(rc, tmp_path):
+    reply = rc.get("/restconf/data?fields=nfmig-nat:nat-session(timeout)")
+    data = reply.json()["ietf-restconf:data"]
+    assert list(data) == ["nfmig-nat:nat-session"]
+    assert all(set(s) == {"protocol", "src_address", "src_port", "dst_address", "dst_port",
+                          "timeout"} for s in data["nfmig-nat:nat-session"])
+    assert_valid(reply, tmp_path, "get")
+
+
 def test_unknown_query_parameter_is_400(rc, tmp_path):
     assert_error(rc.get("/restconf/data?colour=blue"), 400, "invalid-value", tmp_path)
 

@@ -1,0 +1,236 @@
+"""YANG Patch (RFC 8072) through a real server: the bulk form the migrator sends and the
+general one give the same result, every edit or none applies, and the migrator's RESTCONF
+end writes one patch per edit-config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lxml import etree
+from ncclient.operations.rpc import RPCError
+from nfmig.client.endpoints import Credentials, Endpoint
+from nfmig.client.restconf import RestconfConnection, yang_patch
+from nfmig.client.selection import entries_xml, parse_entries, removal_xml, replacement_xml
+
+from .restconf_client import Restconf, start_with_restconf, yanglint_errors
+
+NAT = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
+YP = "urn:ietf:params:xml:ns:yang:ietf-yang-patch"
+PATCH_XML = "application/yang-patch+xml"
+PATCH_JSON = "application/yang-patch+json"
+SESSION = "/restconf/data/nfmig-nat:nat-session"
+
+
+@pytest.fixture(scope="module")
+def rc(tmp_path_factory):
+    server, port = start_with_restconf(tmp_path_factory.mktemp("patch"), "--sessions", "0")
+    yield Restconf(server, port)
+    server.stop()
+
+
+def key(port: int, src: str = "10.6.0.1") -> str:
+    return f"TCP,{src},{port},198.51.100.6,443"
+
+
+def entry_xml(port: int, src: str = "10.6.0.1", prefix: str = "") -> str:
+    """An entry whose translated port (30000 + port) no other entry of these tests uses."""
+    translated = 30000 + port
+    p = f"{prefix}:" if prefix else ""
+    decl = f'xmlns:{prefix}="{NAT}"' if prefix else f'xmlns="{NAT}"'
+    leaves = (("protocol", "TCP"), ("src_address", src), ("src_port", port),
+              ("dst_address", "198.51.100.6"), ("dst_port", 443),
+              ("translated_address", "192.0.2.6"), ("translated_port", translated))
+    return (f"<{p}nat-session {decl}>" + "".join(f"<{p}{n}>{v}</{p}{n}>" for n, v in leaves)
+            + f"</{p}nat-session>")
+
+
+def patch_xml(*edits: tuple[str, str, str, str | None], patch_id: str = "p") -> str:
+    body = "".join(f"<edit><edit-id>{i}</edit-id><operation>{op}</operation><target>{t}"
+                   f"</target>{f'<value>{v}</value>' if v else ''}</edit>"
+                   for i, op, t, v in edits)
+    return f'<yang-patch xmlns="{YP}"><patch-id>{patch_id}</patch-id>{body}</yang-patch>'
+
+
+def ports(rc: Restconf) -> set[int]:
+    reply = rc.get(SESSION)
+    if reply.status == 404:
+        return set()
+    return {s["src_port"] for s in reply.json().get("nfmig-nat:nat-session", [])
+            if s["src_address"].startswith("10.6.")}
+
+
+def status_of(reply) -> etree._Element:
+    return etree.fromstring(reply.text.encode())
+
+
+def test_xml_patch_of_many_entries_creates_them_all(rc):
+    edits = [(str(p), "create", f"/nfmig-nat:nat-session={key(p)}", entry_xml(p))
+             for p in range(1000, 1300)]
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(*edits), content_type=PATCH_XML)
+    assert reply.status == 200, reply.text
+    assert status_of(reply).find(f"{{{YP}}}ok") is not None
+    assert set(range(1000, 1300)) <= ports(rc)
+    got = rc.get(f"{SESSION}={key(1005)}").json()["nfmig-nat:nat-session"][0]
+    assert got["translated_port"] == 31005
+
+
+def test_xml_patch_remove_edits_delete_entries(rc):
+    rc.request("PATCH", "/restconf/data", patch_xml(
+        ("a", "create", f"/nfmig-nat:nat-session={key(1400)}", entry_xml(1400)),
+        ("b", "create", f"/nfmig-nat:nat-session={key(1401)}", entry_xml(1401))),
+        content_type=PATCH_XML)
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(
+        ("a", "remove", f"/nfmig-nat:nat-session={key(1400)}", None),
+        ("b", "delete", f"/nfmig-nat:nat-session={key(1401)}", None)),
+        content_type=PATCH_XML)
+    assert reply.status == 200, reply.text
+    assert not {1400, 1401} & ports(rc)
+
+
+def test_prefixed_xml_values_take_the_general_path_with_the_same_result(rc):
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(
+        ("1", "create", f"/nfmig-nat:nat-session={key(1500)}",
+         entry_xml(1500, prefix="n"))), content_type=PATCH_XML)
+    assert reply.status == 200, reply.text
+    got = rc.get(f"{SESSION}={key(1500)}").json()["nfmig-nat:nat-session"][0]
+    assert got["translated_port"] == 31500
+
+
+def test_a_pretty_printed_patch_with_an_xml_declaration_applies(rc):
+    text = patch_xml(("1", "create", f"/nfmig-nat:nat-session={key(1550)}",
+                      entry_xml(1550))).replace("<edit>", "\n  <edit>\n    ")
+    reply = rc.request("PATCH", "/restconf/data", '<?xml version="1.0"?>\n' + text + "\n",
+                       content_type=PATCH_XML)
+    assert reply.status == 200, reply.text
+    assert 1550 in ports(rc)
+
+
+def test_a_patch_that_is_not_well_formed_is_400_malformed_message(rc):
+    text = patch_xml(("1", "create", f"/nfmig-nat:nat-session={key(1560)}",
+                      entry_xml(1560).replace("</translated_port>", "</translated>")))
+    reply = rc.request("PATCH", "/restconf/data", text, content_type=PATCH_XML)
+    assert reply.status == 400, reply.text
+    assert status_of(reply).findtext(f".//{{{YP}}}error-tag") == "malformed-message"
+    assert 1560 not in ports(rc)
+
+
+def test_a_key_differing_between_target_and_value_is_400_and_nothing_applies(rc, tmp_path):
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(
+        ("1", "create", f"/nfmig-nat:nat-session={key(1600)}", entry_xml(1600)),
+        ("2", "create", f"/nfmig-nat:nat-session={key(1601)}", entry_xml(1602))),
+        content_type=PATCH_XML)
+    assert reply.status == 400, reply.text
+    error = status_of(reply).find(f".//{{{YP}}}error")
+    assert error.findtext(f"{{{YP}}}error-tag") == "invalid-value"
+    assert "src_port" in error.findtext(f"{{{YP}}}error-message")
+    assert not {1600, 1601, 1602} & ports(rc)
+
+
+def test_a_repeated_edit_id_is_400(rc):
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(
+        ("1", "create", f"/nfmig-nat:nat-session={key(1700)}", entry_xml(1700)),
+        ("1", "create", f"/nfmig-nat:nat-session={key(1701)}", entry_xml(1701))),
+        content_type=PATCH_XML)
+    assert reply.status == 400, reply.text
+    assert not {1700, 1701} & ports(rc)
+
+
+def test_a_delete_with_a_value_is_400(rc):
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(
+        ("1", "delete", f"/nfmig-nat:nat-session={key(1800)}", entry_xml(1800))),
+        content_type=PATCH_XML)
+    assert reply.status == 400, reply.text
+
+
+def test_create_of_an_existing_entry_is_409_data_exists(rc):
+    edit = ("1", "create", f"/nfmig-nat:nat-session={key(1900)}", entry_xml(1900))
+    rc.request("PATCH", "/restconf/data", patch_xml(edit), content_type=PATCH_XML)
+    reply = rc.request("PATCH", "/restconf/data", patch_xml(edit), content_type=PATCH_XML)
+    assert reply.status == 409, reply.text
+    assert status_of(reply).findtext(f".//{{{YP}}}error-tag") == "data-exists"
+
+
+def test_json_patch_takes_numbers_for_the_keys_the_target_writes_as_text(rc):
+    e = {"protocol": "TCP", "src_address": "10.6.0.1", "src_port": 2000,
+         "dst_address": "198.51.100.6", "dst_port": 443, "translated_port": 42000}
+    reply = rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
+        "patch-id": "j", "edit": [{"edit-id": "1", "operation": "merge",
+                                   "target": f"/nfmig-nat:nat-session={key(2000)}",
+                                   "value": {"nfmig-nat:nat-session": [e]}}]}},
+        content_type=PATCH_JSON)
+    assert reply.status == 200, reply.text
+    assert 2000 in ports(rc)
+
+
+def test_json_patch_with_a_differing_key_is_400_with_errors_yanglint_accepts(rc, tmp_path):
+    e = {"protocol": "TCP", "src_address": "10.6.0.1", "src_port": 2101,
+         "dst_address": "198.51.100.6", "dst_port": 443}
+    reply = rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
+        "patch-id": "j2", "edit": [{"edit-id": "1", "operation": "create",
+                                    "target": f"/nfmig-nat:nat-session={key(2100)}",
+                                    "value": {"nfmig-nat:nat-session": [e]}}]}},
+        content_type=PATCH_JSON)
+    assert reply.status == 400, reply.text
+    errors = reply.json()["ietf-yang-patch:yang-patch-status"]["errors"]
+    checked = yanglint_errors(json.dumps({"ietf-restconf:errors": errors}), tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert not {2100, 2101} & ports(rc)
+
+
+def test_a_nested_target_edits_one_leaf_of_the_policy(rc):
+    rc.request("PUT", "/restconf/data/nfmig-nat:nat-policy",
+               {"nfmig-nat:nat-policy": {"external-address": ["192.0.2.6"]}})
+    reply = rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
+        "patch-id": "n", "edit": [{"edit-id": "1", "operation": "merge",
+                                   "target": "/nfmig-nat:nat-policy/port-min",
+                                   "value": {"nfmig-nat:port-min": 2000}}]}},
+        content_type=PATCH_JSON)
+    assert reply.status == 200, reply.text
+    policy = rc.get("/restconf/data/nfmig-nat:nat-policy").json()["nfmig-nat:nat-policy"]
+    assert policy["port-min"] == 2000 and policy["external-address"] == ["192.0.2.6"]
+
+
+# -- the migrator's end ----------------------------------------------------------------------
+def test_the_migrators_patch_has_one_edit_per_entry_with_its_operation():
+    entries = parse_entries(entry_xml(1) + entry_xml(2) + entry_xml(3))
+    body = entries_xml(entries[:1]) + replacement_xml(entries[1:2]) + removal_xml(entries[2:])
+    root = etree.fromstring(yang_patch(body, "m1").encode())
+    edits = root.findall(f"{{{YP}}}edit")
+    assert [e.findtext(f"{{{YP}}}operation") for e in edits] == ["merge", "replace", "remove"]
+    assert [e.findtext(f"{{{YP}}}target") for e in edits] == [
+        f"/nfmig-nat:nat-session={key(p)}" for p in (1, 2, 3)]
+    assert edits[2].find(f"{{{YP}}}value") is None
+    assert edits[1].find(f"{{{YP}}}value/{{{NAT}}}nat-session") is not None
+
+
+def test_the_migrators_patch_percent_encodes_ipv6_keys():
+    entries = parse_entries(entry_xml(1, src="2001:db8::1"))
+    root = etree.fromstring(yang_patch(entries_xml(entries), "m2").encode())
+    assert root.findtext(f"{{{YP}}}edit/{{{YP}}}target") == (
+        "/nfmig-nat:nat-session=TCP,2001%3Adb8%3A%3A1,1,198.51.100.6,443")
+
+
+@pytest.fixture
+def conn(rc):
+    endpoint = Endpoint("127.0.0.1", rc.port, rc.server.user, rc.server.password, "restconf")
+    connection = RestconfConnection(endpoint, Credentials(ca_file=rc.cert))
+    yield connection
+    connection.close()
+
+
+def test_the_migrators_edit_config_writes_and_removes_through_one_patch(rc, conn):
+    entries = parse_entries(entry_xml(3000) + entry_xml(3001))
+    conn.edit_config(entries_xml(entries), "running")
+    assert {3000, 3001} <= ports(rc)
+    conn.edit_config(removal_xml(entries), "running")
+    assert not {3000, 3001} & ports(rc)
+
+
+def test_the_migrators_edit_config_is_atomic_and_fails_as_an_rpc_error(rc, conn):
+    good = entry_xml(3100)
+    bad = entry_xml(3101).replace("<translated_port>33101", "<translated_port>99999")
+    with pytest.raises(RPCError) as failure:
+        conn.edit_config(good + bad, "running")
+    assert failure.value.tag == "invalid-value"
+    assert not {3100, 3101} & ports(rc)
