@@ -127,7 +127,7 @@ class RestconfConnection:
             self.broken = True
             raise EndpointError(f"{self.endpoint}: authentication failed")
         if status >= 400:
-            raise _rpc_error(status, text)
+            raise _rpc_error(status, text, body if content_type == YANG_PATCH else None)
         return text
 
     def _discover(self) -> set[str]:
@@ -295,16 +295,14 @@ def _resource_text(text: str) -> str:
     return text
 
 
-def _rpc_error(status: int, text: str) -> RPCError:
-    """A RESTCONF errors document as the NETCONF client's RPCError (first error)."""
+def _rpc_error(status: int, text: str, patch: str | None = None) -> RPCError:
+    """A RESTCONF errors document, or a failed patch's yang-patch-status, as the NETCONF
+    client's RPCError (first error); an edit's error names the edit and its target."""
     try:
         root = etree.fromstring(text.encode(), parser=_PARSER)
-        # an errors document, or a yang-patch-status whose errors use its namespace
-        error = root.find(f"{{{RESTCONF_NS}}}error")
-        if error is None:
-            error = root.find(f"{{{YANG_PATCH_NS}}}errors/{{{YANG_PATCH_NS}}}error")
+        error, edit_id = _first_error(root)
     except etree.XMLSyntaxError:
-        error = None
+        error, edit_id = None, None
     fields = {"error-type": "application", "error-tag": "operation-failed",
               "error-message": f"HTTP {status}: {text[:200]}"}
     if error is not None:
@@ -312,8 +310,34 @@ def _rpc_error(status: int, text: str) -> RPCError:
             if isinstance(child.tag, str):
                 name = etree.QName(child).localname
                 fields[name] = (child.text or "").strip() if name != "error-info" else ""
+    if edit_id is not None:
+        message = fields["error-message"].removeprefix(f"edit {edit_id}: ")
+        fields["error-message"] = f"{_edit_name(edit_id, patch)}: {message}"
     parts = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in fields.items()
                     if k != "error-info")
     element = etree.fromstring(f'<rpc-error xmlns="{NC_NS}">{parts}<error-severity>error'
                                "</error-severity></rpc-error>")
     return RPCError(element)
+
+
+def _first_error(root: etree._Element) -> tuple[etree._Element | None, str | None]:
+    """The first error of an errors document or of a yang-patch-status (its global errors
+    before the edits'), and the edit-id when it is an edit's."""
+    if root.tag == f"{{{RESTCONF_NS}}}errors":
+        return root.find(f"{{{RESTCONF_NS}}}error"), None
+    yp = f"{{{YANG_PATCH_NS}}}"
+    error = root.find(f"{yp}errors/{yp}error")
+    if error is not None:
+        return error, None
+    edit = root.find(f"{yp}edit-status/{yp}edit[{yp}errors]")
+    if edit is None:
+        return None, None
+    return edit.find(f"{yp}errors/{yp}error"), (edit.findtext(f"{yp}edit-id") or "").strip()
+
+
+def _edit_name(edit_id: str, patch: str | None) -> str:
+    """'edit N (operation target)' as our own patch (see _edit) wrote that edit."""
+    found = re.search(rf"<edit-id>{re.escape(escape(edit_id))}</edit-id><operation>(\w+)"
+                      r"</operation><target>([^<]*)</target>", patch or "")
+    return f"edit {edit_id} ({found.group(1)} {found.group(2)})" if found else \
+        f"edit {edit_id}"

@@ -414,9 +414,10 @@ class Routes:
         kind = (request.content_type or "").lower()
         body = await request.read()
         if kind in YANG_PATCH:
+            reply = _accept(request, YANG_PATCH[kind])  # yang-patch-status as asked
             status, text = await _blocking(apply_yang_patch, self.r, store, target, body,
-                                           YANG_PATCH[kind])
-            return _reply(text, YANG_PATCH[kind], status=status)
+                                           YANG_PATCH[kind], reply)
+            return _reply(text, reply, status=status)
         media = _content_type(request, PLAIN)
         if not await _blocking(self.r.exists, store, target):
             raise not_found(f"{target.instance_path()} does not exist; PATCH does not "
@@ -507,8 +508,8 @@ def _rest(request: web.Request, prefix: str) -> str:
     return raw[raw.index(prefix) + len(prefix):]
 
 
-def _accept(request: web.Request) -> str:
-    media = media_type(request.headers.get("Accept"))
+def _accept(request: web.Request, default: str = JSON) -> str:
+    media = media_type(request.headers.get("Accept"), default)
     if media is None:
         raise web.HTTPNotAcceptable(reason=f"this server answers in {JSON} or {XML}")
     return media

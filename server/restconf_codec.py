@@ -526,7 +526,8 @@ def errors_xml(errs: list[RpcError]) -> str:
         if e.app_tag:
             out.append(f"<error-app-tag>{escape(e.app_tag)}</error-app-tag>")
         if _instance_path(e.path):
-            out.append(f"<error-path{_path_prefixes(e.path)}>{escape(e.path)}</error-path>")
+            out.append(f"<error-path{_path_prefixes(e.path)}>{escape(_xml_path(e.path))}"
+                       "</error-path>")
         out.append(f"<error-message>{escape(_message(e))}</error-message>")
         if e.info:
             out.append("<error-info>" + "".join(f"<{k}>{escape(str(v))}</{k}>"
@@ -537,6 +538,20 @@ def errors_xml(errs: list[RpcError]) -> str:
 
 
 _MODULE_NS: dict[str, str] = {}
+
+
+def _xml_path(path: str) -> str:
+    """An error-path (checked by _instance_path) in the XML encoding: every node and key
+    name qualified (RFC 7950 §9.13.2), where JSON names a module only where it changes."""
+    out, module, pos = [], "", 0
+    while pos < len(path):
+        match = _STEP.match(path, pos)
+        module = match.group(1) or module
+        keys = "".join(f"[{k if k == '.' else f'{module}:{k}'}='{v}']"
+                       for k, v in re.findall(r"\[([\w.-]+)='([^']*)'\]", match.group(3)))
+        out.append(f"/{module}:{match.group(2)}{keys}")
+        pos = match.end()
+    return "".join(out)
 
 
 def _path_prefixes(path: str) -> str:

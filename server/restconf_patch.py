@@ -73,21 +73,27 @@ _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=Tru
 
 
 def apply_yang_patch(resources: Resources, datastore: str, target: Target, body: bytes,
-                     media: str) -> tuple[int, str]:
-    """The status code and yang-patch-status document of one YANG Patch request."""
-    patch_id = ""
+                     media: str, reply: str | None = None) -> tuple[int, str]:
+    """The status code and yang-patch-status document (in ``reply``, else the patch's own
+    encoding) of one YANG Patch request. A failure names the edit it concerns (RFC 8072
+    §2.3): an edit refused while it was read, or the edit whose target holds the error-path
+    of what the datastore refused; anything else is a global error."""
+    reply = reply or media
+    builder = _Builder(resources, target)
     try:
-        builder = _Builder(resources, target)
-        if media == JSON:
-            patch_id, config = builder.from_json(body)
-        else:
-            patch_id, config = builder.from_xml(body)
-        resources.edit_config(datastore, config)
+        config = builder.build(body, media)
     except RpcError as exc:
-        return status_of(exc), _status(patch_id, [exc], media)
-    except RpcErrors as exc:
-        return status_of(exc.errors[0]), _status(patch_id, exc.errors, media)
-    return 200, _status(patch_id, [], media)
+        groups = {builder.edit_id: [exc]}
+    else:
+        try:
+            resources.edit_config(datastore, config)
+        except (RpcError, RpcErrors) as exc:
+            groups = builder.edits_of(exc.errors if isinstance(exc, RpcErrors) else [exc],
+                                      body, media)
+        else:
+            return 200, _status(builder.patch_id, {}, reply)
+    first = next(iter(groups.values()))[0]
+    return status_of(first), _status(builder.patch_id or _patch_id_of(body), groups, reply)
 
 
 class _Builder:
@@ -97,12 +103,41 @@ class _Builder:
         self.r = resources
         self.base = base
         self._lists: dict[str, Node | None] = {}  # "/module:list" -> its node, when a list
+        self.patch_id = ""
+        self.edit_id: str | None = None  # the edit being read; an error then is its own
+
+    def build(self, body: bytes, media: str) -> etree._Element:
+        """The patch's edits as one edit-config <config>."""
+        self.patch_id, config = self.from_json(body) if media == JSON else self.from_xml(body)
+        return config
+
+    def edits_of(self, errs: list[RpcError], body: bytes, media: str
+                 ) -> dict[str | None, list[RpcError]]:
+        """The datastore's errors by the edit whose target holds their error-path (the
+        deepest target, then the first edit); None for the patch as a whole. Reads the
+        patch again, so a patch that applies pays nothing for it."""
+        targets: list[tuple[str, str]] = []
+        for edit_id, path in _edit_targets(body, media):
+            try:
+                targets.append((edit_id, self._target(path).instance_path()))
+            except RpcError:
+                continue
+        groups: dict[str | None, list[RpcError]] = {}
+        for error in errs:
+            best, best_len = None, -1
+            for edit_id, path in targets:
+                if error.path and len(path) > best_len and error.path.startswith(path) \
+                        and error.path[len(path):len(path) + 1] in ("", "/", "["):
+                    best, best_len = edit_id, len(path)
+            groups.setdefault(best, []).append(error)
+        return groups
 
     # -- the patch document -------------------------------------------------------------
     def from_xml(self, body: bytes) -> tuple[str, etree._Element]:
         quick = self._from_text(body)
         if quick is not None:
             return quick
+        self.edit_id = None
         try:
             root = etree.fromstring(body, parser=_PARSER)
         except etree.XMLSyntaxError as exc:
@@ -111,7 +146,7 @@ class _Builder:
         if root.tag != f"{_YP}yang-patch":
             raise bad_request(f'the body is <yang-patch xmlns="{YANG_PATCH_NS}">',
                               "yang-patch")
-        patch_id = (root.findtext(f"{_YP}patch-id") or "").strip()
+        patch_id = self.patch_id = (root.findtext(f"{_YP}patch-id") or "").strip()
         if not patch_id:
             raise errors.missing_element("yang-patch needs a patch-id", "patch-id")
         pieces = self._bulk_xml(etree.tostring(root, encoding="unicode"))
@@ -122,6 +157,7 @@ class _Builder:
         config = etree.Element("config", nsmap={"nc": NC_NS})
         seen = set()
         for edit in root:
+            self.edit_id = None
             if not isinstance(edit.tag, str):
                 continue
             if edit.tag not in _PATCH_CHILDREN:
@@ -129,6 +165,7 @@ class _Builder:
                 raise errors.unknown_element(f"yang-patch has no member {name!r}", name)
             if edit.tag == f"{_YP}edit":
                 self._xml_edit(edit, config, seen)
+        self.edit_id = None
         if not seen:
             raise errors.missing_element("yang-patch needs at least one edit", "edit")
         return patch_id, config
@@ -148,12 +185,15 @@ class _Builder:
             raise errors.unknown_element(f"yang-patch has no member {sorted(unknown)[0]!r}",
                                          sorted(unknown)[0])
         patch_id, edits = patch.get("patch-id"), patch.get("edit")
+        if isinstance(patch_id, str):
+            self.patch_id = patch_id
         if not isinstance(patch_id, str) or not patch_id:
             raise errors.missing_element("yang-patch needs a patch-id", "patch-id")
         if not isinstance(edits, list) or not edits:
             raise errors.missing_element("yang-patch needs at least one edit", "edit")
         seen: set[str] = set()
         text = "".join(self._json_edit(edit, seen) for edit in edits)
+        self.edit_id = None
         try:
             config = etree.fromstring(f'<config xmlns:nc="{NC_NS}">{text}</config>'.encode(),
                                       parser=_PARSER)
@@ -174,6 +214,7 @@ class _Builder:
         patch_id = _PATCH_ID.search(head.group(0)) if head else None
         if patch_id is None or not patch_id.group(1).strip():
             return None
+        self.patch_id = patch_id.group(1).strip()
         pieces = self._bulk_xml(text)
         if pieces is None:
             return None
@@ -234,6 +275,7 @@ class _Builder:
 
     def _check_keys(self, node: Node, edit_id: str, found: list[str], wanted: list[str]
                     ) -> None:
+        self.edit_id = edit_id
         for name, got, value in zip(node.keys, found, wanted, strict=True):
             got = got.strip()
             if got != value and not self.r.same_key(name, got, value):
@@ -242,6 +284,7 @@ class _Builder:
 
     # -- one edit -------------------------------------------------------------------------
     def _xml_edit(self, edit: etree._Element, config: etree._Element, seen: set[str]) -> None:
+        self.edit_id = _text(edit.find(f"{_YP}edit-id")) or None
         fields: dict[str, etree._Element] = {}
         for child in edit:
             if isinstance(child.tag, str):
@@ -271,6 +314,8 @@ class _Builder:
     def _json_edit(self, edit, seen: set[str]) -> str:
         if not isinstance(edit, dict):
             raise bad_request("each edit is an object", "edit")
+        edit_id = edit.get("edit-id")
+        self.edit_id = edit_id if isinstance(edit_id, str) and edit_id else None
         unknown = set(edit) - {"edit-id", "operation", "target", "point", "where", "value"}
         if unknown:
             raise errors.unknown_element(f"an edit has no member {sorted(unknown)[0]!r}",
@@ -297,7 +342,8 @@ class _Builder:
 
     def _check_edit(self, edit_id, operation, path, has_value: bool, seen: set[str]
                     ) -> Target:
-        if not isinstance(edit_id, str) or not edit_id:
+        self.edit_id = edit_id if isinstance(edit_id, str) and edit_id else None
+        if self.edit_id is None:
             raise errors.missing_element("every edit needs an edit-id", "edit-id")
         if edit_id in seen:
             raise bad_request(f"edit-id {edit_id!r} appears twice in the patch", "edit-id")
@@ -415,15 +461,56 @@ def _key_element(target: Target) -> etree._Element:
     return element
 
 
-def _status(patch_id: str, errs: list[RpcError], media: str) -> str:
+def _status(patch_id: str, groups: dict[str | None, list[RpcError]], media: str) -> str:
+    """yang-patch-status: ``ok``, or the global errors (key None) and each edit's errors."""
     if media == JSON:
         status: dict = {"patch-id": patch_id}
-        if errs:
-            status["errors"] = json.loads(errors_json(errs))["ietf-restconf:errors"]
-        else:
+        if not groups:
             status["ok"] = [None]
+        if None in groups:
+            status["errors"] = _errors_member(groups[None])
+        edits = [{"edit-id": k, "errors": _errors_member(v)} for k, v in groups.items()
+                 if k is not None]
+        if edits:
+            status["edit-status"] = {"edit": edits}
         return json.dumps({"ietf-yang-patch:yang-patch-status": status})
-    inner = "<ok/>" if not errs else errors_xml(errs).replace(
-        ' xmlns="urn:ietf:params:xml:ns:yang:ietf-restconf"', "")
-    return (f'<yang-patch-status xmlns="{YANG_PATCH_NS}"><patch-id>{_escape(patch_id)}'
-            f"</patch-id>{inner}</yang-patch-status>")
+    parts = [f'<yang-patch-status xmlns="{YANG_PATCH_NS}"><patch-id>{_escape(patch_id)}'
+             "</patch-id>"]
+    if not groups:
+        parts.append("<ok/>")
+    if None in groups:
+        parts.append(_errors_element(groups[None]))
+    edits = [f"<edit><edit-id>{_escape(k)}</edit-id>{_errors_element(v)}</edit>"
+             for k, v in groups.items() if k is not None]
+    if edits:
+        parts.append(f"<edit-status>{''.join(edits)}</edit-status>")
+    parts.append("</yang-patch-status>")
+    return "".join(parts)
+
+
+def _errors_member(errs: list[RpcError]) -> dict:
+    """rc:errors as used by ietf-yang-patch: its members are unprefixed there."""
+    return json.loads(errors_json(errs))["ietf-restconf:errors"]
+
+
+def _errors_element(errs: list[RpcError]) -> str:
+    """rc:errors as used by ietf-yang-patch: in ietf-yang-patch's namespace."""
+    return errors_xml(errs).replace(' xmlns="urn:ietf:params:xml:ns:yang:ietf-restconf"', "",
+                                    1)
+
+
+def _edit_targets(body: bytes, media: str) -> list[tuple[str, str]]:
+    """(edit-id, target) of each edit of a patch that was read whole once already."""
+    if media == JSON:
+        edits = json.loads(body)["ietf-yang-patch:yang-patch"]["edit"]
+        return [(e["edit-id"], e["target"]) for e in edits]
+    root = etree.fromstring(body, parser=_PARSER)
+    return [(_text(e.find(f"{_YP}edit-id")) or "", _text(e.find(f"{_YP}target")) or "")
+            for e in root.iterfind(f"{_YP}edit")]
+
+
+def _patch_id_of(body: bytes) -> str:
+    """The patch-id of a patch that could not be read, when its text shows one."""
+    text = body.decode(errors="replace")
+    found = _PATCH_ID.search(text) or re.search(r'"patch-id"\s*:\s*"([^"\\]*)"', text)
+    return found.group(1).strip() if found else ""

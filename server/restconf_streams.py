@@ -31,6 +31,9 @@ STREAM = "NETCONF"
 STREAM_PARAMS = ("start-time", "stop-time", "filter")
 RCMON_NS = "urn:ietf:params:xml:ns:yang:ietf-restconf-monitoring"
 RCMON = "ietf-restconf-monitoring"
+# RFC 5277's replayComplete and notificationComplete (RFC 8040 §6.3 keeps them for RESTCONF)
+NCN_NS = "urn:ietf:params:xml:ns:netmod:notification"
+NCN = "nc-notifications"
 # Stands for "scheme://host" in what the data layer produces; the web layer puts in the
 # request's own, so a location is the URL the client reached this server by.
 BASE_MARK = "restconf-base-url-of-this-request:"
@@ -128,19 +131,26 @@ class EventStreams:
             await response.write(b": subscribed\n\n")
             for message in replayed:
                 await self._send(response, message, encoding, selector)
+            if start is not None:  # what follows is live
+                await _write_event(response, _marker("replayComplete", encoding))
             seen = set(replayed)
+            stopped = not live
             while live:
                 wait = None if stop is None else (stop - datetime.now(UTC)).total_seconds()
                 if wait is not None and wait <= 0:
+                    stopped = True
                     break
                 try:
                     message = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
+                    stopped = True
                     break
                 if message is None:
                     break
                 if message not in seen:
                     await self._send(response, message, encoding, selector)
+            if stopped:  # stop-time reached; a server shutting down says nothing
+                await _write_event(response, _marker("notificationComplete", encoding))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -194,8 +204,7 @@ class EventStreams:
             if content is None or not selector(content):
                 return
         text = message if encoding == "xml" else self.notification_json(message, root)
-        lines = "".join(f"data: {line}\n" for line in text.splitlines())
-        await response.write(f"{lines}\n".encode())
+        await _write_event(response, text)
 
     def notification_json(self, message: str, root: etree._Element | None = None) -> str:
         if root is None:
@@ -208,6 +217,20 @@ class EventStreams:
     def close(self) -> None:
         for queue in list(self._queues.values()):
             queue.put_nowait(None)
+
+
+async def _write_event(response: web.StreamResponse, text: str) -> None:
+    lines = "".join(f"data: {line}\n" for line in text.splitlines())
+    await response.write(f"{lines}\n".encode())
+
+
+def _marker(name: str, encoding: str) -> str:
+    """replayComplete or notificationComplete, stamped now; no filter applies to them."""
+    if encoding == "json":
+        return json.dumps({"ietf-restconf:notification": {"eventTime": event_time(),
+                                                          f"{NCN}:{name}": {}}})
+    return (f'<notification xmlns="{NOTIF_NS}"><eventTime>{event_time()}</eventTime>'
+            f'<{name} xmlns="{NCN_NS}"/></notification>')
 
 
 def _parse_time(text: str) -> datetime:

@@ -137,3 +137,64 @@ def yanglint_errors(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
                            "json", "-t", "get", str(module),
                            *map(str, YANG_DIR.glob("nfmig-nat@*.yang")), str(path)],
                           capture_output=True, text=True, timeout=60)
+
+
+YANG_PATCH_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-patch"
+PATCH_STATUS_CHECK = """module yang-patch-status-check {
+  yang-version 1.1;
+  namespace "urn:test:yang-patch-status-check";
+  prefix ypc;
+  import ietf-yang-patch { prefix ypatch; }
+  container checked {
+    config false;
+    uses ypatch:yang-patch-status;
+  }
+}
+"""
+
+
+def yanglint_patch_status(text: str, media: str, tmp_path: Path
+                          ) -> subprocess.CompletedProcess:
+    """yanglint on a yang-patch-status reply (JSON or XML), through a module that uses
+    ietf-yang-patch's yang-patch-status grouping (a yang-data structure is not data on its
+    own); in XML the status moves into that module's namespace, which the grouping's nodes
+    take there."""
+    module = tmp_path / "yang-patch-status-check.yang"
+    module.write_text(PATCH_STATUS_CHECK)
+    if media == JSON:
+        status = json.loads(text)["ietf-yang-patch:yang-patch-status"]
+        doc, kind = json.dumps({"yang-patch-status-check:checked": {
+            "yang-patch-status": status}}), "json"
+    else:
+        inner = text.replace(f'xmlns="{YANG_PATCH_NS}"', "", 1)
+        doc, kind = f'<checked xmlns="urn:test:yang-patch-status-check">{inner}</checked>', "xml"
+    path = tmp_path / f"status-{time.monotonic_ns()}.{kind}"
+    path.write_text(doc)
+    return subprocess.run(["yanglint", "-p", str(YANG_DIR), "-f", kind, "-t", "get",
+                           str(module), *map(str, YANG_DIR.glob("nfmig-nat@*.yang")),
+                           str(path)], capture_output=True, text=True, timeout=60)
+
+
+# RFC 5277 defines replayComplete and notificationComplete in XML Schema; this stand-in
+# states the two notifications in YANG under that namespace, so yanglint can check the
+# JSON the event stream sends for them.
+NC_NOTIFICATIONS = """module nc-notifications {
+  yang-version 1.1;
+  namespace "urn:ietf:params:xml:ns:netmod:notification";
+  prefix manageEvent;
+  notification replayComplete;
+  notification notificationComplete;
+}
+"""
+
+
+def yanglint_stream_marker(event: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """yanglint on the content of a replayComplete or notificationComplete event."""
+    module = tmp_path / "nc-notifications.yang"
+    module.write_text(NC_NOTIFICATIONS)
+    content = {k: v for k, v in event["ietf-restconf:notification"].items()
+               if k != "eventTime"}
+    path = tmp_path / f"marker-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(content))
+    return subprocess.run(["yanglint", "-f", "json", "-t", "notif", str(module), str(path)],
+                          capture_output=True, text=True, timeout=60)

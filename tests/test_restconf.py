@@ -440,7 +440,8 @@ def test_yang_patch_failure_applies_none_of_its_edits(rc, tmp_path):
                        content_type="application/yang-patch+json")
     assert reply.status == 400, reply.text
     status = reply.json()["ietf-yang-patch:yang-patch-status"]
-    assert status["patch-id"] == "p-bad" and "errors" in status
+    assert status["patch-id"] == "p-bad"
+    assert [e["edit-id"] for e in status["edit-status"]["edit"]] == ["2"]
     assert rc.get(uri(good)).status == 404
 
 

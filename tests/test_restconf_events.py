@@ -8,14 +8,21 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import aiohttp
 import pytest
 from lxml import etree
 
-from .restconf_client import XML, Restconf, start_with_restconf, yanglint, yanglint_errors
+from .restconf_client import (
+    XML,
+    Restconf,
+    start_with_restconf,
+    yanglint,
+    yanglint_errors,
+    yanglint_stream_marker,
+)
 
 STATE = "/restconf/data/ietf-restconf-monitoring:restconf-state"
 STREAM = "/restconf/streams/NETCONF/json"
@@ -74,8 +81,19 @@ def follow(rc: Restconf, url: str, action: Callable[[], None] | None = None,
 
 
 def migration_ids(events: list[str]) -> list[str]:
-    return [json.loads(e)["ietf-restconf:notification"]["nfmig-nat:migration-event"]
-            ["migration-id"] for e in events]
+    notes = [json.loads(e)["ietf-restconf:notification"] for e in events]
+    return [n["nfmig-nat:migration-event"]["migration-id"] for n in notes
+            if "nfmig-nat:migration-event" in n]
+
+
+def kinds(events: list[str]) -> list[str]:
+    """What each event is: a migration-id, or the name of another notification."""
+    out = []
+    for e in events:
+        note = json.loads(e)["ietf-restconf:notification"]
+        name = next(k for k in note if k != "eventTime")
+        out.append(note[name]["migration-id"] if name == "nfmig-nat:migration-event" else name)
+    return out
 
 
 def assert_error(reply, tmp_path, status=400, tag="invalid-value"):
@@ -195,6 +213,73 @@ def test_live_events_follow_the_replayed_ones_once_each(rc):
     ids = migration_ids(events)
     assert ids.count("once-1") == 1 and ids.count("once-2") == 1
     assert ids.index("once-1") < ids.index("once-2")
+
+
+REPLAY_COMPLETE = "nc-notifications:replayComplete"
+COMPLETE = "nc-notifications:notificationComplete"
+NCN_NS = "urn:ietf:params:xml:ns:netmod:notification"
+
+
+def test_replay_complete_comes_after_the_replayed_notifications_and_before_live_ones(
+        rc, tmp_path):
+    announce(rc, "mark-1")
+    events = follow(rc, f"{STREAM}?start-time=2000-01-01T00:00:00Z",
+                    lambda: announce(rc, "mark-2"), until=lambda e: "mark-2" in kinds(e))
+    seen = kinds(events)
+    assert seen.count(REPLAY_COMPLETE) == 1
+    assert seen.index("mark-1") < seen.index(REPLAY_COMPLETE) < seen.index("mark-2")
+    marker = json.loads(events[seen.index(REPLAY_COMPLETE)])
+    assert marker["ietf-restconf:notification"][REPLAY_COMPLETE] == {}
+    checked = yanglint_stream_marker(marker, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_replay_of_an_empty_window_still_sends_replay_complete(rc):
+    now = datetime.now(UTC)
+    events = follow(rc, f"{STREAM}?start-time={quote(now.isoformat())}",
+                    until=lambda e: REPLAY_COMPLETE in kinds(e))
+    assert kinds(events) == [REPLAY_COMPLETE]
+
+
+def test_a_live_stream_sends_no_replay_complete(rc):
+    events = follow(rc, STREAM, lambda: announce(rc, "live-only"),
+                    until=lambda e: "live-only" in kinds(e))
+    assert kinds(events) == ["live-only"]
+
+
+def test_stop_time_in_the_past_ends_with_notification_complete_after_replay_complete(
+        rc, tmp_path):
+    announce(rc, "done-1")
+    stop = quote(datetime.now(UTC).isoformat())
+    events = follow(rc, f"{STREAM}?start-time=2000-01-01T00:00:00Z&stop-time={stop}")
+    seen = kinds(events)
+    assert "done-1" in seen
+    assert seen[-2:] == [REPLAY_COMPLETE, COMPLETE]
+    marker = json.loads(events[-1])
+    checked = yanglint_stream_marker(marker, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_stop_time_reached_while_live_sends_notification_complete_and_ends(rc):
+    stop = datetime.now(UTC) + timedelta(seconds=1.5)
+    began = time.monotonic()
+    events = follow(rc, f"{STREAM}?start-time={quote(datetime.now(UTC).isoformat())}"
+                        f"&stop-time={quote(stop.isoformat())}",
+                    lambda: announce(rc, "before-stop"), timeout=10)
+    assert kinds(events) == [REPLAY_COMPLETE, "before-stop", COMPLETE]
+    assert event_time(events[-1]) >= stop - timedelta(milliseconds=50)
+    assert time.monotonic() - began < 5  # the server ended the stream
+
+
+def test_the_xml_stream_sends_both_markers_in_their_namespace(rc):
+    stop = quote(datetime.now(UTC).isoformat())
+    events = follow(rc, "/restconf/streams/NETCONF/xml?start-time=2000-01-01T00:00:00Z"
+                        f"&stop-time={stop}")
+    tails = [etree.fromstring(e.encode())[-1] for e in events[-2:]]
+    assert [t.tag for t in tails] == [f"{{{NCN_NS}}}replayComplete",
+                                      f"{{{NCN_NS}}}notificationComplete"]
+    assert all(etree.fromstring(e.encode()).tag == f"{{{NOTIF_NS}}}notification"
+               for e in events[-2:])
 
 
 def test_stop_time_without_start_time_is_400(rc, tmp_path):
