@@ -9,13 +9,16 @@ It runs in the NAT's network namespace next to its Open vSwitch and:
 - resolves next hops by ARP and installs their flows in table 1 (MAC rewrite, TTL, output);
 - on a table-miss packet-in of a new TCP or UDP connection from the inside, allocates a
   translated port (never one in use, imported sessions included) from the address mapping or
-  the external addresses and installs the session's flow pair (see flows.py);
+  the external addresses and installs the session's flow pair (see flows.py); an ICMP echo
+  request gets a pair that keeps its identifier, if no other echo session holds its addresses;
 - learns window scales from the handshakes it sees, releases a session's port when its flows
   expire or are deleted, and reports created/deleted sessions to watchers.
 
 The backend talks to it over a unix socket with line-delimited JSON (one request, one reply;
 "watch" turns the connection into an event stream). Bulk imports do not pass through here:
-the backend reserves their ports here, then installs the flows itself in one bundle.
+the backend reserves their ports here ("reserve"), installs the flows itself in one bundle,
+then says whether the switch took them ("settle"). Only expiries are reported to the app by
+the switch, not the backend's deletes: thousands of those at once would keep it busy.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from os_ken.base import app_manager
 from os_ken.controller import ofp_event
 from os_ken.controller.handler import CONFIG_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
-from os_ken.lib.packet import arp, ethernet, ipv4, packet, tcp, udp
+from os_ken.lib.packet import arp, ethernet, icmp, ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
 from . import flows
@@ -51,42 +54,72 @@ class NatState:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.sessions: dict[int, list] = {}  # sid -> [proto, src, sport, dst, dport, ext, port]
-        self.replies: dict[tuple, int] = {}  # (proto, ext, port, dst, dport) -> sid
+        self.replies: dict[tuple, int] = {}  # claim (see claims()) -> sid
         self.ports: dict[tuple, int] = {}  # (proto, ext, port) -> sessions using it
         self.scales: dict[int, list] = {}  # sid -> [orig, reply] window scales seen
         self.prefixes: list = []
         self.externals: list[str] = []
         self.mappings: list[tuple] = []  # (network, external), longest prefix first
         self.port_min, self.port_max = 1024, 65535
-        self.timeouts = {"TCP": 65535, "UDP": 120}
+        self.timeouts = {"TCP": 65535, "UDP": 120, "ICMP": 30}
         self.held: list = []
         self.created = self.expired = 0
+        self.batch = 0
+        self.pending: dict[int, tuple[dict, set]] = {}  # batch -> (old entries, dropped)
 
-    def reserve(self, entries: list[list]) -> str:
-        """Claim these sessions' translated endpoints, all or none: the reply names the
-        sessions that were new, or the entry that collided."""
+    def reserve(self, entries: list[list], drop: list[int]) -> str:
+        """Claim these sessions' translated endpoints, all or none, for a batch that also
+        deletes the sessions ``drop`` (their endpoints are free for the batch to claim, not
+        yet for new connections). The reply names the batch and the sessions that were new,
+        or the entry that collided. Entries are [*key, address, port] or [..., session id]."""
         with self.lock:
+            dropped = set(drop)
             claimed: dict[tuple, int] = {}
+            sids = []
             for index, e in enumerate(entries):
-                sid = flows.session_id(tuple(e[:5]))
-                reply = (e[0], e[5], e[6], e[3], e[4])
-                owner = claimed.get(reply, self.replies.get(reply, sid))
-                if owner != sid:
-                    return json.dumps({"error": "port taken", "index": index})
-                claimed[reply] = sid
-            fresh = []
-            for e in entries:
-                sid = flows.session_id(tuple(e[:5]))
-                if sid not in self.sessions:
-                    fresh.append(sid)
-                self.add(sid, e)
-        return json.dumps({"ok": True, "new": fresh})
+                sid = e[7] if len(e) > 7 else flows.session_id(tuple(e[:5]))
+                for claim in claims(e):
+                    owner = claimed.get(claim, self.replies.get(claim, sid))
+                    if owner != sid and owner not in dropped:
+                        return json.dumps({"error": "port taken", "index": index})
+                    claimed[claim] = sid
+                sids.append(sid)
+            undo: dict[int, list | None] = {}
+            for sid, e in zip(sids, entries, strict=True):
+                undo.setdefault(sid, self.sessions.get(sid))
+                self.add(sid, e[:7])
+            self.batch += 1
+            self.pending[self.batch] = (undo, dropped)
+        return json.dumps({"ok": True, "batch": self.batch,
+                           "new": [sid for sid, old in undo.items() if old is None]})
+
+    def settle(self, batch: int, ok: bool) -> None:
+        """The switch took the batch (ok: its deleted sessions free their endpoints) or
+        refused it (every session it touched gets its reservation from before back)."""
+        with self.lock:
+            undo, dropped = self.pending.pop(batch)
+            if ok:
+                for sid in dropped:
+                    self.remove(sid)
+                return
+            for sid, old in undo.items():
+                self.remove(sid)
+                if old is not None:
+                    self.add(sid, old)
+            for sid in dropped:  # a claim of the batch may have shadowed theirs
+                e = self.sessions.get(sid)
+                if e is not None:
+                    self.replies.update(dict.fromkeys(claims(e), sid))
+
+    def free(self, e: list, sid: int) -> bool:
+        """Whether no other session claims what this entry would."""
+        return all(self.replies.get(claim, sid) == sid for claim in claims(e))
 
     def add(self, sid: int, e: list) -> None:
         if sid in self.sessions:
             self.remove(sid)
         self.sessions[sid] = list(e)
-        self.replies[(e[0], e[5], e[6], e[3], e[4])] = sid
+        self.replies.update(dict.fromkeys(claims(e), sid))
         endpoint = (e[0], e[5], e[6])
         self.ports[endpoint] = self.ports.get(endpoint, 0) + 1
 
@@ -94,7 +127,9 @@ class NatState:
         e = self.sessions.pop(sid, None)
         if e is None:
             return None
-        self.replies.pop((e[0], e[5], e[6], e[3], e[4]), None)
+        for claim in claims(e):
+            if self.replies.get(claim) == sid:
+                del self.replies[claim]
         endpoint = (e[0], e[5], e[6])
         left = self.ports.get(endpoint, 1) - 1
         if left:
@@ -129,7 +164,16 @@ class NatState:
             self.mappings = [(ipaddress.ip_network(n, strict=False), e)
                              for n, e in p["mappings"]]
             self.port_min, self.port_max = p["port_min"], p["port_max"]
-            self.timeouts = {"TCP": p["tcp"], "UDP": p["udp"]}
+            self.timeouts = {"TCP": p["tcp"], "UDP": p["udp"], "ICMP": p.get("icmp", 30)}
+
+
+def claims(e: list) -> list[tuple]:
+    """What a session [proto, src, sport, dst, dport, ext, port] holds that no other may:
+    its reply tuple. An echo session's flows cannot match its identifier, so it holds its
+    address pairs on both sides instead: one echo session per peer and address."""
+    if e[0] == "ICMP":
+        return [("ICMP", e[5], e[3]), ("ICMP-out", e[1], e[3])]
+    return [(e[0], e[5], e[6], e[3], e[4])]
 
 
 STATE = NatState()
@@ -165,6 +209,11 @@ class OfNat(app_manager.OSKenApp):
         self._flow(dp, 0, 2, parser.OFPMatch(in_port=self.inside, eth_type=0x0800),
                    to_controller)
         self._flow(dp, 1, 0, parser.OFPMatch(), to_controller)
+        # Flows the backend deletes (thousands at once) are its business: only expiries
+        # come here.
+        removed = 1 << ofp.OFPRR_IDLE_TIMEOUT | 1 << ofp.OFPRR_HARD_TIMEOUT
+        packet_in = 1 << ofp.OFPR_NO_MATCH | 1 << ofp.OFPR_ACTION
+        dp.send_msg(parser.OFPSetAsync(dp, [packet_in, 0], [7, 7], [removed, 0]))
         self.dp = dp
         self._apply_holds()
         self.ready.set()
@@ -287,18 +336,23 @@ class OfNat(app_manager.OSKenApp):
     def _new_session(self, msg, pkt, ip) -> None:
         dp = msg.datapath
         l4 = pkt.get_protocol(tcp.tcp) or pkt.get_protocol(udp.udp)
-        if l4 is None:
-            return  # ICMP and other protocols: not translated by this NAT
-        proto = "TCP" if isinstance(l4, tcp.tcp) else "UDP"
-        key = (proto, ip.src, l4.src_port, ip.dst, l4.dst_port)
+        echo = pkt.get_protocol(icmp.icmp)
+        if l4 is not None:
+            proto = "TCP" if isinstance(l4, tcp.tcp) else "UDP"
+            key = (proto, ip.src, l4.src_port, ip.dst, l4.dst_port)
+        elif echo is not None and echo.type == icmp.ICMP_ECHO_REQUEST:
+            proto, key = "ICMP", ("ICMP", ip.src, echo.data.id, ip.dst, 0)
+        else:
+            return  # other protocols: not translated by this NAT
         sid = flows.session_id(key)
         with STATE.lock:
             if any(ipaddress.ip_address(ip.src) in n for n in STATE.held):
                 return
             if sid not in STATE.sessions:
                 external = STATE.external_for(ip.src)
-                port = None if external is None else STATE.allocate(proto, external)
-                if port is None:
+                port = None if external is None else (
+                    key[2] if proto == "ICMP" else STATE.allocate(proto, external))
+                if port is None or not STATE.free([*key, external, port], sid):
                     log.warning("no translation for %s", key)
                     return
                 entry = [*key, external, port]
@@ -318,6 +372,9 @@ class OfNat(app_manager.OSKenApp):
         handshake's reply has told us the peer's window scale."""
         parser, ofp = dp.ofproto_parser, dp.ofproto
         proto, src, sport, dst, dport, ext, port = e
+        if proto == "ICMP":
+            self._install_echo(dp, e, sid)
+            return
         number = 6 if proto == "TCP" else 17
         field = "tcp" if proto == "TCP" else "udp"
         idle = min(flows.MAX_IDLE, STATE.timeouts[proto])
@@ -339,6 +396,22 @@ class OfNat(app_manager.OSKenApp):
             ipv4_dst=ext, **{f"{field}_src": dport, f"{field}_dst": port}), back,
             cookie=flows.cookie(sid, True), idle=idle, goto=flows.NEXT_HOP_TABLE, flags=rem,
             command=None if punt_reply else ofp.OFPFC_MODIFY_STRICT)
+
+    def _install_echo(self, dp, e: list, sid: int) -> None:
+        """An echo session's pair: OpenFlow has no field for the identifier, which passes
+        unchanged (see claims())."""
+        parser = dp.ofproto_parser
+        _proto, src, _id, dst, _dport, ext, _port = e
+        idle = min(flows.MAX_IDLE, STATE.timeouts["ICMP"])
+        flags = dp.ofproto.OFPFF_SEND_FLOW_REM
+        for inbound, in_port, (a, b), kind, rewrite in (
+                (False, self.inside, (src, dst), flows.ECHO_REQUEST, {"ipv4_src": ext}),
+                (True, self.outside, (dst, ext), flows.ECHO_REPLY, {"ipv4_dst": src})):
+            self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+                in_port=in_port, eth_type=0x0800, ip_proto=1, ipv4_src=a, ipv4_dst=b,
+                icmpv4_type=kind), [parser.OFPActionSetField(**rewrite)],
+                cookie=flows.cookie(sid, inbound), idle=idle, goto=flows.NEXT_HOP_TABLE,
+                flags=flags)
 
     def _handshake_reply(self, msg, pkt) -> None:
         sid = (msg.cookie >> 1) & flows.SESSION_MASK
@@ -388,8 +461,10 @@ class OfNat(app_manager.OSKenApp):
 
     def _serve_control(self, path: str) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
+        # The backend connects as soon as the path exists: it appears only once we listen.
+        listener.bind(path + ".new")
         listener.listen(8)
+        os.rename(path + ".new", path)
         while True:
             conn, _ = listener.accept()
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
@@ -417,11 +492,9 @@ class OfNat(app_manager.OSKenApp):
             if self.dp is not None:  # the hold is in place when we answer
                 self.dp.send_barrier()
         elif op == "reserve":
-            return STATE.reserve(r["sessions"])
-        elif op == "release":
-            with STATE.lock:
-                for sid in r["sids"]:
-                    STATE.remove(sid)
+            return STATE.reserve(r["sessions"], r.get("drop", []))
+        elif op == "settle":
+            STATE.settle(r["batch"], r["ok"])
         elif op == "scales":
             with STATE.lock:
                 return json.dumps({"scales": {str(k): v for k, v in STATE.scales.items()}})

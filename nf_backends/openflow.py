@@ -6,9 +6,11 @@ is silenced (no forwarding, no ARP answers, nothing in or out but loopback), so 
 a test bed or operator puts on those interfaces only say which gateway addresses this NAT
 owns now, and the application answers ARP for them.
 
-Bulk work goes straight to the switch (ovs-ofctl bundles, dumps, deletes by cookie); the app
-is told first, over its control socket, which translated ports imported sessions use, so it
-never allocates one of them.
+Bulk work goes straight to the switch in OpenFlow 1.5 (one atomic bundle per batch, dumps,
+deletes by cookie); the app is told first, over its control socket, which translated ports
+imported sessions use, so it never allocates one of them, and after the bundle whether the
+switch took it (deleted sessions free their ports) or refused it (every reservation the batch
+touched is put back as it was).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import flows
@@ -38,8 +41,9 @@ from .base import (
     Session,
     SessionChanges,
     SessionKey,
+    Transaction,
 )
-from .ovs import Ovs, OvsError
+from .ovs import Bundle, Ovs, OvsError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ table inet {SILENCE_TABLE} {{
 SYSCTLS = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.arp_ignore": "8"}
 APP_WAIT = 30.0
 DIRECT_LOOKUPS = 16
+SEND_CHUNK = 2000  # sessions per send: the switch reads one while the next is packed
 
 
 class Control:
@@ -69,12 +74,31 @@ class Control:
         self.lock = threading.Lock()
 
     def ask(self, op: str, **args) -> dict:
+        with self.asking(op, **args) as reply:
+            return reply()
+
+    @contextmanager
+    def asking(self, op: str, **args) -> Iterator[Callable[[], dict]]:
+        """Send a request now and read its reply when called for (the app works on it in
+        the meantime); the connection is ours until the block ends."""
         with self.lock:
             self.sock.sendall((json.dumps({"op": op, **args}) + "\n").encode())
-            line = self.lines.readline()
-        if not line:
-            raise BackendError("the OpenFlow NAT application is gone", None, "failed")
-        return json.loads(line)
+            answer: list[dict] = []
+
+            def reply() -> dict:
+                if not answer:
+                    line = self.lines.readline()
+                    if not line:
+                        raise BackendError("the OpenFlow NAT application is gone", None,
+                                           "failed")
+                    answer.append(json.loads(line))
+                return answer[0]
+
+            try:
+                yield reply
+            finally:
+                if not answer:
+                    reply()  # the next request must not read this one's reply
 
     def close(self) -> None:
         self.lines.close()
@@ -96,7 +120,7 @@ class OpenflowBackend(Backend):
         self._sysctls: dict[str, str] = {}
         self._policy = NatPolicy()
         # What flows cannot hold, for sessions given to us: session id -> (tcp_state,
-        # window scales, base counters), see flows.sessions_from_records.
+        # window scales, base counters), see flows.read_sessions.
         self._extras: dict[int, tuple] = {}
         self._imported = 0
         self._lock = threading.Lock()
@@ -201,7 +225,11 @@ class OpenflowBackend(Backend):
         """Sessions already in the switch keep their ports (an attached, not fresh, switch)."""
         existing = list(self.sessions())
         if existing:
-            self.ctl.ask("reserve", sessions=[_reservation(s) for s in existing])
+            reply = self.ctl.ask("reserve", sessions=[_reservation(s) for s in existing])
+            if "error" in reply:
+                raise BackendError("the switch holds sessions with one translated endpoint",
+                                   None, "failed")
+            self.ctl.ask("settle", batch=reply["batch"], ok=True)
 
     @property
     def ctl(self) -> Control:
@@ -257,33 +285,48 @@ class OpenflowBackend(Backend):
                      mappings=[[m.inside_prefix, m.external_address]
                                for m in policy.mappings_most_specific_first()],
                      port_min=policy.port_min, port_max=policy.port_max,
-                     tcp=min(flows.MAX_IDLE, t.tcp_established), udp=min(flows.MAX_IDLE, t.udp))
+                     tcp=min(flows.MAX_IDLE, t.tcp_established), udp=min(flows.MAX_IDLE, t.udp),
+                     icmp=min(flows.MAX_IDLE, t.icmp))
         self._policy = policy
 
     # -- reads ---------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
-        text = self.ovs.dump_flows(f"table=0,{flows.COOKIE_MATCH}")
-        return flows.sessions_from_records(flows.parse_dump(text), self._all_extras())
+        bodies = self.ovs.flow_descs([flows.all_sessions_request()])
+        return iter(flows.read_sessions(bodies, self._all_extras()))
 
     def _all_extras(self) -> dict[int, tuple]:
-        scales = self.ctl.ask("scales")["scales"]
-        extras = {int(sid): (None, o, r, 0, 0, 0, 0) for sid, (o, r) in scales.items()}
+        return self._extras_with(self.ctl.ask("scales"))
+
+    def _extras_with(self, reply: dict) -> dict[int, tuple]:
+        """What flows cannot hold (see flows.read_sessions): the app's window scales of
+        sessions it made, overridden by what sessions given to us came with."""
+        extras = {int(sid): (None, o, r, 0, 0, 0, 0) for sid, (o, r) in reply["scales"].items()}
         extras.update(self._extras)
         return extras
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        return self._lookup(keys, {})
+
+    def transaction(self) -> Transaction:
+        return _FlowTransaction(self)
+
+    def _lookup(self, keys: Iterable[SessionKey], ids: dict[SessionKey, int]
+                ) -> dict[SessionKey, Session]:
+        """The sessions among ``keys`` that exist now; their session ids go into ``ids``."""
         keys = set(keys)
         if not keys:
             return {}
         if len(keys) <= DIRECT_LOOKUPS:
-            text = "".join(self.ovs.dump_flows(
-                f"table=0,{flows.session_match(flows.session_id(k))}") for k in keys)
-            records = flows.parse_dump(text)
-        else:
-            wanted = {flows.session_id(k) for k in keys}
-            records = (r for r in flows.parse_dump(
-                self.ovs.dump_flows(f"table=0,{flows.COOKIE_MATCH}")) if r.sid in wanted)
-        found = flows.sessions_from_records(records, self._all_extras())
+            ids.update((k, flows.session_id(k)) for k in keys)
+            requests = [flows.session_request(ids[k]) for k in keys]
+        else:  # one dump of every session costs less than many small ones
+            requests = [flows.all_sessions_request()]
+        with self.ovs.dumping(requests) as dump, self.ctl.asking("scales") as scales:
+            # Hashed while the switch writes the dump and the app its answer.
+            ids.update((k, flows.session_id(k)) for k in keys if k not in ids)
+            wanted = {ids[k]: k for k in keys}
+            bodies, extras = dump(), self._extras_with(scales())
+        found = flows.read_sessions(bodies, extras, wanted)
         return {s.key: s for s in found if s.key in keys}
 
     def stats(self) -> BackendStats:
@@ -294,48 +337,116 @@ class OpenflowBackend(Backend):
                             self._imported)
 
     # -- writes --------------------------------------------------------------------------
-    def apply(self, changes: SessionChanges) -> None:
+    def apply(self, changes: SessionChanges, ids: dict[SessionKey, int] | None = None
+              ) -> None:
+        """``ids``: session ids of some of the keys, if known (key -> id)."""
+        ids = ids or {}
         upserts = {s.key: s for s in changes.upserts}
         for s in upserts.values():
             _check(s)
-        deleted = [flows.session_id(k) for k in changes.deletes if k not in upserts]
-        commands = flows.delete_commands(deleted) + flows.add_commands(
-            upserts.values(), self._idle, PORTS)
+        sid = flows.session_id
+        given = [(ids.get(k) or sid(k), s) for k, s in upserts.items()]
+        deleted = [ids.get(k) or sid(k) for k in changes.deletes if k not in upserts]
+        if not given and not deleted:
+            return
         with self._lock:
-            reply = self.ctl.ask("reserve", sessions=[_reservation(s)
-                                                      for s in upserts.values()])
-            if "error" in reply:
-                key = changes.upserts[reply["index"]].key if "index" in reply else None
-                raise BackendError(f"translated endpoint already used by another session: "
-                                   f"{key}", key, "port taken")
             try:
-                self.ovs.bundle(commands)
-            except OvsError as exc:
-                self.ctl.ask("release", sids=reply["new"])
-                raise BackendError(f"the switch refused the batch, nothing applied: {exc}",
-                                   None, "failed") from None
-            self.ctl.ask("release", sids=deleted)
-            for sid in deleted:
-                self._extras.pop(sid, None)
-            for s in upserts.values():
-                self._extras[flows.session_id(s.key)] = (
+                with self.ovs.bundle() as bundle:
+                    reply = self._reserve_while_sending(bundle, given, deleted)
+                    if "error" in reply:
+                        raise self._taken(reply, changes)
+                    try:
+                        bundle.commit()
+                    except OvsError as exc:
+                        self.ctl.ask("settle", batch=reply["batch"], ok=False)
+                        raise self._refused(exc, len(deleted), given) from None
+            except OvsError as exc:  # the connection failed; any reservation is undone
+                raise BackendError(f"the switch could not take the batch, nothing applied: "
+                                   f"{exc}", None, "failed") from None
+            self.ctl.ask("settle", batch=reply["batch"], ok=True)
+            for i in deleted:
+                self._extras.pop(i, None)
+            for i, s in given:
+                self._extras[i] = (
                     s.tcp_state, s.src_window_scale, s.dst_window_scale, s.orig_packets or 0,
                     s.orig_bytes or 0, s.reply_packets or 0, s.reply_bytes or 0)
             self._imported += len(reply["new"])
-        self._report([("deleted", Session(*k)) for k in changes.deletes if k not in upserts]
-                     + [("created", s) for s in upserts.values()])
+        if self._listener is not None:
+            self._report([("deleted", Session(*k)) for k in changes.deletes
+                          if k not in upserts] + [("created", s) for s in upserts.values()])
+
+    def _reserve_while_sending(self, bundle: Bundle, given: list[tuple[int, Session]],
+                               deleted: list[int]) -> dict:
+        """The app's reservation of the batch's ports, asked for while the switch takes
+        the batch's flows (which go in only at the commit, after the reply)."""
+        failure = None
+        with self.ctl.asking("reserve", sessions=[_reservation(s, i) for i, s in given],
+                             drop=deleted) as reserved:
+            try:
+                bundle.add(flows.delete_messages(deleted))
+                idle, limit = self._idle, flows.MAX_IDLE
+                for at in range(0, len(given), SEND_CHUNK):
+                    bundle.add(flows.add_messages(
+                        ((i, s, min(limit, max(1, idle(s)))) for i, s in
+                         given[at:at + SEND_CHUNK]), PORTS))
+            except OvsError as exc:
+                failure = exc
+            reply = reserved()
+        if failure is not None:
+            if "error" not in reply:
+                self.ctl.ask("settle", batch=reply["batch"], ok=False)
+            raise failure
+        return reply
+
+    @staticmethod
+    def _taken(reply: dict, changes: SessionChanges) -> BackendError:
+        key = changes.upserts[reply["index"]].key if "index" in reply else None
+        return BackendError(f"translated endpoint already used by another session: {key}",
+                            key, "port taken")
+
+    @staticmethod
+    def _refused(exc: OvsError, deletes: int, given: list[tuple[int, Session]]
+                 ) -> BackendError:
+        """The batch's error, naming the session whose flow the switch refused, if any
+        (the bundle holds two deletes per deleted session, then two adds per session)."""
+        key = None
+        if exc.index is not None and exc.index >= 2 * deletes:
+            key = given[(exc.index - 2 * deletes) // 2][1].key
+        return BackendError(f"the switch refused the batch, nothing applied: {exc}", key,
+                            "failed")
 
     def _idle(self, s: Session) -> int:
         return s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
 
 
+class _FlowTransaction(Transaction):
+    """Keeps the session ids lookup() hashed, for apply() to use again."""
+
+    backend: OpenflowBackend
+
+    def __init__(self, backend: OpenflowBackend) -> None:
+        super().__init__(backend)
+        self._ids: dict[SessionKey, int] = {}
+
+    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
+        return self.backend._lookup(keys, self._ids)
+
+    def apply(self, changes: SessionChanges) -> None:
+        ids, self._ids = self._ids, {}
+        self.backend.apply(changes, ids)
+
+
 def _check(s: Session) -> None:
-    if s.protocol not in flows.L4:
-        raise BackendError(f"the OpenFlow NAT translates TCP and UDP only, not {s.protocol}",
-                           s.key, "not supported")
+    if s.protocol not in flows.L4 and s.protocol != "ICMP":
+        raise BackendError(f"the OpenFlow NAT translates TCP, UDP and ICMP echo only, not "
+                           f"{s.protocol}", s.key, "not supported")
     if s.translated_address is None or s.translated_port is None:
         raise BackendError("a session needs translated_address and translated_port here",
                            s.key, "incomplete")
+    if s.protocol == "ICMP" and (s.translated_port != s.src_port or s.dst_port != 0):
+        raise BackendError("the OpenFlow NAT cannot rewrite an ICMP echo identifier: "
+                           "translated_port must equal src_port (and dst_port be 0)", s.key,
+                           "not supported")
     if s.translated_dst_address is not None or s.translated_dst_port is not None:
         raise BackendError("the OpenFlow NAT does no destination NAT", s.key, "not supported")
     for address in (s.src_address, s.dst_address, s.translated_address):
@@ -344,5 +455,7 @@ def _check(s: Session) -> None:
                                "not supported")
 
 
-def _reservation(s: Session) -> list:
-    return [*s.key, s.translated_address, s.translated_port]
+def _reservation(s: Session, sid: int | None = None) -> list:
+    """A session as the app's reserve takes it (with its id, when known, to save a hash)."""
+    entry = [*s.key, s.translated_address, s.translated_port]
+    return entry if sid is None else [*entry, sid]

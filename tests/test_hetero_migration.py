@@ -4,10 +4,15 @@ NAT (conntrack, NAT A) and the SDN NAT (Open vSwitch + the OpenFlow NAT app, NAT
 Each test runs a real `nfmig serve` per NAT, opens a TCP connection and a UDP flow through
 the active one, moves the sessions with get-data / edit-config / delete through the servers,
 switches the gateway addresses over and checks that both keep going (the server speaks
-first, then 2 MB each way on TCP) with the server seeing the same translated endpoint.
+first, then 2 MB each way on TCP) with the server seeing the same translated endpoint. A
+ping moves too, its echo identifier kept.
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
+import time
 
 import pytest
 
@@ -104,3 +109,22 @@ def test_round_trip_linux_to_openflow_to_linux(bed, nats):
     assert translated_ports(linux, "TCP") == {tuple(peers[0])}
     assert translated_ports(sdn, "TCP") == set()
     assert_flowing(bed, servers, clients, peers)
+
+
+def test_a_ping_moves_from_linux_to_openflow_keeping_its_echo_identifier(bed, nats):
+    linux, sdn = nats
+    bed.activate(linux.netns)
+    ping = bed.popen(bed.client, "ping", "-n", "-i", "0.1", "-c", "40", "-W", "1",
+                     TestBed.SERVER, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # echoes through NAT A first, so that it holds the echo session
+        before = translated_ports(linux, "ICMP")
+        assert len(before) == 1
+        migrate(linux, sdn, bed)
+        out, _ = ping.communicate(timeout=30)
+    finally:
+        ping.kill()
+        ping.wait()
+    assert translated_ports(sdn, "ICMP") == before
+    assert "icmp_seq=40 " in out, out  # answered through the SDN NAT at the end
+    assert int(re.search(r"(\d+) received", out).group(1)) >= 30, out

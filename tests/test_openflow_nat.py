@@ -87,6 +87,20 @@ def test_imported_sessions_read_back_with_counters_and_delete_by_key(nat):
     assert {s.key for s in nat.sessions()} == {s.key for s in given[2:]}
 
 
+def test_thousands_of_sessions_import_read_back_and_delete_in_one_batch_each(nat):
+    # Enough flows that a dump comes back in many replies.
+    given = [Session("UDP" if i % 3 == 0 else "TCP", f"10.0.0.{2 + i % 200}",
+                     40000 + i // 200, TestBed.SERVER, 443, TestBed.EXTERNAL, 1024 + i,
+                     timeout=600) for i in range(3000)]
+    nat.apply(SessionChanges(upserts=given))
+    found = {s.key: s for s in nat.sessions()}
+    assert found.keys() == {s.key for s in given}
+    assert all(found[s.key][:7] == s[:7] for s in given)
+    assert nat.lookup(s.key for s in given).keys() == found.keys()
+    nat.apply(SessionChanges(deletes=[s.key for s in given]))
+    assert list(nat.sessions()) == [] and nat.stats().session_count == 0
+
+
 def test_a_batch_the_switch_refuses_leaves_nothing_installed(nat):
     nat.apply(SessionChanges(upserts=[session(32000, 20001)]))
     nat.ovs.limit_table(0, 20)  # room for a few more pairs, not for twelve
@@ -95,6 +109,41 @@ def test_a_batch_the_switch_refuses_leaves_nothing_installed(nat):
                                  deletes=[session(32000, 20001).key]))
     assert [s.key for s in nat.sessions()] == [session(32000, 20001).key]
     nat.apply(SessionChanges(upserts=[session(32001, 20002)]))  # its port was released
+
+
+def test_a_refused_update_keeps_the_old_translated_port_reserved(nat):
+    nat.apply(SessionChanges(upserts=[session(35000, 20001)]))
+    nat.ovs.limit_table(0, 20)
+    moved = session(35000, 20002)  # the same session, another translated port
+    with pytest.raises(BackendError, match="nothing applied"):
+        nat.apply(SessionChanges(upserts=[moved] + [session(35001 + i, 21000 + i)
+                                                    for i in range(12)]))
+    assert [s.translated_port for s in nat.sessions()] == [20001]
+    with pytest.raises(BackendError) as refused:
+        nat.apply(SessionChanges(upserts=[session(35100, 20001)]))
+    assert refused.value.reason == "port taken"
+    nat.apply(SessionChanges(upserts=[session(35101, 20002)]))  # never really taken
+
+
+def test_a_batch_may_give_a_deleted_sessions_port_to_a_new_one(nat):
+    old, new = session(36000, 20004), session(36001, 20004)
+    nat.apply(SessionChanges(upserts=[old]))
+    nat.apply(SessionChanges(upserts=[new], deletes=[old.key]))
+    assert [s.key for s in nat.sessions()] == [new.key]
+    with pytest.raises(BackendError) as refused:
+        nat.apply(SessionChanges(upserts=[old]))
+    assert refused.value.reason == "port taken"
+
+
+def test_an_idle_session_expires_and_frees_its_translated_port(nat):
+    nat.apply(SessionChanges(upserts=[session(37000, 20006, timeout=1)]))
+    deadline = time.monotonic() + 15
+    while (nat.stats().sessions_expired == 0 or list(nat.sessions())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)  # the switch idles flows out about once a second
+    assert nat.stats().sessions_expired == 1
+    assert list(nat.sessions()) == []
+    nat.apply(SessionChanges(upserts=[session(37001, 20006)]))  # the app let the port go
 
 
 def test_a_translated_endpoint_in_use_is_refused(nat):
@@ -138,3 +187,43 @@ def test_app_answers_arp_for_gateway_addresses_only_while_it_owns_them(bed, nat)
     bed.activate(bed.nat_b)
     answered = bed.run(bed.client, *probe, check=False)
     assert answered.returncode == 0 and mac in answered.stdout.lower()
+
+
+def echo(ident: int, tident: int | None = None, **kw) -> Session:
+    return Session("ICMP", TestBed.CLIENT, ident, TestBed.SERVER, 0, TestBed.EXTERNAL,
+                   ident if tident is None else tident, **{"timeout": 30, **kw})
+
+
+def test_icmp_echo_sessions_read_back_as_imported_and_delete_by_key(nat):
+    given = echo(4242, orig_packets=3, orig_bytes=252, reply_packets=3, reply_bytes=252)
+    nat.apply(SessionChanges(upserts=[given]))
+    [got] = nat.sessions()
+    assert got[:9] == given[:9] and got[13:] == given[13:]
+    assert 0 < got.timeout <= 30
+    assert nat.lookup([given.key]) == {given.key: got}
+    nat.apply(SessionChanges(deletes=[given.key]))
+    assert list(nat.sessions()) == []
+
+
+def test_an_icmp_session_whose_identifier_is_rewritten_is_refused(nat):
+    with pytest.raises(BackendError) as refused:
+        nat.apply(SessionChanges(upserts=[echo(4242, 4243)]))
+    assert refused.value.reason == "not supported"
+    assert "identifier" in str(refused.value)
+
+
+def test_two_echo_sessions_the_switch_cannot_tell_apart_are_refused(nat):
+    nat.apply(SessionChanges(upserts=[echo(4242)]))
+    with pytest.raises(BackendError) as refused:
+        nat.apply(SessionChanges(upserts=[echo(4243)]))  # same peer and address
+    assert refused.value.reason == "port taken"
+
+
+def test_ping_through_the_sdn_nat_is_an_echo_session_keeping_its_identifier(bed, nat):
+    bed.activate(bed.nat_b)
+    done = bed.run(bed.client, "ping", "-c", "2", "-W", "2", TestBed.SERVER, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [got] = [s for s in nat.sessions() if s.protocol == "ICMP"]
+    assert (got.src_address, got.dst_address, got.dst_port, got.translated_address) \
+        == (TestBed.CLIENT, TestBed.SERVER, 0, TestBed.EXTERNAL)
+    assert got.translated_port == got.src_port and got.orig_packets >= 1
