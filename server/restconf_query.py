@@ -22,6 +22,16 @@ def not_found(message: str, path: str | None = None) -> RpcError:
     return error
 
 
+def check_names(params, allowed: tuple[str, ...], where: str) -> None:
+    """Each query parameter known ``where`` it is given, and given once."""
+    for name in params:
+        if name not in allowed:
+            raise bad_request(f"query parameter {name!r} is not allowed {where} "
+                              f"(allowed: {', '.join(allowed) or 'none'})", name)
+        if len(params.getall(name)) > 1:
+            raise bad_request(f"query parameter {name!r} appears more than once", name)
+
+
 def bad_request(message: str, parameter: str) -> RpcError:
     return errors.invalid_value(message, info={"bad-element": parameter})
 
@@ -37,12 +47,7 @@ class Query:
 
     @classmethod
     def parse(cls, params, allowed: tuple[str, ...]) -> Query:
-        for name in params:
-            if name not in allowed:
-                raise bad_request(f"query parameter {name!r} is not allowed here "
-                                  f"(allowed: {', '.join(allowed) or 'none'})", name)
-            if len(params.getall(name)) > 1:
-                raise bad_request(f"query parameter {name!r} appears more than once", name)
+        check_names(params, allowed, "here")
         query = cls()
         content = params.get("content", "all")
         if content not in ("all", "config", "nonconfig"):

@@ -25,7 +25,7 @@ from lxml import etree
 from .filters import TopNode
 from .notifications import NOTIF_NS, NotificationHub, event_time
 from .restconf_codec import JsonWriter, SchemaIndex
-from .restconf_query import bad_request, not_found
+from .restconf_query import bad_request, check_names, not_found
 
 STREAM = "NETCONF"
 STREAM_PARAMS = ("start-time", "stop-time", "filter")
@@ -160,12 +160,7 @@ class EventStreams:
 
     def _parameters(self, query) -> tuple[datetime | None, datetime | None,
                                           Callable[[etree._Element], bool] | None]:
-        for name in query:
-            if name not in STREAM_PARAMS:
-                raise bad_request(f"query parameter {name!r} is not allowed on a stream "
-                                  f"(allowed: {', '.join(STREAM_PARAMS)})", name)
-            if len(query.getall(name)) > 1:
-                raise bad_request(f"query parameter {name!r} appears more than once", name)
+        check_names(query, STREAM_PARAMS, "on a stream")
         start = _time_parameter(query, "start-time")
         stop = _time_parameter(query, "stop-time")
         if start is not None and start > datetime.now(UTC):

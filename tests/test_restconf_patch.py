@@ -160,14 +160,20 @@ def test_create_of_an_existing_entry_is_409_data_exists(rc):
     assert status_of(reply).findtext(f".//{{{YP}}}error-tag") == "data-exists"
 
 
+def one_edit_json_patch(rc, patch_id: str, operation: str, target_port: int, entry: dict):
+    """A JSON YANG Patch of one edit (id "1") whose target names the session of
+    ``target_port`` and whose value is ``entry``."""
+    return rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
+        "patch-id": patch_id, "edit": [{"edit-id": "1", "operation": operation,
+                                        "target": f"/nfmig-nat:nat-session={key(target_port)}",
+                                        "value": {"nfmig-nat:nat-session": [entry]}}]}},
+        content_type=PATCH_JSON)
+
+
 def test_json_patch_takes_numbers_for_the_keys_the_target_writes_as_text(rc):
     e = {"protocol": "TCP", "src_address": "10.6.0.1", "src_port": 2000,
          "dst_address": "198.51.100.6", "dst_port": 443, "translated_port": 42000}
-    reply = rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
-        "patch-id": "j", "edit": [{"edit-id": "1", "operation": "merge",
-                                   "target": f"/nfmig-nat:nat-session={key(2000)}",
-                                   "value": {"nfmig-nat:nat-session": [e]}}]}},
-        content_type=PATCH_JSON)
+    reply = one_edit_json_patch(rc, "j", "merge", 2000, e)
     assert reply.status == 200, reply.text
     assert 2000 in ports(rc)
 
@@ -176,11 +182,7 @@ def test_json_patch_with_a_differing_key_is_400_in_its_edits_status_yanglint_acc
         rc, tmp_path):
     e = {"protocol": "TCP", "src_address": "10.6.0.1", "src_port": 2101,
          "dst_address": "198.51.100.6", "dst_port": 443}
-    reply = rc.request("PATCH", "/restconf/data", {"ietf-yang-patch:yang-patch": {
-        "patch-id": "j2", "edit": [{"edit-id": "1", "operation": "create",
-                                    "target": f"/nfmig-nat:nat-session={key(2100)}",
-                                    "value": {"nfmig-nat:nat-session": [e]}}]}},
-        content_type=PATCH_JSON)
+    reply = one_edit_json_patch(rc, "j2", "create", 2100, e)
     assert reply.status == 400, reply.text
     edit, = reply.json()["ietf-yang-patch:yang-patch-status"]["edit-status"]["edit"]
     assert edit["edit-id"] == "1"
