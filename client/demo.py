@@ -16,7 +16,7 @@ def run_demo(sessions: int) -> int:
 
         return run_hetero_demo()
     print("note: not root, so the demo uses two simulated NATs (no kernel state); run it as "
-          "root to see a live connection move between two Linux kernel NATs")
+          "root to see a live connection move from a Linux kernel NAT to the SDN NAT")
     with tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
         servers: list[LocalServer] = []
         try:

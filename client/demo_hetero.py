@@ -14,7 +14,7 @@ from pathlib import Path
 from nfmig.testbed import TestBed
 from nfmig.testbed_ovs import without_checksum_offload
 
-from .demo_linux import POLICY, _move_live_stream
+from .demo_linux import POLICY, move_live_stream
 from .local import LocalServer, start_local_server
 from .netconf import NatClient
 
@@ -37,7 +37,7 @@ def run_hetero_demo() -> int:
                 print(f"NAT {name.upper()}: {backend} in namespace {ns}, NETCONF on "
                       f"127.0.0.1:{server.port}")
             bed.activate(bed.nat_a)
-            return _move_live_stream(bed, *clients)
+            return move_live_stream(bed, *clients)
         finally:
             for client in clients:
                 client.close()

@@ -1,5 +1,5 @@
-"""`nfmig demo` as root: a live TCP connection through one Linux kernel NAT moves, with its
-session, to another Linux kernel NAT and keeps flowing.
+"""The live part of `nfmig demo` as root: a TCP stream through NAT A whose session moves to
+NAT B while it runs (demo_hetero.py serves a Linux kernel NAT as A and the SDN NAT as B).
 
 Hosts live in network namespaces of a test bed built for the demo and removed afterwards:
 a client, NAT A, NAT B and a server. A stream runs from client to server and back the whole
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from nfmig.testbed import TestBed
 
-from .local import LocalServer, start_local_server
 from .netconf import NAT_NS, NatClient, timed
 
 PORT = 5000
@@ -43,30 +40,7 @@ POLICY = (f'<nat-policy xmlns="{NAT_NS}"><inside-interface>inside</inside-interf
           "<port-min>20000</port-min><port-max>29999</port-max></nat-policy>")
 
 
-def run_linux_demo() -> int:
-    print("Two Linux kernel NATs in network namespaces; a live TCP stream moves from A to B.")
-    with TestBed() as bed, tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
-        servers: list[LocalServer] = []
-        clients: list[NatClient] = []
-        try:
-            for name, ns in (("a", bed.nat_a), ("b", bed.nat_b)):
-                servers.append(start_local_server(Path(tmp) / name, "--backend", "linux",
-                                                  "--netns", ns))
-                server = servers[-1]
-                clients.append(NatClient("127.0.0.1", server.port, server.user,
-                                         server.password, hostkey_verify=False))
-                clients[-1].edit(POLICY)
-                print(f"NAT {name.upper()}: namespace {ns}, NETCONF on 127.0.0.1:{server.port}")
-            bed.activate(bed.nat_a)
-            return _move_live_stream(bed, *clients)
-        finally:
-            for client in clients:
-                client.close()
-            for server in servers:
-                server.stop()
-
-
-def _move_live_stream(bed: TestBed, a: NatClient, b: NatClient) -> int:
+def move_live_stream(bed: TestBed, a: NatClient, b: NatClient) -> int:
     echo = bed.popen(bed.server, sys.executable, "-c", ECHO, stdout=subprocess.PIPE, text=True)
     _expect(echo, "listening")
     stream = bed.popen(bed.client, sys.executable, "-c", STREAM, TestBed.SERVER,
