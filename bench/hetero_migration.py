@@ -21,32 +21,20 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from kernel_migration import EXTERNALS, PORT_MAX, PORT_MIN, synthetic_sessions
 from nfmig.client.local import LocalServer, start_local_server
 from nfmig.client.netconf import NAT_NS, NatClient, timed
-from nfmig.nf_backends.base import Session
 from nfmig.server.session_codec import sessions_to_xml
 
 from nfmig.testbed import TestBed
 from nfmig.testbed_ovs import without_checksum_offload
 
-SUBSCRIBERS = [f"10.0.0.{10 + i}" for i in range(200)]
-SERVERS = [f"192.0.2.{100 + i}" for i in range(8)]
-EXTERNALS = [f"192.0.2.{1 + i}" for i in range(4)]
-PORT_MIN, PORT_MAX = 1024, 65535
-PORTS = PORT_MAX - PORT_MIN + 1
 PHASES = ("get-data", "edit-config", "delete", "total")
 
 
 def synthetic(n: int) -> str:
     """N distinct TCP ESTABLISHED sessions with unique reply tuples, as model XML."""
-    sessions = []
-    for i in range(n):
-        binding = i // len(EXTERNALS)
-        sessions.append(Session(
-            "TCP", SUBSCRIBERS[i % len(SUBSCRIBERS)], PORT_MIN + i // len(SUBSCRIBERS),
-            SERVERS[binding // PORTS], 443, EXTERNALS[i % len(EXTERNALS)],
-            PORT_MIN + binding % PORTS, None, None, "established", 7, 7, 3600))
-    return "".join(sessions_to_xml(sessions, NAT_NS))
+    return "".join(sessions_to_xml(synthetic_sessions(n, timeout=3600), NAT_NS))
 
 
 def policy() -> str:

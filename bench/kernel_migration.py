@@ -66,7 +66,7 @@ _HANDLED = re.compile(r"session \d+: (\S+) handled in ([\d.]+) s, (\d+) reply by
 
 
 # -- sessions -----------------------------------------------------------------------------
-def synthetic_sessions(n: int) -> list[Session]:
+def synthetic_sessions(n: int, timeout: int = TIMEOUT) -> list[Session]:
     """N distinct TCP ESTABLISHED SNAT sessions (original and reply tuples all unique)."""
     sessions = []
     for i in range(n):
@@ -74,7 +74,7 @@ def synthetic_sessions(n: int) -> list[Session]:
         sessions.append(Session(
             "TCP", SUBSCRIBERS[i % len(SUBSCRIBERS)], PORT_MIN + i // len(SUBSCRIBERS),
             SERVERS[binding // PORTS], 443, EXTERNALS[i % len(EXTERNALS)],
-            PORT_MIN + binding % PORTS, None, None, "established", 7, 7, TIMEOUT))
+            PORT_MIN + binding % PORTS, None, None, "established", 7, 7, timeout))
     return sessions
 
 
