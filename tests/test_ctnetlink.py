@@ -4,6 +4,7 @@ reads exactly what a full walk of each message reads."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -103,6 +104,44 @@ def test_layout_cache_reads_what_a_full_walk_reads(conntrack):
     expected = sorted(map(stable, walked))
     assert sorted(map(stable, cached_cold)) == expected
     assert sorted(map(stable, cached_warm)) == expected
+
+
+def _fresh(count: int, first_port: int = 50000) -> list[CtEntry]:
+    return [CtEntry(V4, UDP, v4("10.0.0.9"), v4("192.0.2.100"), first_port + i, 53,
+                    v4("192.0.2.1"), first_port + i, timeout=60) for i in range(count)]
+
+
+def test_batch_reports_each_refused_entry_at_its_own_index(conntrack):
+    """Only a batch's last message asks for an ack; a refusal anywhere (here within the
+    first send, within a later one and at the very end) is still put at its entry."""
+    existing = ENTRIES["udp ipv4 source nat"]
+    batch = _fresh(600)
+    for index in (0, 300, 599):
+        batch[index] = existing
+    try:
+        results = conntrack.create(batch)
+        assert {i for i, code in enumerate(results) if code} == {0, 300, 599}
+        assert {results[i] for i in (0, 300, 599)} == {errno.EEXIST}
+        assert conntrack.last_messages().keys() <= {0, 300, 599}
+    finally:
+        conntrack.delete([e for e in batch if e is not existing])
+
+
+def test_batch_after_a_refusal_reads_only_its_own_replies(conntrack):
+    conntrack.create([ENTRIES["udp ipv4 source nat"]])  # refused: exists
+    batch = _fresh(3, 51000)
+    try:
+        assert conntrack.create(batch) == [None, None, None]
+    finally:
+        assert conntrack.delete(batch) == [None, None, None]
+
+
+def test_get_finds_the_present_entries_and_none_for_the_missing(conntrack):
+    missing = _fresh(1, 52000)[0]
+    present = ENTRIES["tcp ipv4 source nat"]
+    found = conntrack.get([missing, present, missing])
+    assert found[0] is None and found[2] is None
+    assert stable(found[1]) == stable(present)
 
 
 def test_message_with_other_attribute_sizes_is_walked_not_misread():
