@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from typing import TypeVar
 
 from .ctattrs import (
@@ -130,14 +131,41 @@ class _Layout:
         struct.pack_into("=H", self.buf, start, len(self.buf) - start)
 
     def finish(self) -> _Layout:
+        """Compile the shape into one struct: the constant runs become byte-string fields,
+        so a message is a single pack of (constants and values). Network-order fields are
+        packed in native order from values already swapped (see ``_Encoder``)."""
         struct.pack_into("=I", self.buf, 0, len(self.buf))
         self.template = bytes(self.buf)
+        fmt, pieces, at = ["="], [], 0
+        for offset, field_fmt, field in sorted(self.fields):
+            if offset > at:
+                fmt.append(f"{offset - at}s")
+                pieces.append(("const", self.template[at:offset]))
+            fmt.append(field_fmt.lstrip("=!"))
+            pieces.append(("field", field))
+            at = offset + struct.calcsize(field_fmt)
+        if at < len(self.template):
+            fmt.append(f"{len(self.template) - at}s")
+            pieces.append(("const", self.template[at:]))
+        consts = tuple(value for kind, value in pieces if kind == "const")
+        # pick() takes (values + consts): a value by its field number, a constant after them
+        order, next_const = [], _FIELD_COUNT
+        for kind, value in pieces:
+            if kind == "const":
+                order.append(next_const)
+                next_const += 1
+            else:
+                order.append(value)
+        self.consts = consts
+        self.pick = itemgetter(*order)
+        self.struct = struct.Struct("".join(fmt))
         return self
 
 
 # Field numbers used by layouts: an index into the values tuple built in _values().
 F_SEQ, F_SRC, F_DST, F_SPORT, F_DPORT, F_TIMEOUT, F_STATE, F_WS_O, F_WS_R = range(9)
 F_NAT_ADDR, F_NAT_PORT, F_DNAT_ADDR, F_DNAT_PORT = range(9, 13)
+_FIELD_COUNT = 13
 
 
 def _tuple(lay: _Layout, kind: int, e: CtEntry, reply: bool) -> None:
@@ -234,11 +262,20 @@ def _shape(e: CtEntry, kind: str) -> tuple:
             e.dnat_addr is not None, e.dnat_port is not None)
 
 
+# Network-order values swapped once, so that a whole message packs in native order.
+_SWAPPED_PORT = [int.from_bytes(p.to_bytes(2, "big"), "little") for p in range(1 << 16)]
+
+
+def _swapped32(value: int) -> int:
+    return int.from_bytes(value.to_bytes(4, "big"), "little")
+
+
 class _Encoder:
     def __init__(self) -> None:
         self._layouts: dict[tuple, _Layout] = {}
+        self._timeouts: dict[int, int] = {}  # timeout -> swapped: a handful of values
 
-    def encode(self, e: CtEntry, seq: int, kind: str) -> bytearray:
+    def encode(self, e: CtEntry, seq: int, kind: str) -> bytes:
         shape = _shape(e, kind)
         lay = self._layouts.get(shape)
         if lay is None:
@@ -246,13 +283,17 @@ class _Encoder:
                 _by_tuple_layout(e, CT_DELETE) if kind == "delete" else
                 _by_tuple_layout(e, CT_GET) if kind == "get" else
                 _create_layout(e, kind == "update"))
-        values = (seq, e.src, e.dst, e.sport, e.dport, e.timeout or 0, e.tcp_state or 0,
-                  e.wscale_orig or 0, e.wscale_reply or 0, e.nat_addr, e.nat_port or 0,
-                  e.dnat_addr, e.dnat_port or 0)
-        buf = bytearray(lay.template)
-        for offset, fmt, field in lay.fields:
-            struct.pack_into(fmt, buf, offset, values[field])
-        return buf
+        timeout = e.timeout or 0
+        swapped = self._timeouts.get(timeout)
+        if swapped is None:
+            swapped = self._timeouts[timeout] = _swapped32(timeout)
+            if len(self._timeouts) > 4096:  # bounded, whatever timeouts come
+                self._timeouts.clear()
+        port = _SWAPPED_PORT
+        values = (seq, e.src, e.dst, port[e.sport], port[e.dport], swapped, e.tcp_state or 0,
+                  e.wscale_orig or 0, e.wscale_reply or 0, e.nat_addr, port[e.nat_port or 0],
+                  e.dnat_addr, port[e.dnat_port or 0])
+        return lay.struct.pack(*lay.pick(values + lay.consts))
 
 
 # -- the socket ---------------------------------------------------------------------------
@@ -413,7 +454,7 @@ class Conntrack:
         encode = self._encoder.encode
         first = self._seq + 1
         messages = [encode(e, self._next_seq(), kind) for e in chunk]
-        last = messages[-1]
+        last = messages[-1] = bytearray(messages[-1])
         _FLAGS.pack_into(last, 6, _FLAGS.unpack_from(last, 6)[0] | NLM_F_ACK)
         self._last = self._seq
         self.sock.send(b"".join(messages))

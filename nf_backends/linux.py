@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
+from functools import partial
 
 from .base import (
     PROTOCOL_NAMES,
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 TABLE = "nfmig"
 DIRECT_LOOKUPS = 4096  # up to this many keys, look each up; beyond, dump the table
 HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not drop a hold
+_COUNTS = slice(Session._fields.index("orig_packets"), Session._fields.index("reply_bytes") + 1)
+_ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
+                      CtEntry._fields.index("reply_bytes") + 1)
+_NO_COUNTS = (None,) * 4
+_new_session = partial(tuple.__new__, Session)  # in C: a dump makes one per entry
 
 
 class LinuxBackend(Backend):
@@ -186,7 +192,7 @@ class LinuxBackend(Backend):
             entries = self.ct.dump()
             offsets = self._offsets
             self._offsets = {e.key: offsets[e.key] for e in entries if e.key in offsets}
-        return (s for s in map(self._session, entries) if s is not None)
+        return self._sessions_from(entries)
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self._sessions_of(self._read(set(keys)))
@@ -195,7 +201,7 @@ class LinuxBackend(Backend):
         return _KernelTransaction(self)
 
     def _sessions_of(self, entries: dict[tuple, CtEntry]) -> dict[SessionKey, Session]:
-        return {s.key: s for s in map(self._session, entries.values()) if s is not None}
+        return {s.key: s for s in self._sessions_from(entries.values())}
 
     def _read(self, keys: set[SessionKey]) -> dict[tuple, CtEntry]:
         """The kernel's entries for these keys, by native key: one GET each for a few,
@@ -238,8 +244,7 @@ class LinuxBackend(Backend):
                 self.ct.delete(creates)
                 self.ct.create(deletes)
                 raise failed
-            for key, (session, entry) in wanted.items():
-                self._remember_counts(session, entry, current.get(key))
+            self._remember_counts(wanted, current)
             self._imported += len(creates)
 
     def _delete(self, entries: list[CtEntry]) -> None:
@@ -267,33 +272,60 @@ class LinuxBackend(Backend):
                                     self._key(entry), reason)
         return None
 
-    def _remember_counts(self, session: Session, entry: CtEntry, old: CtEntry | None) -> None:
-        counts = (session.orig_packets, session.orig_bytes, session.reply_packets,
-                  session.reply_bytes)
-        if all(c is None for c in counts):
-            return
-        kernel = ((old.orig_packets, old.orig_bytes, old.reply_packets, old.reply_bytes)
-                  if old else (0, 0, 0, 0))
-        self._offsets[entry.key] = tuple(max(0, (c or 0) - k)
-                                         for c, k in zip(counts, kernel, strict=True))
+    def _remember_counts(self, written: dict[tuple, tuple[Session, CtEntry]],
+                         current: dict[tuple, CtEntry]) -> None:
+        """What each written session brought along beyond what the kernel has counted for
+        it, to add to the kernel's counts from now on (a moved session keeps counting from
+        where it was; a new kernel entry starts at zero)."""
+        offsets = self._offsets
+        for key, (session, _) in written.items():
+            counts = session[_COUNTS]
+            if counts == _NO_COUNTS:
+                continue
+            old = current.get(key)
+            if old is None and None not in counts:
+                offsets[key] = counts
+                continue
+            kernel = old[_ENTRY_COUNTS] if old is not None else (0, 0, 0, 0)
+            offsets[key] = tuple(max(0, (c or 0) - k)
+                                 for c, k in zip(counts, kernel, strict=True))
 
     # -- conversion between model and kernel -------------------------------------------
     def _session(self, e: CtEntry) -> Session | None:
-        protocol = PROTOCOL_NAMES.get(e.proto)
-        if protocol is None:
-            return None  # e.g. GRE or SCTP: not in the model
-        text = self._addr_text
-        extra = self._offsets.get(e.key, (0, 0, 0, 0))
-        tcp = e.proto == TCP
-        return Session(
-            protocol, text(e.src), e.sport, text(e.dst), e.dport,
-            text(e.nat_addr) if e.nat_addr else None, e.nat_port,
-            text(e.dnat_addr) if e.dnat_addr else None, e.dnat_port,
-            TCP_STATES[e.tcp_state] if tcp and e.tcp_state is not None
-            and e.tcp_state < len(TCP_STATES) else None,
-            e.wscale_orig if tcp else None, e.wscale_reply if tcp else None, e.timeout,
-            e.orig_packets + extra[0], e.orig_bytes + extra[1],
-            e.reply_packets + extra[2], e.reply_bytes + extra[3])
+        """The model's view of one kernel entry; None for a protocol the model lacks."""
+        return next(self._sessions_from((e,)), None)
+
+    def _sessions_from(self, entries: Iterable[CtEntry]) -> Iterator[Session]:
+        """The model's view of kernel entries (those of a protocol the model has), with the
+        counts a session brought along added. A loop, names bound once: a dump converts
+        every entry of the table."""
+        texts, text = self._text, self._addr_text
+        offsets = self._offsets
+        names = PROTOCOL_NAMES
+        states, state_count = TCP_STATES, len(TCP_STATES)
+        for (_family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
+             state, ws_orig, ws_reply, timeout, o_packets, o_bytes, r_packets, r_bytes
+             ) in entries:
+            protocol = names.get(proto)
+            if protocol is None:
+                continue  # e.g. GRE or SCTP: not in the model
+            if proto == TCP:
+                state = states[state] if state is not None and state < state_count else None
+            else:
+                state = ws_orig = ws_reply = None
+            if offsets:
+                extra = offsets.get((proto, src, sport, dst, dport))
+                if extra is not None:
+                    o_packets += extra[0]
+                    o_bytes += extra[1]
+                    r_packets += extra[2]
+                    r_bytes += extra[3]
+            yield _new_session((
+                protocol, texts.get(src) or text(src), sport, texts.get(dst) or text(dst),
+                dport, (texts.get(nat_addr) or text(nat_addr)) if nat_addr else None,
+                nat_port, (texts.get(dnat_addr) or text(dnat_addr)) if dnat_addr else None,
+                dnat_port, state, ws_orig, ws_reply, timeout, o_packets, o_bytes, r_packets,
+                r_bytes))
 
     def _entry(self, s: Session) -> CtEntry:
         packed = self._addr_bytes

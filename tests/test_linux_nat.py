@@ -181,6 +181,34 @@ def test_udp_flow_survives_migration(bed, nats, first):
     assert_clean(bed)
 
 
+def test_moved_session_keeps_counting_from_the_source_counts(bed, nats):
+    a, b = nats
+    server = start(bed, bed.server, "udp-server", "5005", "client")
+    expect(server, "listening")
+    client = start(bed, bed.client, "udp-client", TestBed.SERVER, "5005", "client")
+    expect(client, "ready")
+    expect(server, "ready")
+    before = udp_counts(a)
+    assert before[0] == before[2] == 1  # the greeting, one datagram each way
+    migrate(a, b, bed)
+    assert udp_counts(b) == before  # B's kernel has counted nothing yet
+    go(server, client)  # one more datagram each way, through B
+    expect(server, "done")
+    expect(client, "done")
+    after = udp_counts(b)
+    assert (after[0], after[2]) == (before[0] + 1, before[2] + 1)
+    assert after[1] > before[1] and after[3] > before[3]
+
+
+def udp_counts(nat: Nat) -> tuple[int, int, int, int]:
+    """orig packets, orig bytes, reply packets, reply bytes of the NAT's one UDP session."""
+    body, _ = nat.client.get_sessions()
+    entries = [e for e in body.split("<nat-session")[1:] if "<protocol>UDP<" in e]
+    assert len(entries) == 1, f"expected one UDP session, found {len(entries)}"
+    return tuple(int(entries[0].split(f"<{leaf}>")[1].split("<")[0])
+                 for leaf in ("orig_packets", "orig_bytes", "reply_packets", "reply_bytes"))
+
+
 def test_thousand_concurrent_flows_from_several_subscribers_all_continue(bed, nats):
     a, b = nats
     subscribers = [f"10.0.0.{10 + i}" for i in range(8)]
