@@ -279,8 +279,7 @@ class Codec:
         return {"insert": insert, "kernel_delete": delete}
 
     def encode(self, entries: list[CtEntry]) -> str:
-        sessions = filter(None, map(self.backend._session, entries))
-        return "".join(sessions_to_xml(sessions, NAT_NS))
+        return "".join(sessions_to_xml(self.backend._sessions_from(entries), NAT_NS))
 
     def decode(self, body: str) -> list[Session]:
         """The <config> as NatClient.edit sends it (the model's namespace declared once),
@@ -497,7 +496,7 @@ def progress(n: int, r: dict[str, float]) -> str:
 PHASES: list[tuple[str, str | None, str]] = [
     ("nfmig, per phase", None, ""),
     ("dump (kernel read on A)", "dump", "in-process: Conntrack.dump on A, GC paused"),
-    ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._session + "
+    ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._sessions_from + "
      "sessions_to_xml, GC paused"),
     ("get-data, server", "get_server", "server log: handled + sent (dump, encode, send)"),
     ("get-data, client", "get_client", "bench clock around NatClient.get_sessions"),

@@ -28,7 +28,7 @@ from ncclient.transport.errors import (
 from ncclient.transport.session import SessionListener
 from ncclient.xml_ import to_ele
 
-from .netconf import NAT_NS, NC_NS, TextRpc, send_in_blocks
+from .netconf import NAT_NS, NC_NS, TextRpc, connect
 
 log = logging.getLogger(__name__)
 
@@ -287,13 +287,13 @@ def _connect(endpoint: Endpoint, credentials: Credentials, password: str | None,
         hostkey_b64 = _known_host_key(endpoint, credentials.known_hosts or DEFAULT_KNOWN_HOSTS)
     key_file = str(credentials.key_file) if credentials.key_file else None
     try:
-        return send_in_blocks(manager.connect(
+        return connect(
             host=endpoint.host, port=endpoint.port,
             username=endpoint.user or getpass.getuser(), password=password,
             key_filename=key_file, allow_agent=password is None,
             look_for_keys=password is None and key_file is None,
             hostkey_verify=credentials.verify_host_keys, hostkey_b64=hostkey_b64,
-            timeout=timeout))
+            timeout=timeout)
     except SSHUnknownHostError:
         raise EndpointError(
             f"{endpoint}: the server's host key does not match the one in "
