@@ -28,6 +28,7 @@ from nfmig.client.endpoints import (
 from nfmig.client.local import LocalServer, start_local_server
 from nfmig.client.migrate import Migration, Options
 from nfmig.client.negotiate import CANDIDATE, VALIDATE, Facts, ModuleInfo, problems
+from nfmig.client.netconf import _leading_keys
 from nfmig.client.selection import Selection, Split, parse_entries
 from nfmig.server.auth import add_user
 from nfmig.server.filters import subtree_filter, xpath_filter
@@ -575,3 +576,30 @@ def test_prefix_filter_selects_exactly_the_addresses_inside(prefix):
     found = {e.findtext(f"{{{NAT_NS}}}src_address") for e in picked}
     net = ipaddress.ip_network(prefix)
     assert found == {a for a in addresses if ipaddress.ip_address(a) in net}
+
+
+# -- the delete request's keys, read from a get-data reply's text ---------------------------
+def _server_entry(sport: int) -> str:
+    return (f'<nat-session xmlns="{NAT_NS}"><protocol>UDP</protocol>'
+            f"<src_address>10.0.0.2</src_address><src_port>{sport}</src_port>"
+            "<dst_address>192.0.2.100</dst_address><dst_port>53</dst_port>"
+            "<translated_address>192.0.2.1</translated_address>"
+            f"<translated_port>{sport}</translated_port><timeout>60</timeout></nat-session>")
+
+
+def test_delete_keys_of_entries_as_servers_write_them_are_those_a_full_read_finds():
+    text = _server_entry(4000) + _server_entry(4001)
+    assert _leading_keys(text) == [e.key for e in parse_entries(text)]
+
+
+@pytest.mark.parametrize("odd", [
+    f'<nat-session xmlns="{NAT_NS}"><src_address>10.0.0.3</src_address>'
+    "<protocol>UDP</protocol><src_port>1</src_port><dst_address>192.0.2.100</dst_address>"
+    "<dst_port>53</dst_port></nat-session>",
+    f'<n:nat-session xmlns:n="{NAT_NS}"><n:protocol>UDP</n:protocol>'
+    "<n:src_address>10.0.0.3</n:src_address><n:src_port>1</n:src_port>"
+    "<n:dst_address>192.0.2.100</n:dst_address><n:dst_port>53</n:dst_port></n:nat-session>",
+    "<!-- " + _server_entry(4002) + " -->",
+], ids=["keys-not-first", "prefixed", "comment"])
+def test_delete_keys_are_left_to_a_full_read_when_an_entry_is_written_otherwise(odd):
+    assert _leading_keys(_server_entry(4000) + odd) is None
