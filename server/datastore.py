@@ -37,7 +37,14 @@ from .errors import RpcError, RpcErrors
 from .filters import TopNode
 from .gc_pause import collector_paused
 from .schema import ListEntryChecker, Schema, YangError
-from .session_codec import OPERATION_ATTR, SessionDecoder, SessionEdit, sessions_to_xml
+from .session_codec import (
+    OPERATION_ATTR,
+    HollowEdit,
+    NeedsTree,
+    SessionDecoder,
+    SessionEdit,
+    sessions_to_xml,
+)
 from .tree_edit import edit_node, strip_operations
 
 log = logging.getLogger(__name__)
@@ -205,10 +212,12 @@ class Datastores:
 
     # -- edits -------------------------------------------------------------------------
     def edit(self, datastore: str, config: etree._Element, options: EditOptions,
-             session_id: int, source: bytes | None = None) -> None:
+             session_id: int, source: bytes | HollowEdit | None = None) -> None:
         """edit-config / edit-data of ``config``'s children into ``datastore``. ``source``,
         the request's text that ``config`` was parsed from, lets a bulk edit be read from
-        it directly."""
+        it directly; a HollowEdit's ``config`` holds no children at all (see there)."""
+        if isinstance(source, HollowEdit) and options.default_operation == "replace":
+            raise NeedsTree()  # a replace reads the tree as a whole
         if datastore not in ("running", "candidate"):
             raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
                                        "running or candidate", info={"bad-element": "target"})
@@ -243,7 +252,8 @@ class Datastores:
             return self._candidate
         return Candidate(policy=self._policy)
 
-    def _split(self, config: etree._Element, default_op: str, source: bytes | None = None
+    def _split(self, config: etree._Element, default_op: str,
+               source: bytes | HollowEdit | None = None
                ) -> tuple[list[etree._Element], list[SessionEdit]]:
         policy_edits, session_edits = [], []
         inherited = config.get(OPERATION_ATTR, default_op)

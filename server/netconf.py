@@ -36,6 +36,7 @@ from .framing import (
 )
 from .gc_pause import collector_paused
 from .operations import NC, Operations, Reply, SessionInfo
+from .session_codec import NeedsTree, hollow_edit
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ BASE_10 = "urn:ietf:params:netconf:base:1.0"
 BASE_11 = "urn:ietf:params:netconf:base:1.1"
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True,
                           remove_comments=True)
+def _parse(text: bytes) -> etree._Element:
+    return etree.fromstring(text, parser=_PARSER)
+
+
 _MESSAGE_ID = re.compile(rb"""message-id\s*=\s*["']([^"']{1,256})["']""")
 WINDOW = 8 << 20
 STREAM_BLOCK = 256 << 10
@@ -133,8 +138,9 @@ class NetconfSession(nc_base.NetconfSession):
                 "too-big", f"the request is {message.size} bytes; this server accepts at most "
                 f"{self.server.max_message} bytes (--max-message-size)", type="rpc"), attrs)
             return
+        hollow = hollow_edit(message, _parse)
         try:
-            root = etree.fromstring(message.strip(), parser=_PARSER)
+            root = hollow.root if hollow is not None else _parse(message.strip())
         except etree.XMLSyntaxError as exc:
             self.info.in_bad_rpcs += 1
             self._send_error(RpcError("malformed-message" if self.new_framing else
@@ -147,7 +153,7 @@ class NetconfSession(nc_base.NetconfSession):
                                       "unknown-element", f"expected an rpc element, got "
                                       f"{etree.QName(root).localname}", type="rpc"), None)
             return
-        self.info.request = message
+        self.info.request = hollow or message
         try:
             with collector_paused():
                 self._handle_rpc(root)
@@ -172,7 +178,7 @@ class NetconfSession(nc_base.NetconfSession):
         name = etree.QName(op).localname
         started = time.perf_counter()
         try:
-            body = self.ops.dispatch(self.info, op)
+            body = self._dispatch(op)
         except RpcError as exc:
             log.info("session %s: %s failed: %s: %s", self.session_id, name, exc.tag,
                      exc.message)
@@ -193,6 +199,25 @@ class NetconfSession(nc_base.NetconfSession):
                   time.perf_counter() - handled)
         if name == "close-session":
             self.close()
+
+    def _dispatch(self, op: etree._Element) -> Reply:
+        try:
+            return self.ops.dispatch(self.info, op)
+        except NeedsTree:
+            # The edit's text, read without its tree, was not plain; nothing changed yet.
+            message = self.info.request.message
+            log.debug("session %s: the edit's entries are not plain text; reading them as "
+                      "a tree", self.session_id)
+            self.info.request = message
+            try:
+                root = _parse(message.strip())
+            except etree.XMLSyntaxError as exc:
+                self.info.in_rpcs -= 1
+                self.info.in_bad_rpcs += 1
+                raise RpcError("malformed-message" if self.new_framing else
+                               "operation-failed", f"the message is not well-formed XML: "
+                               f"{exc}", type="rpc") from None
+            return self.ops.dispatch(self.info, next(c for c in root if isinstance(c.tag, str)))
 
     # -- sending -----------------------------------------------------------------------
     def _send_reply(self, body: Reply, attrs: dict | None) -> int:

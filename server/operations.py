@@ -19,6 +19,7 @@ from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpa
 from .migration import MigrationWindows
 from .notifications import NOTIF_NS, NotificationHub, parse_subscription
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
+from .session_codec import HollowEdit
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCM = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
@@ -44,7 +45,8 @@ class SessionInfo:
     out_rpc_errors: int = 0
     close: Callable[[], None] | None = None
     notify: Callable[[str], None] | None = None  # sends one notification message
-    request: bytes | None = None  # the text of the rpc being handled, for bulk readers
+    # the text of the rpc being handled, for bulk readers; a HollowEdit for a large edit
+    request: bytes | HollowEdit | None = None
 
 
 class Operations:

@@ -12,7 +12,14 @@ from lxml import etree
 from nfmig.nf_backends.base import Session
 from nfmig.server.errors import RpcError
 from nfmig.server.schema import ListEntryChecker, Schema, YangError
-from nfmig.server.session_codec import SessionDecoder, _content_in, sessions_to_xml
+from nfmig.server.session_codec import (
+    NeedsTree,
+    SessionDecoder,
+    SessionEdit,
+    _content_in,
+    hollow_edit,
+    sessions_to_xml,
+)
 
 NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -262,3 +269,57 @@ def test_an_entry_hidden_in_a_comment_is_not_read(decoder):
     request = edit_request(plain_entries() + hidden)
     config = config_in(request)
     assert len(decoder.decode_all(config, "merge", request) or []) != 301
+
+
+# -- large edits parsed without their entries' tree (HollowEdit) -----------------------------
+BIG = 2000  # entries: over a megabyte, where the server hollows an edit
+
+
+def _parse(text: bytes) -> etree._Element:
+    return etree.fromstring(text, parser=etree.XMLParser(huge_tree=True))
+
+
+def hollow_read(decoder: SessionDecoder, request: bytes) -> list[SessionEdit]:
+    hollow = hollow_edit(request, _parse)
+    assert hollow is not None, "the request was not hollowed"
+    assert len(hollow.config) == 0
+    return decoder.decode_all(hollow.config, "merge", hollow)
+
+
+def test_a_large_edit_read_without_its_tree_matches_the_tree(decoder):
+    request = edit_request(plain_entries(BIG))
+    assert _as_tuples(hollow_read(decoder, request)) == \
+        _as_tuples(decoder.decode_all(config_in(request), "merge"))
+
+
+def test_a_small_edit_is_not_hollowed():
+    assert hollow_edit(edit_request(plain_entries(10)), _parse) is None
+
+
+@pytest.mark.parametrize("before", ["<!-- <nc:config> -->", "<?pi <nc:config>?>"])
+def test_a_large_edit_with_a_hidden_config_tag_is_parsed_whole(before):
+    assert hollow_edit(edit_request(plain_entries(BIG), before), _parse) is None
+
+
+def test_a_large_copy_config_is_parsed_whole():
+    request = (f'<rpc xmlns="{NC}" message-id="1"><copy-config><target><candidate/></target>'
+               f'<source><config xmlns:n="{NS}">{plain_entries(BIG)}</config></source>'
+               "</copy-config></rpc>").encode()
+    assert hollow_edit(request, _parse) is None
+
+
+@pytest.mark.parametrize(("odd", "new"), [
+    ("<src_port>", "<dst_port>"),              # a start tag its end tag does not close
+    ("<src_port>", '<src_port a="1">'),         # an attribute on a leaf
+    ("<src_port>", "<!-- x --><src_port>"),     # a comment between leaves
+    ("</nat-session>", "</nat-session>x"),      # text between entries
+    ("<protocol>TCP", "<protocol>T&#67;P"),     # an entity
+])
+def test_a_large_edit_the_text_reader_declines_needs_the_tree(decoder, odd, new):
+    entries = plain_entries(BIG)
+    at = entries.index(odd, len(entries) // 2)
+    request = edit_request(entries[:at] + new + entries[at + len(odd):])
+    hollow = hollow_edit(request, _parse)
+    assert hollow is not None
+    with pytest.raises(NeedsTree):
+        decoder.decode_all(hollow.config, "merge", hollow)
