@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import NamedTuple
@@ -39,7 +40,7 @@ from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, EntryCount
 from nfmig.nf_backends.linux import LinuxBackend
 from nfmig.server.schema import ListEntryChecker, Schema
-from nfmig.server.session_codec import SessionDecoder, sessions_to_xml
+from nfmig.server.session_codec import SessionDecoder, hollow_edit, sessions_to_xml
 
 from nfmig.testbed import TestBed
 
@@ -283,14 +284,21 @@ class Codec:
 
     def decode(self, body: str) -> list[Session]:
         """The <config> as NatClient.edit sends it (the model's namespace declared once),
-        read the way the server's edit-config reads it: the bulk decoder, or entry by
-        entry when that declines."""
+        read the way the server's edit-config reads it: without a tree of its entries when
+        it is large and plain (hollow_edit), else parsed whole and read by the bulk reader or
+        entry by entry."""
         text = body.replace(f' xmlns="{NAT_NS}"', "")
-        config = etree.fromstring(f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{text}'
-                                  "</nc:config>".encode(), parser=self.parser)
-        edits = self.decoder.decode_all(config, "merge")
-        if edits is None:
-            edits = [self.decoder.decode(entry, "merge") for entry in config]
+        request = (f'<rpc xmlns="{NC_NS}" message-id="1"><edit-config><target><running/>'
+                   f'</target><nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{text}'
+                   "</nc:config></edit-config></rpc>").encode()
+        hollow = hollow_edit(request, partial(etree.fromstring, parser=self.parser))
+        if hollow is not None:
+            edits = self.decoder.decode_all(hollow.config, "merge", hollow)
+        else:
+            config = etree.fromstring(request, parser=self.parser)[0][1]
+            edits = self.decoder.decode_all(config, "merge", request)
+            if edits is None:
+                edits = [self.decoder.decode(entry, "merge") for entry in config]
         return [edit.apply_to(None) for edit in edits]
 
     def insert(self, ct: Conntrack, sessions: list[Session]) -> list[CtEntry]:
@@ -501,7 +509,7 @@ PHASES: list[tuple[str, str | None, str]] = [
     ("get-data, server", "get_server", "server log: handled + sent (dump, encode, send)"),
     ("get-data, client", "get_client", "bench clock around NatClient.get_sessions"),
     ("  transfer get-data", "get_transfer", "client - server: SSH, framing, ncclient parse"),
-    ("validate (decode + checks)", "validate", "in-process: lxml parse + "
+    ("validate (decode + checks)", "validate", "in-process: hollow_edit + "
      "SessionDecoder.decode_all, GC paused"),
     ("insert (kernel write)", "insert", "in-process: LinuxBackend._entry + Conntrack.create"
      " into an empty NAT, GC paused"),
