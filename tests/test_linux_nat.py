@@ -110,6 +110,17 @@ def open_tcp(bed: TestBed, port: int, size: int
     return server, client, expect(server, "ready")
 
 
+def open_udp(bed: TestBed, port: int, first: str
+             ) -> tuple[subprocess.Popen, subprocess.Popen, list[str]]:
+    """A UDP flow from the client to the server through the active NAT, greeted (one
+    datagram each way) and waiting for "go"; ``first`` is who sends after it."""
+    server = start(bed, bed.server, "udp-server", str(port), first)
+    expect(server, "listening")
+    client = start(bed, bed.client, "udp-client", TestBed.SERVER, str(port), first)
+    expect(client, "ready")
+    return server, client, expect(server, "ready")
+
+
 def expect(proc: subprocess.Popen, word: str) -> list[str]:
     line = proc.stdout.readline().split()
     assert line and line[0] == word, f"expected {word!r}, got {line!r}"
@@ -169,11 +180,7 @@ def test_tcp_connection_survives_migration_with_strict_tracking(bed, nats):
 @pytest.mark.parametrize("first", ["server", "client"])
 def test_udp_flow_survives_migration(bed, nats, first):
     a, b = nats
-    server = start(bed, bed.server, "udp-server", "5002", first)
-    expect(server, "listening")
-    client = start(bed, bed.client, "udp-client", TestBed.SERVER, "5002", first)
-    expect(client, "ready")
-    peer_before = expect(server, "ready")
+    server, client, peer_before = open_udp(bed, 5002, first)
     migrate(a, b, bed)
     go(server, client)
     assert expect(server, "done") == peer_before
@@ -183,11 +190,7 @@ def test_udp_flow_survives_migration(bed, nats, first):
 
 def test_moved_session_keeps_counting_from_the_source_counts(bed, nats):
     a, b = nats
-    server = start(bed, bed.server, "udp-server", "5005", "client")
-    expect(server, "listening")
-    client = start(bed, bed.client, "udp-client", TestBed.SERVER, "5005", "client")
-    expect(client, "ready")
-    expect(server, "ready")
+    server, client, _ = open_udp(bed, 5005, "client")
     before = udp_counts(a)
     assert before[0] == before[2] == 1  # the greeting, one datagram each way
     migrate(a, b, bed)
@@ -230,11 +233,7 @@ def test_thousand_concurrent_flows_from_several_subscribers_all_continue(bed, na
 
 def test_migrated_sessions_leave_nat_a(bed, nats):
     a, b = nats
-    server = start(bed, bed.server, "udp-server", "5003", "client")
-    expect(server, "listening")
-    client = start(bed, bed.client, "udp-client", TestBed.SERVER, "5003", "client")
-    expect(client, "ready")
-    expect(server, "ready")
+    server, client, _ = open_udp(bed, 5003, "client")
     migrate(a, b, bed)
     assert translated_ports(a, "UDP") == set()
     assert len(translated_ports(b, "UDP")) == 1
