@@ -384,9 +384,8 @@ class HollowEdit(NamedTuple):
 
 _HOLLOW_MINIMUM = 1 << 20  # bytes of a request from which hollowing it pays
 _CONFIG_START = re.compile(rb"<((?:[A-Za-z_][\w.-]*:)?)config[\s>]")
-_EDITS = {(NC_NS, "edit-config"): NC_NS,
-          ("urn:ietf:params:xml:ns:yang:ietf-netconf-nmda", "edit-data"):
-          "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"}
+_NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
+_EDITS = {(NC_NS, "edit-config"): NC_NS, (_NCDS, "edit-data"): _NCDS}
 
 
 def hollow_edit(message: bytes, parse: Callable[[bytes], etree._Element]
@@ -396,24 +395,20 @@ def hollow_edit(message: bytes, parse: Callable[[bytes], etree._Element]
     if len(message) < _HOLLOW_MINIMUM:
         return None
     opening = _CONFIG_START.search(message)
-    if opening is None:
+    content = _content(message, opening, opening.group(1) + b"config") if opening else None
+    if content is None:
         return None
-    start = message.find(b">", opening.end() - 1) + 1
-    end = message.rfind(b"</" + opening.group(1) + b"config")
-    if start <= 0 or message[start - 2:start] == b"/>" or end < start:
-        return None
+    start, end, text = content
     envelope = message[:start] + message[end:]
     # A comment, CDATA section or processing instruction could hide the tag found above.
     declaration = 1 if envelope.lstrip().startswith(b"<?xml") else 0
     if b"<!" in envelope or envelope.count(b"<?") > declaration:
         return None
     try:
-        text = message[start:end].decode()
         root = parse(envelope)
-    except (UnicodeDecodeError, etree.XMLSyntaxError):
+    except etree.XMLSyntaxError:
         return None
-    encoding = root.getroottree().docinfo.encoding
-    if encoding and encoding.lower() not in ("utf-8", "utf8"):
+    if not _in_utf8(root):
         return None
     operations = [child for child in root if isinstance(child.tag, str)]
     if len(operations) != 1:
@@ -441,21 +436,32 @@ def _content_in(source: bytes, element: etree._Element) -> str | None:
     """The text between ``element``'s start and end tags as written in ``source``, found by
     its qualified name (its first start tag, its last end tag); None where that is not
     plain (another encoding, an empty element). The caller checks what it reads from it."""
-    if len(source) < _RAW_MINIMUM:
+    if len(source) < _RAW_MINIMUM or not _in_utf8(element):
         return None  # small edits gain nothing from it
-    encoding = element.getroottree().docinfo.encoding
-    if encoding and encoding.lower() not in ("utf-8", "utf8"):
-        return None
-    tag = element.prefix + ":" + etree.QName(element).localname if element.prefix \
-        else etree.QName(element).localname
-    opening = re.search(rb"<" + re.escape(tag.encode()) + rb"[\s>/]", source)
+    tag = (element.prefix + ":" + etree.QName(element).localname if element.prefix
+           else etree.QName(element).localname).encode()
+    content = _content(source, re.search(rb"<" + re.escape(tag) + rb"[\s>/]", source), tag)
+    return content[2] if content is not None else None
+
+
+def _content(source: bytes, opening: re.Match | None, tag: bytes
+             ) -> tuple[int, int, str] | None:
+    """Where the content of an element lies in ``source``, and that content as text: from
+    the end of the start tag ``opening`` found to the last end tag named ``tag``. None for
+    no start tag, an empty element, or text that is not UTF-8."""
     if opening is None:
         return None
     start = source.find(b">", opening.end() - 1) + 1
-    end = source.rfind(b"</" + tag.encode())
+    end = source.rfind(b"</" + tag)
     if start <= 0 or source[start - 2:start] == b"/>" or end < start:
         return None
     try:
-        return source[start:end].decode()
+        return start, end, source[start:end].decode()
     except UnicodeDecodeError:
         return None
+
+
+def _in_utf8(element: etree._Element) -> bool:
+    """Whether the document ``element`` was parsed from says it is UTF-8 (or says nothing)."""
+    encoding = element.getroottree().docinfo.encoding
+    return not encoding or encoding.lower() in ("utf-8", "utf8")
