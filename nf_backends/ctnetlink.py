@@ -137,28 +137,23 @@ class _Layout:
         packed in native order from values already swapped (see ``_Encoder``)."""
         struct.pack_into("=I", self.buf, 0, len(self.buf))
         self.template = bytes(self.buf)
-        fmt, pieces, at = ["="], [], 0
+        fmt, order, consts = ["="], [], []
+
+        def constant(start: int, stop: int) -> None:
+            if stop > start:
+                fmt.append(f"{stop - start}s")
+                order.append(_FIELD_COUNT + len(consts))  # constants follow the values
+                consts.append(self.template[start:stop])
+
+        at = 0
         for offset, field_fmt, field in sorted(self.fields):
-            if offset > at:
-                fmt.append(f"{offset - at}s")
-                pieces.append(("const", self.template[at:offset]))
+            constant(at, offset)
             fmt.append(field_fmt.lstrip("=!"))
-            pieces.append(("field", field))
+            order.append(field)
             at = offset + struct.calcsize(field_fmt)
-        if at < len(self.template):
-            fmt.append(f"{len(self.template) - at}s")
-            pieces.append(("const", self.template[at:]))
-        consts = tuple(value for kind, value in pieces if kind == "const")
-        # pick() takes (values + consts): a value by its field number, a constant after them
-        order, next_const = [], _FIELD_COUNT
-        for kind, value in pieces:
-            if kind == "const":
-                order.append(next_const)
-                next_const += 1
-            else:
-                order.append(value)
-        self.consts = consts
-        self.pick = itemgetter(*order)
+        constant(at, len(self.template))
+        self.consts = tuple(consts)
+        self.pick = itemgetter(*order)  # (values + consts) in message order
         self.struct = struct.Struct("".join(fmt))
         return self
 

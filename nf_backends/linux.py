@@ -51,6 +51,7 @@ _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
                       CtEntry._fields.index("reply_bytes") + 1)
 _NO_COUNTS = (None,) * 4
 _new_session = partial(tuple.__new__, Session)  # in C: a dump makes one per entry
+_entry_key = CtEntry.key.fget
 
 
 class LinuxBackend(Backend):
@@ -191,7 +192,9 @@ class LinuxBackend(Backend):
         with self._lock:
             entries = self.ct.dump()
             offsets = self._offsets
-            self._offsets = {e.key: offsets[e.key] for e in entries if e.key in offsets}
+            if offsets:  # forget the counts of sessions gone from the kernel
+                self._offsets = {key: offsets[key] for key in map(_entry_key, entries)
+                                 if key in offsets}
         return self._sessions_from(entries)
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
@@ -314,7 +317,7 @@ class LinuxBackend(Backend):
             else:
                 state = ws_orig = ws_reply = None
             if offsets:
-                extra = offsets.get((proto, src, sport, dst, dport))
+                extra = offsets.get((proto, src, sport, dst, dport))  # CtEntry.key
                 if extra is not None:
                     o_packets += extra[0]
                     o_bytes += extra[1]
