@@ -36,6 +36,7 @@ from typing import NamedTuple
 from lxml import etree
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NAT_NS, NC_NS, NatClient, timed
+from nfmig.client.relay import move_sessions
 from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, EntryCount
 from nfmig.nf_backends.linux import LinuxBackend
@@ -201,14 +202,22 @@ class Nat:
 
 
 # -- nfmig: one migration -----------------------------------------------------------------
-def measure_nfmig(a: Nat, b: Nat, sessions: list[Session], codec: Codec) -> dict[str, float]:
+def measure_nfmig(a: Nat, b: Nat, sessions: list[Session], codec: Codec,
+                  sequential: bool) -> dict[str, float]:
     entries = [codec.backend._entry(s) for s in sessions]
     expected = binding_set(entries)
     create_all(a.ct, entries, "populating NAT A")
     try:
         figures = codec.read_side(a.ct)
-        figures |= migrate(a, b)
-        verify_moved(a, b, expected)
+        figures |= move(a, b)
+        verify_moved(b, expected)
+        if sequential:
+            flush(b.ct)
+            figures |= move_sequentially(a, b)
+            verify_moved(b, expected)
+        figures |= delete_on_a(a, figures.pop("moved_xml"))
+        figures["total"] = figures["move"] + figures["delete_client"]
+        verify_gone(a, expected)
         figures |= codec.write_side(a.ct, sessions)
     finally:
         flush(a.ct)
@@ -216,39 +225,61 @@ def measure_nfmig(a: Nat, b: Nat, sessions: list[Session], codec: Codec) -> dict
     return figures
 
 
-def migrate(a: Nat, b: Nat) -> dict[str, float]:
-    """get-data on A, edit-config on B, delete on A: the client's clock around each RPC,
-    the servers' own figures from their logs (read after the clock stopped)."""
+def move(a: Nat, b: Nat) -> dict:
+    """get-data on A streamed into edit-configs on B (client.relay): the client's clock
+    around it, the servers' own figures from their logs (read after the clock stopped)."""
     a.log.skip()
     b.log.skip()
     gc.collect()
     t0 = time.perf_counter()
-    body, reply_bytes = a.client.get_sessions()
+    moved = move_sessions(a.client, b.client)
     t1 = time.perf_counter()
-    b.client.edit(body)
-    t2 = time.perf_counter()
-    a.client.delete_sessions(body)
-    t3 = time.perf_counter()
-    get, edit, delete = a.log.next("get-data"), b.log.next("edit-config"), \
-        a.log.next("edit-config")
+    get = a.log.next("get-data")
+    edits = [b.log.next("edit-config") for _ in range(moved.edits)]
     return {
-        "get_client": t1 - t0, "get_server": get.handled + get.sent,
-        "get_transfer": (t1 - t0) - (get.handled + get.sent),
-        "edit_client": t2 - t1, "edit_server": edit.handled,
-        "edit_transfer": (t2 - t1) - edit.handled,
-        "delete_client": t3 - t2, "delete_server": delete.handled,
-        "move": t2 - t0, "total": t3 - t0,
-        "bytes_get": get.reply_bytes, "bytes_edit": b.client.last_request_bytes,
-        "bytes_delete": a.client.last_request_bytes, "entries_sent": body.count("<nat-session"),
+        "move": t1 - t0, "get_server": get.handled + get.sent,
+        "edit_server": sum(edit.handled for edit in edits), "edits": moved.edits,
+        "bytes_get": get.reply_bytes, "bytes_edit": moved.request_bytes,
+        "entries_sent": moved.sessions_xml.count("<nat-session"),
+        "moved_xml": moved.sessions_xml,
     }
 
 
-def verify_moved(a: Nat, b: Nat, expected: set[tuple]) -> None:
+def move_sequentially(a: Nat, b: Nat) -> dict[str, float]:
+    """The same move as one get-data, then one edit-config of all it returned."""
+    a.log.skip()
+    b.log.skip()
+    gc.collect()
+    t0 = time.perf_counter()
+    body, _ = a.client.get_sessions()
+    t1 = time.perf_counter()
+    b.client.edit(body)
+    t2 = time.perf_counter()
+    get, edit = a.log.next("get-data"), b.log.next("edit-config")
+    return {"sequential": t2 - t0, "seq_get_server": get.handled + get.sent,
+            "seq_get_client": t1 - t0, "seq_edit_server": edit.handled,
+            "seq_edit_client": t2 - t1}
+
+
+def delete_on_a(a: Nat, moved_xml: str) -> dict[str, float]:
+    a.log.skip()
+    gc.collect()
+    t0 = time.perf_counter()
+    a.client.delete_sessions(moved_xml)
+    t1 = time.perf_counter()
+    return {"delete_client": t1 - t0, "delete_server": a.log.next("edit-config").handled,
+            "bytes_delete": a.client.last_request_bytes}
+
+
+def verify_moved(b: Nat, expected: set[tuple]) -> None:
     on_b = b.ct.dump()
     if len(on_b) != len(expected) or binding_set(on_b) != expected:
         raise RuntimeError(f"after the migration NAT B holds {len(on_b)} entries, "
                            f"{len(binding_set(on_b) & expected)} of the {len(expected)} "
                            "moved ones with their translation")
+
+
+def verify_gone(a: Nat, expected: set[tuple]) -> None:
     left = {e.key for e in a.ct.dump()} & {binding[0] for binding in expected}
     if left:
         raise RuntimeError(f"after the migration NAT A still holds {len(left)} of the "
@@ -466,7 +497,8 @@ def measure_conntrackd(bed: TestBed, a: Nat, b: Nat, sessions: list[Session], co
 
 
 # -- the run ------------------------------------------------------------------------------
-def run(sizes: list[int], repeat: int, reference: bool) -> dict[int, dict[str, float]]:
+def run(sizes: list[int], repeat: int, reference: bool, sequential: bool
+        ) -> dict[int, dict[str, float]]:
     """Median of each figure per size."""
     results: dict[int, dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
@@ -481,7 +513,7 @@ def run(sizes: list[int], repeat: int, reference: bool) -> dict[int, dict[str, f
             sessions = synthetic_sessions(n)
             runs = []
             for i in range(repeat):
-                figures = measure_nfmig(a, b, sessions, codec)
+                figures = measure_nfmig(a, b, sessions, codec, sequential)
                 if figures["entries_sent"] != n:
                     raise RuntimeError(f"get-data returned {figures['entries_sent']} of {n}")
                 if reference:
@@ -495,6 +527,8 @@ def run(sizes: list[int], repeat: int, reference: bool) -> dict[int, dict[str, f
 
 def progress(n: int, r: dict[str, float]) -> str:
     line = f"{n:>7} sessions: nfmig {r['move']:.3f} s (+ delete on A {r['delete_client']:.3f} s)"
+    if "sequential" in r:
+        line += f", get-data then edit-config {r['sequential']:.3f} s"
     if "conntrackd" in r:
         line += f", conntrackd {r['conntrackd']:.3f} s"
     return line
@@ -506,28 +540,34 @@ PHASES: list[tuple[str, str | None, str]] = [
     ("dump (kernel read on A)", "dump", "in-process: Conntrack.dump on A, GC paused"),
     ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._sessions_from + "
      "sessions_to_xml, GC paused"),
-    ("get-data, server", "get_server", "server log: handled + sent (dump, encode, send)"),
-    ("get-data, client", "get_client", "bench clock around NatClient.get_sessions"),
-    ("  transfer get-data", "get_transfer", "client - server: SSH, framing, ncclient parse"),
     ("validate (decode + checks)", "validate", "in-process: hollow_edit + "
      "SessionDecoder.decode_all, GC paused"),
     ("insert (kernel write)", "insert", "in-process: LinuxBackend._entry + Conntrack.create"
      " into an empty NAT, GC paused"),
-    ("edit-config, server", "edit_server", "server log: handled (decode, checks, insert)"),
-    ("edit-config, client", "edit_client", "bench clock around NatClient.edit"),
-    ("  transfer edit-config", "edit_transfer", "client - server: client build, SSH, server"
-     " XML parse"),
+    ("get-data on A, server", "get_server", "server log: handled + sent (dump, encode, "
+     "send as it is read)"),
+    ("edit-configs on B, server", "edit_server", "server log: handled, summed over the edits"
+     " (decode, checks, insert)"),
+    ("  edit-configs", "edits", "count: the relay cuts A's reply into edits as it arrives"),
     ("delete on A, server", "delete_server", "server log: handled"),
     ("delete on A, client", "delete_client", "bench clock around NatClient.delete_sessions"),
     ("kernel delete", "kernel_delete", "in-process: Conntrack.delete of the inserted entries"),
+    ("get-data, then edit-config", None, ""),
+    ("get-data on A, server", "seq_get_server", "server log: handled + sent"),
+    ("get-data, client", "seq_get_client", "bench clock around NatClient.get_sessions"),
+    ("edit-config on B, server", "seq_edit_server", "server log: handled"),
+    ("edit-config, client", "seq_edit_client", "bench clock around NatClient.edit"),
     ("end to end", None, ""),
-    ("nfmig: in B's kernel", "move", "bench clock: get-data sent -> edit-config answered"),
-    ("nfmig: + delete on A", "total", "bench clock: get-data sent -> delete answered"),
+    ("nfmig: in B's kernel", "move", "bench clock: move_sessions (get-data sent -> last "
+     "edit-config answered)"),
+    ("nfmig: + delete on A", "total", "+ the delete on A"),
+    ("get-data, then edit-config", "sequential", "bench clock: the same move, one request "
+     "after the other (--sequential)"),
     ("conntrackd FTFW resync", "conntrackd", "`conntrackd -n` on B -> B's conntrack count"
      " = N"),
     ("bytes (NETCONF messages, before SSH)", None, ""),
     ("get-data reply A -> client", "bytes_get", "server log, framed"),
-    ("edit-config client -> B", "bytes_edit", "client: <config> element"),
+    ("edit-configs client -> B", "bytes_edit", "client: <config> elements"),
     ("delete client -> A", "bytes_delete", "client: <config> element"),
 ]
 
@@ -535,19 +575,23 @@ PHASES: list[tuple[str, str | None, str]] = [
 def phase_table(results: dict[int, dict[str, float]]) -> list[str]:
     sizes = list(results)
     lines = [f"{'seconds (median)':<36}" + "".join(f"{n:>10}" for n in sizes) + "  source"]
+    section: list[str] = []
     for label, key, source in PHASES:
         if key is None:
-            lines.append(f"-- {label}")
+            section = [f"-- {label}"]  # printed with its first figure
             continue
         if key not in results[sizes[0]]:
             continue
         cells = "".join(_cell(key, results[n][key]) for n in sizes)
-        lines.append(f"{label:<36}{cells}  {source}")
+        lines += [*section, f"{label:<36}{cells}  {source}"]
+        section = []
     return lines
 
 
 def _cell(key: str, value: float) -> str:
-    return f"{value / 1e6:>8.2f}MB" if key.startswith("bytes") else f"{value:>10.3f}"
+    if key.startswith("bytes"):
+        return f"{value / 1e6:>8.2f}MB"
+    return f"{value:>10.0f}" if key == "edits" else f"{value:>10.3f}"
 
 
 def summary_table(results: dict[int, dict[str, float]]) -> list[str]:
@@ -585,6 +629,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per size (median)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the conntrackd reference")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also time the move as one get-data, then one edit-config")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("kernel_migration: needs root (network namespaces, conntrack)", file=sys.stderr)
@@ -597,7 +643,8 @@ def main() -> int:
     print(f"Linux NAT -> Linux NAT, TCP ESTABLISHED SNAT sessions, median of {args.repeat}",
           flush=True)
     try:
-        results = run(args.sizes, max(1, args.repeat), not args.no_reference)
+        results = run(args.sizes, max(1, args.repeat), not args.no_reference,
+                      args.sequential)
     except KeyboardInterrupt:
         print("interrupted; namespaces and processes removed", file=sys.stderr)
         return 130

@@ -140,6 +140,11 @@ class BackendError(Exception):
         self.reason = reason
 
 
+class PresumedWrongly(Exception):
+    """apply() found a session that Transaction.presume_absent() let the plan take as
+    absent; it changed nothing. Plan again with a real lookup."""
+
+
 # A change of the session table: ("created" | "deleted", the session).
 SessionEvent = tuple[str, Session]
 EventListener = Callable[[list[SessionEvent]], None]
@@ -156,6 +161,12 @@ class Transaction:
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self.backend.lookup(keys)
+
+    def presume_absent(self, keys: list[SessionKey]) -> bool:
+        """Whether the plan may take ``keys`` as absent without a lookup, apply() raising
+        PresumedWrongly (having changed nothing) when one of them exists after all. For a
+        bulk of new sessions a lookup finds nothing, and can cost as much as the writes."""
+        return False
 
     def apply(self, changes: SessionChanges) -> None:
         self.backend.apply(changes)

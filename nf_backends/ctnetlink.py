@@ -371,22 +371,39 @@ class Conntrack:
 
     def dump(self, parse: Callable[[bytes, int, int, int], CtEntry] = parse_entry
              ) -> list[CtEntry]:
+        entries: list[CtEntry] = []
+        for batch in self.dump_batches(parse):
+            entries += batch
+        return entries
+
+    def dump_batches(self, parse: Callable[[bytes, int, int, int], CtEntry] = parse_entry
+                     ) -> Iterator[list[CtEntry]]:
+        """The table, one batch of entries per read, as the kernel fills them in (about a
+        hundred per 32 KB read): a reader can pass on the first while the kernel has not
+        yet walked to the last. Finish (or close) the iterator before using the socket
+        for anything else."""
         seq = self._next_seq()
         request = _HDR.pack(20, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self.sock.send(request + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
-        entries: list[CtEntry] = []
-        for data, pos, length, kind, msg_seq in self._receive():
-            if msg_seq != seq:
-                continue
-            if kind == NLMSG_DONE:
-                return entries
-            if kind == NLMSG_ERROR:
-                code, message = _error(data, pos, length)
-                if code:
-                    raise ConntrackError(0, code, message)
-            elif kind == CT_NEW:
-                entries.append(parse(data, pos + 20, pos + length, data[pos + 16]))
-        return entries
+        buf = self._buffer
+        while True:
+            size = self.sock.recv_into(buf)
+            batch: list[CtEntry] = []
+            pos = 0
+            while pos < size:
+                length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(buf, pos)
+                if msg_seq == seq:
+                    if kind == CT_NEW:
+                        batch.append(parse(buf, pos + 20, pos + length, buf[pos + 16]))
+                    elif kind == NLMSG_DONE:
+                        yield batch
+                        return
+                    elif kind == NLMSG_ERROR:
+                        code, message = _error(buf, pos, length)
+                        if code:
+                            raise ConntrackError(0, code, message)
+                pos += (length + 3) & ~3
+            yield batch
 
     def _receive(self) -> Iterator[tuple[bytearray, int, int, int, int]]:
         """Messages as they arrive: (buffer, offset, length, type, sequence number). The

@@ -26,6 +26,7 @@ from .base import (
     BackendError,
     BackendStats,
     NatPolicy,
+    PresumedWrongly,
     Session,
     SessionChanges,
     SessionKey,
@@ -44,7 +45,9 @@ from .ctnetlink import (
 log = logging.getLogger(__name__)
 
 TABLE = "nfmig"
-DIRECT_LOOKUPS = 4096  # up to this many keys, look each up; beyond, dump the table
+# From this many keys an edit's plan may presume them absent instead of looking them up (a
+# GET costs about what a create does); fewer cost little to look up either way.
+PRESUME_ABSENT_FROM = 64
 HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not drop a hold
 _COUNTS = slice(Session._fields.index("orig_packets"), Session._fields.index("reply_bytes") + 1)
 _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
@@ -189,13 +192,29 @@ class LinuxBackend(Backend):
 
     # -- reads -------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
-        with self._lock:
-            entries = self.ct.dump()
-            offsets = self._offsets
-            if offsets:  # forget the counts of sessions gone from the kernel
-                self._offsets = {key: offsets[key] for key in map(_entry_key, entries)
-                                 if key in offsets}
-        return self._sessions_from(entries)
+        """Every session, read from the kernel while it is consumed: a get-data reply goes
+        out while the kernel is still walking its table. Through a netlink socket of its
+        own, so a slow reader holds up nothing else."""
+        ct = Conntrack(self.netns_path)
+        try:
+            # Only counts imported before the dump began may be forgotten: a session
+            # imported meanwhile may be missing from it.
+            imported = set(self._offsets)
+            seen: list[tuple] = []
+            for batch in ct.dump_batches():
+                if imported:
+                    seen += map(_entry_key, batch)
+                yield from self._sessions_from(batch)
+            if imported:
+                self._forget_offsets(imported.difference(seen))
+        finally:
+            ct.close()
+
+    def _forget_offsets(self, keys: set[tuple]) -> None:
+        """Forget the counts these sessions brought along (they left the kernel)."""
+        if keys:
+            with self._lock:
+                self._offsets = {k: v for k, v in self._offsets.items() if k not in keys}
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self._sessions_of(self._read(set(keys)))
@@ -207,18 +226,26 @@ class LinuxBackend(Backend):
         return {s.key: s for s in self._sessions_from(entries.values())}
 
     def _read(self, keys: set[SessionKey]) -> dict[tuple, CtEntry]:
-        """The kernel's entries for these keys, by native key: one GET each for a few,
-        one dump for many (a dump costs the same whatever it is asked for)."""
+        """The kernel's entries for these keys, by native key: nothing to read from an
+        empty table; else one GET per key, or one dump when the table holds fewer entries
+        than there are keys (an entry costs a dump about what a key costs a GET)."""
+        if not keys:
+            return {}
         with self._lock:
-            if len(keys) <= DIRECT_LOOKUPS:
-                probes = [self._probe(k) for k in keys]
-                return {e.key: e for e in self.ct.get(probes) if e is not None}
+            held = self._count.read() if self._count is not None else len(keys)
+            if held == 0:
+                return {}
+            if held > len(keys):
+                return {e.key: e for e in self.ct.get(list(map(self._probe, keys)))
+                        if e is not None}
             wanted = set(map(self._native_key, keys))
             return {e.key: e for e in self.ct.dump() if e.key in wanted}
 
     def _probe(self, key: SessionKey) -> CtEntry:
         """An entry naming ``key``'s original tuple, enough to look it up."""
-        return self._entry(Session(*key, *[None] * (len(Session._fields) - len(key))))
+        proto, src, sport, dst, dport = self._native_key(key)
+        return CtEntry(socket.AF_INET if len(src) == 4 else socket.AF_INET6, proto, src, dst,
+                       sport, dport)
 
     def stats(self) -> BackendStats:
         if self._count is None:
@@ -226,9 +253,11 @@ class LinuxBackend(Backend):
         return BackendStats("linux", self._count.read(), sessions_imported=self._imported)
 
     # -- writes ------------------------------------------------------------------------
-    def apply(self, changes: SessionChanges, current: dict[tuple, CtEntry] | None = None
-              ) -> None:
-        """``current``: the kernel's entries under the changed keys, if just read."""
+    def apply(self, changes: SessionChanges, current: dict[tuple, CtEntry] | None = None,
+              presumed: bool = False) -> None:
+        """``current``: the kernel's entries under the changed keys, if just read;
+        ``presumed``: those missing from it were not read but presumed absent (a create
+        that finds one raises PresumedWrongly)."""
         wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
         if current is None:
             current = self._read({s.key for s in changes.upserts} | set(changes.deletes))
@@ -238,14 +267,20 @@ class LinuxBackend(Backend):
             creates = [e for k, (_, e) in wanted.items() if k not in current]
             updates = [e for k, (_, e) in wanted.items() if k in current]
             self._delete(deletes)
-            failed = self._first_failure(self.ct.create(creates), creates, current)
+            results = self.ct.create(creates)
+            failed = self._first_failure(results, creates, current)
             if failed is None:
                 failed = self._first_failure(self.ct.update(updates), updates, current)
                 if failed is not None:
                     self.ct.update([current[e.key] for e in updates])
             if failed is not None:
-                self.ct.delete(creates)
+                # Only what this batch created: a refused create names an entry that
+                # was there before, and stays.
+                self.ct.delete([e for e, code in zip(creates, results, strict=True)
+                                if not code])
                 self.ct.create(deletes)
+                if presumed and failed.reason in ("exists", "port taken"):
+                    raise PresumedWrongly() from failed
                 raise failed
             self._remember_counts(wanted, current)
             self._imported += len(creates)
@@ -430,6 +465,7 @@ class _KernelTransaction(Transaction):
         super().__init__(backend)
         self._keys: set[SessionKey] = set()
         self._entries: dict[tuple, CtEntry] = {}
+        self._presumed = False
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         keys = set(keys)
@@ -438,8 +474,16 @@ class _KernelTransaction(Transaction):
         self._entries.update(found)
         return self.backend._sessions_of(found)
 
+    def presume_absent(self, keys: list[SessionKey]) -> bool:
+        if len(keys) < PRESUME_ABSENT_FROM:
+            return False
+        self._keys.update(keys)
+        self._presumed = True
+        return True
+
     def apply(self, changes: SessionChanges) -> None:
         keys = {s.key for s in changes.upserts} | set(changes.deletes)
         entries = self._entries if keys <= self._keys else None
-        self._keys, self._entries = set(), {}  # what apply changed is no longer known
-        self.backend.apply(changes, entries)
+        presumed = self._presumed and entries is not None
+        self._keys, self._entries, self._presumed = set(), {}, False  # apply changes them
+        self.backend.apply(changes, entries, presumed)

@@ -26,6 +26,7 @@ from nfmig.nf_backends.base import (
     Backend,
     BackendError,
     NatPolicy,
+    PresumedWrongly,
     Session,
     SessionChanges,
     Timeouts,
@@ -50,6 +51,7 @@ from .tree_edit import edit_node, strip_operations
 log = logging.getLogger(__name__)
 
 CONFIG_DATASTORES = ("running", "candidate", "startup")
+_ADDING = frozenset({"merge", "replace", "create"})  # operations that write a whole entry
 
 
 @dataclass
@@ -233,15 +235,25 @@ class Datastores:
                                                       source)
             base = self._base_for(datastore)
             new_policy = self._plan_policy(base.policy, policy_edits)
+            # Straight into running, sessions only: the backend may check for itself that
+            # new sessions are new, instead of the plan looking each one up first.
+            presume = datastore == "running" and not policy_edits and \
+                options.test_option != "test-only"
             tx = self.backend.transaction()
             changes, failed = self._plan_sessions(base.sessions, session_edits,
-                                                  options.error_option, tx)
+                                                  options.error_option, tx, presume)
             if options.test_option == "test-only":
                 if failed:
                     raise RpcErrors(failed)
                 return
             if datastore == "running":
-                self._commit_changes(new_policy, policy_edits != [], changes, tx)
+                try:
+                    self._commit_changes(new_policy, policy_edits != [], changes, tx)
+                except PresumedWrongly:  # some were there after all: plan on a lookup
+                    tx = self.backend.transaction()
+                    changes, failed = self._plan_sessions(base.sessions, session_edits,
+                                                          options.error_option, tx)
+                    self._commit_changes(new_policy, False, changes, tx)
             else:
                 self._stage(new_policy, policy_edits != [], changes)
             if failed:
@@ -334,7 +346,11 @@ class Datastores:
 
     # The sessions: checked entry by entry against the view they edit.
     def _plan_sessions(self, overlay: dict, edits: list[SessionEdit], error_option: str,
-                       tx: Transaction) -> tuple[dict[tuple, Session | None], list[RpcError]]:
+                       tx: Transaction, presume: bool = False
+                       ) -> tuple[dict[tuple, Session | None], list[RpcError]]:
+        """``presume``: the plan may take new sessions as absent if the backend agrees to
+        check that itself (only edits that add whole sessions: for them absent and present
+        plan to the same writes, or to a create that the backend then refuses)."""
         if not edits:
             return {}, []
         seen: dict[tuple, SessionEdit] = {}
@@ -345,7 +361,11 @@ class Datastores:
                     path=edit.path, app_tag="data-not-unique")
             seen[edit.key] = edit
         pending = [k for k in seen if k not in overlay]
-        current = tx.lookup(pending) if pending else {}
+        if presume and pending and all(seen[k].operation in _ADDING and not seen[k].removed
+                                       for k in pending) and tx.presume_absent(pending):
+            current = {}
+        else:
+            current = tx.lookup(pending) if pending else {}
         current.update({k: v for k, v in overlay.items() if k in seen and v is not None})
         changes: dict[tuple, Session | None] = {}
         failed: list[RpcError] = []

@@ -22,6 +22,7 @@ from ncclient import manager
 from ncclient.operations import RPCError
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NatClient
+from nfmig.client.relay import move_sessions
 
 if os.geteuid() != 0:
     if os.environ.get("CI") == "true":
@@ -134,10 +135,10 @@ def go(*procs: subprocess.Popen) -> None:
 
 
 def migrate(a: Nat, b: Nat, bed: TestBed) -> str:
-    """Move every session of A to B through the servers, then switch the gateway over."""
-    body, _ = a.client.get_sessions()
+    """Move every session of A to B through the servers (A's get-data streamed into
+    edit-configs on B), delete them on A, then switch the gateway over."""
+    body = move_sessions(a.client, b.client).sessions_xml
     assert "<nat-session" in body, "NAT A has no session to move"
-    b.client.edit(body)
     a.client.delete_sessions(body)
     bed.switch_over(a.netns, b.netns)
     return body
@@ -318,8 +319,7 @@ def test_one_subscriber_moves_to_nat_b_while_the_others_stay_on_nat_a(bed, nats)
     assert {address for sessions in staying.values() for _, address, _ in sessions} \
         == {TestBed.EXTERNAL}
 
-    body, _ = a.client.get_sessions(match={"src_address": MOVING})
-    b.client.edit(body)
+    body = move_sessions(a.client, b.client, match={"src_address": MOVING}).sessions_xml
     a.client.delete_sessions(body)
     bed.move_subscriber(MOVING, MOVING_EXTERNAL, a.netns, b.netns, via=TestBed.SECOND_GATEWAY)
 
@@ -428,14 +428,22 @@ def test_freeze_lets_established_connections_flow(bed, nats):
 
 
 # -- the kernel table through the datastore, without traffic ----------------------------------
-def kernel_session(sport: int, operation: str) -> str:
+def kernel_session(sport: int, operation: str, timeout: int = 300) -> str:
     return (f'<nat-session xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0" '
             f'nc:operation="{operation}"><protocol>TCP</protocol>'
             f"<src_address>{TestBed.CLIENT}</src_address><src_port>{sport}</src_port>"
             f"<dst_address>{TestBed.SERVER}</dst_address><dst_port>80</dst_port>"
             f"<translated_address>{TestBed.EXTERNAL}</translated_address>"
             f"<translated_port>{sport}</translated_port><tcp_state>established</tcp_state>"
-            "<timeout>300</timeout></nat-session>")
+            f"<timeout>{timeout}</timeout></nat-session>")
+
+
+def kernel_timeouts(nat: Nat) -> dict[int, int]:
+    """Source port -> remaining timeout of every session in the NAT's kernel."""
+    body, _ = nat.client.get_sessions()
+    return {int(entry.split("<src_port>")[1].split("<")[0]):
+            int(entry.split("<timeout>")[1].split("<")[0])
+            for entry in body.split("</nat-session>")[:-1]}
 
 
 def session_count(nat: Nat) -> int:
@@ -459,3 +467,24 @@ def test_kernel_entries_are_found_by_key_and_counted(nats):
     with pytest.raises(RPCError) as missing:
         a.client.edit(kernel_session(21001, "delete"))
     assert missing.value.tag == "data-missing"
+
+
+# A bulk edit presumes its new sessions absent and lets the kernel say otherwise.
+def test_a_bulk_merge_updates_the_sessions_already_there_and_creates_the_rest(nats):
+    a, _ = nats
+    a.client.edit(kernel_session(23010, "merge", timeout=100))
+    a.client.edit("".join(kernel_session(23000 + i, "merge", timeout=600) for i in range(100)))
+    timeouts = kernel_timeouts(a)
+    assert set(timeouts) == set(range(23000, 23100))
+    assert 500 < timeouts[23010] <= 600  # updated, not created again
+
+
+def test_a_bulk_create_that_meets_an_existing_session_changes_nothing(nats):
+    a, _ = nats
+    a.client.edit(kernel_session(24050, "merge", timeout=100))
+    with pytest.raises(RPCError) as exists:
+        a.client.edit("".join(kernel_session(24000 + i, "create") for i in range(100)))
+    assert exists.value.tag == "data-exists"
+    timeouts = kernel_timeouts(a)
+    assert set(timeouts) == {24050}  # none of the new ones, and the old one kept
+    assert timeouts[24050] <= 100

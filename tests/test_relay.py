@@ -1,0 +1,172 @@
+"""Moving sessions between two real servers with the source's reply still arriving
+(client.relay), and the chunk reader under it (client.streaming)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from ncclient.transport.errors import NetconfFramingError
+from nfmig.client.local import start_local_server
+from nfmig.client.netconf import NatClient
+from nfmig.client.relay import MoveError, move_sessions
+from nfmig.client.streaming import ChunkReader
+from nfmig.nf_backends.base import Session
+from nfmig.server.session_codec import sessions_to_xml
+
+from .conftest import NAT_NS
+
+COUNT = 3000  # about 1.5 MB of entries: edits of 256 KB, 512 KB, then the rest
+SMALL = 64 << 10
+
+
+def open_client(server) -> NatClient:
+    return NatClient("127.0.0.1", server.port, server.user, server.password,
+                     hostkey_verify=False)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    started = []
+    try:
+        for name in ("source", "target"):
+            started.append(start_local_server(tmp_path_factory.mktemp(name)))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    source, target = open_client(servers[0]), open_client(servers[1])
+    yield source, target
+    source.close()
+    target.close()
+
+
+@pytest.fixture(autouse=True)
+def empty(clients):
+    for client in clients:
+        body, _ = client.get_sessions("running")
+        if body:
+            client.delete_sessions(body)
+    yield
+
+
+def udp(port: int, src: str = "10.0.0.2", nat_port: int | None = None) -> Session:
+    return Session("UDP", src, port, "192.0.2.100", 53, "192.0.2.1",
+                   port if nat_port is None else nat_port, timeout=60)
+
+
+def fill(client: NatClient, sessions: list[Session]) -> None:
+    client.edit("".join(sessions_to_xml(sessions, NAT_NS)))
+
+
+def ports(client: NatClient) -> list[int]:
+    body, _ = client.get_sessions("running")
+    return sorted(int(p.split("<")[0]) for p in body.split("<src_port>")[1:])
+
+
+def test_a_move_copies_every_session_in_several_edits(clients):
+    source, target = clients
+    fill(source, [udp(1024 + i) for i in range(COUNT)])
+    moved = move_sessions(source, target)
+    assert moved.edits >= 3
+    assert moved.sessions_xml.count("</nat-session>") == COUNT
+    assert ports(target) == list(range(1024, 1024 + COUNT))
+
+
+def test_a_move_leaves_the_source_its_sessions(clients):
+    source, target = clients
+    fill(source, [udp(1024 + i) for i in range(100)])
+    move_sessions(source, target)
+    assert ports(source) == list(range(1024, 1124))
+
+
+def test_a_move_copies_only_the_sessions_that_match(clients):
+    source, target = clients
+    fill(source, [udp(2000 + i, src=f"10.0.0.{2 + i % 2}") for i in range(1000)])
+    move_sessions(source, target, match={"src_address": "10.0.0.3"}, block=SMALL)
+    assert ports(target) == list(range(2001, 3000, 2))
+
+
+def test_a_move_of_an_empty_selection_sends_no_edit(clients):
+    source, target = clients
+    moved = move_sessions(source, target)
+    assert (moved.sessions_xml, moved.edits) == ("", 0)
+
+
+def test_a_refused_edit_leaves_the_target_with_only_what_it_held(clients):
+    source, target = clients
+    fill(source, [udp(3000 + i) for i in range(1000)])
+    # The target gives the translated port of the last session to another one already.
+    fill(target, [udp(9999, src="10.0.0.99", nat_port=3999)])
+    with pytest.raises(MoveError) as refused:
+        move_sessions(source, target, block=SMALL)
+    assert "port taken" in str(refused.value) or "in use" in str(refused.value)
+    assert "the target holds none of the sessions" in str(refused.value)
+    assert ports(target) == [9999]
+
+
+def test_the_source_session_serves_requests_again_after_a_move(clients):
+    source, target = clients
+    fill(source, [udp(4000 + i) for i in range(10)])
+    move_sessions(source, target)
+    assert source.get_sessions("running")[0].count("<nat-session") == 10
+    fill(source, [udp(5000)])
+    assert 5000 in ports(source)
+
+
+# -- the chunk reader ---------------------------------------------------------------------
+class Dispatched:
+    """Stands in for ncclient's session: collects what the reader hands over whole."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def _dispatch_message(self, raw: str) -> None:
+        self.messages.append(raw)
+
+
+def framed(message: bytes, sizes: list[int]) -> bytes:
+    out, pos = b"", 0
+    for size in sizes:
+        out += b"\n#%d\n" % size + message[pos:pos + size]
+        pos += size
+    return out + b"\n##\n"
+
+
+def feed_in_pieces(reader: ChunkReader, data: bytes, seed: int) -> None:
+    rng = random.Random(seed)
+    pos = 0
+    while pos < len(data):
+        step = rng.choice([1, 2, 3, 7, 13, 100])
+        reader.parse(data[pos:pos + step])
+        pos += step
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_chunk_reader_hands_over_messages_whole_however_the_reads_fall(seed):
+    session = Dispatched()
+    reader = ChunkReader(session)
+    first, second = b"<rpc-reply>" + b"x" * 300 + b"</rpc-reply>", b"<rpc-reply><ok/></rpc-reply>"
+    feed_in_pieces(reader, framed(first, [100, 200, 23]) + framed(second, [len(second)]), seed)
+    assert session.messages == [first.decode(), second.decode()]
+
+
+def test_a_tap_takes_the_next_message_piece_by_piece_and_ncclient_the_one_after():
+    session = Dispatched()
+    reader = ChunkReader(session)
+    pieces: list[bytes | None] = []
+    reader.tap = pieces.append
+    tapped, after = b"<rpc-reply>" + b"y" * 500 + b"</rpc-reply>", b"<rpc-reply><ok/></rpc-reply>"
+    feed_in_pieces(reader, framed(tapped, [250, len(tapped) - 250]) + framed(after, [len(after)]), 1)
+    assert pieces[-1] is None and b"".join(pieces[:-1]) == tapped
+    assert session.messages == [after.decode()]
+
+
+def test_a_bad_chunk_header_is_a_framing_error():
+    reader = ChunkReader(Dispatched())
+    with pytest.raises(NetconfFramingError):
+        reader.parse(b"\n#12x\n<rpc-reply/>\n##\n")
