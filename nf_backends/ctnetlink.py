@@ -251,13 +251,6 @@ def _by_tuple_layout(e: CtEntry, msg_type: int) -> _Layout:
     return lay.finish()
 
 
-def _shape(e: CtEntry, kind: str) -> tuple:
-    return (kind, e.family, e.proto, e.tcp_state is not None,
-            e.wscale_orig is not None and e.wscale_reply is not None,
-            e.nat_addr is not None, e.nat_port is not None,
-            e.dnat_addr is not None, e.dnat_port is not None)
-
-
 # Network-order values swapped once, so that a whole message packs in native order.
 _SWAPPED_PORT = [int.from_bytes(p.to_bytes(2, "big"), "little") for p in range(1 << 16)]
 
@@ -272,24 +265,45 @@ class _Encoder:
         self._timeouts: dict[int, int] = {}  # timeout -> swapped: a handful of values
 
     def encode(self, e: CtEntry, seq: int, kind: str) -> bytes:
-        shape = _shape(e, kind)
-        lay = self._layouts.get(shape)
-        if lay is None:
-            lay = self._layouts[shape] = (
-                _by_tuple_layout(e, CT_DELETE) if kind == "delete" else
-                _by_tuple_layout(e, CT_GET) if kind == "get" else
-                _create_layout(e, kind == "update"))
-        timeout = e.timeout or 0
-        swapped = self._timeouts.get(timeout)
-        if swapped is None:
-            swapped = self._timeouts[timeout] = _swapped32(timeout)
-            if len(self._timeouts) > 4096:  # bounded, whatever timeouts come
-                self._timeouts.clear()
-        port = _SWAPPED_PORT
-        values = (seq, e.src, e.dst, port[e.sport], port[e.dport], swapped, e.tcp_state or 0,
-                  e.wscale_orig or 0, e.wscale_reply or 0, e.nat_addr, port[e.nat_port or 0],
-                  e.dnat_addr, port[e.dnat_port or 0])
-        return lay.struct.pack(*lay.pick(values + lay.consts))
+        return self.encode_all((e,), seq, kind)[0]
+
+    def encode_all(self, entries: Iterable[CtEntry], first_seq: int, kind: str
+                   ) -> list[bytes]:
+        """One message per entry, numbered from ``first_seq``. A loop, names bound once:
+        a batch encodes hundreds."""
+        layouts, timeouts, port = self._layouts, self._timeouts, _SWAPPED_PORT
+        messages = []
+        seq = first_seq
+        for e in entries:
+            (family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
+             state, ws_orig, ws_reply, timeout, _op, _ob, _rp, _rb) = e
+            shape = (kind, family, proto, state is not None,
+                     ws_orig is not None and ws_reply is not None, nat_addr is not None,
+                     nat_port is not None, dnat_addr is not None, dnat_port is not None)
+            lay = layouts.get(shape) or self._layout(shape, e, kind)
+            timeout = timeout or 0
+            swapped = timeouts.get(timeout)
+            if swapped is None:
+                swapped = self._timeout(timeout)
+            messages.append(lay.struct.pack(*lay.pick((
+                seq, src, dst, port[sport], port[dport], swapped, state or 0, ws_orig or 0,
+                ws_reply or 0, nat_addr, port[nat_port or 0], dnat_addr,
+                port[dnat_port or 0]) + lay.consts)))
+            seq = (seq + 1) & 0xFFFFFFFF
+        return messages
+
+    def _layout(self, shape: tuple, e: CtEntry, kind: str) -> _Layout:
+        lay = self._layouts[shape] = (
+            _by_tuple_layout(e, CT_DELETE) if kind == "delete" else
+            _by_tuple_layout(e, CT_GET) if kind == "get" else
+            _create_layout(e, kind == "update"))
+        return lay
+
+    def _timeout(self, timeout: int) -> int:
+        if len(self._timeouts) >= 4096:  # bounded, whatever timeouts come
+            self._timeouts.clear()
+        swapped = self._timeouts[timeout] = _swapped32(timeout)
+        return swapped
 
 
 # -- the socket ---------------------------------------------------------------------------
@@ -464,9 +478,9 @@ class Conntrack:
         message asks for an ack: the kernel handles a send's messages in order before the
         send returns and answers the others only when they fail, so that ack ends the
         replies, and the kernel writes and we read two hundred times fewer of them."""
-        encode = self._encoder.encode
-        first = self._seq + 1
-        messages = [encode(e, self._next_seq(), kind) for e in chunk]
+        first = (self._seq + 1) & 0xFFFFFFFF
+        messages = self._encoder.encode_all(chunk, first, kind)
+        self._seq = (self._seq + len(chunk)) & 0xFFFFFFFF
         last = messages[-1] = bytearray(messages[-1])
         _FLAGS.pack_into(last, 6, _FLAGS.unpack_from(last, 6)[0] | NLM_F_ACK)
         self._last = self._seq

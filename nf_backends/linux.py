@@ -54,6 +54,7 @@ _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
                       CtEntry._fields.index("reply_bytes") + 1)
 _NO_COUNTS = (None,) * 4
 _new_session = partial(tuple.__new__, Session)  # in C: a dump makes one per entry
+_new_entry = partial(tuple.__new__, CtEntry)
 _entry_key = CtEntry.key.fget
 
 
@@ -258,7 +259,10 @@ class LinuxBackend(Backend):
         """``current``: the kernel's entries under the changed keys, if just read;
         ``presumed``: those missing from it were not read but presumed absent (a create
         that finds one raises PresumedWrongly)."""
-        wanted = {e.key: (s, e) for s in changes.upserts for e in [self._entry(s)]}
+        upserts = changes.upserts
+        entries = self._entries(upserts)
+        wanted = dict(zip(map(_entry_key, entries), zip(upserts, entries, strict=True),
+                          strict=True))
         if current is None:
             current = self._read({s.key for s in changes.upserts} | set(changes.deletes))
         with self._lock:
@@ -366,19 +370,27 @@ class LinuxBackend(Backend):
                 r_bytes))
 
     def _entry(self, s: Session) -> CtEntry:
-        packed = self._addr_bytes
-        src = packed(s.src_address)
-        proto = PROTOCOL_NUMBERS[s.protocol]
-        timeout = s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
-        return CtEntry(
-            socket.AF_INET if len(src) == 4 else socket.AF_INET6, proto, src,
-            packed(s.dst_address), s.src_port, 0 if proto in ECHO_REPLY else s.dst_port,
-            packed(s.translated_address) if s.translated_address else None,
-            s.translated_port,
-            packed(s.translated_dst_address) if s.translated_dst_address else None,
-            s.translated_dst_port,
-            TCP_STATE_NUMBERS.get(s.tcp_state or "established") if proto == TCP else None,
-            s.src_window_scale, s.dst_window_scale, timeout)
+        return self._entries((s,))[0]
+
+    def _entries(self, sessions: Iterable[Session]) -> list[CtEntry]:
+        """The kernel entries for sessions. A loop, names bound once, tuples made in C: an
+        edit converts every session it writes."""
+        packed, pack = self._packed, self._addr_bytes
+        numbers, states, timeout_for = PROTOCOL_NUMBERS, TCP_STATE_NUMBERS, \
+            self._policy.timeout_for
+        entries = []
+        for (protocol, src, sport, dst, dport, nat, nat_port, dnat, dnat_port, state, ws_orig,
+             ws_reply, timeout, _op, _ob, _rp, _rb) in sessions:
+            proto = numbers[protocol]
+            src_bytes = packed.get(src) or pack(src)
+            entries.append(_new_entry((
+                socket.AF_INET if len(src_bytes) == 4 else socket.AF_INET6, proto, src_bytes,
+                packed.get(dst) or pack(dst), sport, 0 if proto in ECHO_REPLY else dport,
+                (packed.get(nat) or pack(nat)) if nat else None, nat_port,
+                (packed.get(dnat) or pack(dnat)) if dnat else None, dnat_port,
+                states.get(state or "established") if proto == TCP else None,
+                ws_orig, ws_reply, timeout or timeout_for(protocol, state), 0, 0, 0, 0)))
+        return entries
 
     def _native_key(self, key: SessionKey) -> tuple:
         protocol, src, sport, dst, dport = key
