@@ -2,15 +2,16 @@
 
 Builds a test bed (nfmig.testbed), serves NAT A and NAT B with `nfmig serve --backend linux`,
 fills A's conntrack table with N synthetic TCP ESTABLISHED source-NAT entries (state only, no
-traffic) and moves them: get-data on A, edit-config on B, delete on A. Then, as the reference
-the issue names, conntrackd (FTFW, external cache disabled on the receiver) syncs the same N
-entries between the two namespaces over a dedicated link.
+traffic) and moves them: get-data on A streamed into edit-configs on B (client.relay), then
+delete on A; with --sequential, also as one get-data and then one edit-config. Then, as the
+reference the issue names, conntrackd (FTFW, external cache disabled on the receiver) syncs
+the same N entries between the two namespaces over a dedicated link.
 
 Goals (2-core machine): 10k sessions <= 0.25 s and 100k <= 2 s end to end; conntrackd was
 measured at 0.17 s and 1.64 s here. Needs root.
 
     .venv/bin/python bench/kernel_migration.py [--sizes 1000,10000,100000] [--repeat 3]
-        [--no-reference]
+        [--no-reference] [--sequential]
 """
 
 from __future__ import annotations

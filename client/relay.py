@@ -143,10 +143,11 @@ class _Relay(SessionListener):
     def _last(self) -> None:
         if self.head is None:
             return  # the whole reply is in pending: outcome() reads it
-        cut = self.pending.rfind(_ENTRY_END) + len(_ENTRY_END)
+        found = self.pending.rfind(_ENTRY_END)
+        cut = found + len(_ENTRY_END) if found >= 0 else 0  # 0: all sent with a block
         if _TAIL.fullmatch(self.pending, cut) is None:
             raise MoveError("the source's reply does not end after its last session")
-        if cut > len(_ENTRY_END) - 1 and not self._target_failed():
+        if cut and not self._target_failed():
             self._send(cut)
 
     def _send(self, length: int) -> None:

@@ -9,12 +9,12 @@ import pytest
 from ncclient.transport.errors import NetconfFramingError
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NatClient
-from nfmig.client.relay import MoveError, move_sessions
+from nfmig.client.relay import MoveError, _Relay, move_sessions
 from nfmig.client.streaming import ChunkReader
 from nfmig.nf_backends.base import Session
 from nfmig.server.session_codec import sessions_to_xml
 
-from .conftest import NAT_NS
+from .conftest import NAT_NS, NC_NS
 
 COUNT = 3000  # about 1.5 MB of entries: edits of 256 KB, 512 KB, then the rest
 SMALL = 64 << 10
@@ -118,6 +118,29 @@ def test_the_source_session_serves_requests_again_after_a_move(clients):
     assert 5000 in ports(source)
 
 
+def test_entries_that_arrive_with_the_end_of_the_reply_are_all_moved(clients):
+    _, target = clients
+    relay = _Relay(target, "m1", 64, 64, timeout=60)  # every piece is a whole block
+    entries = "".join(sessions_to_xml([udp(6000 + i) for i in range(3)], NAT_NS))
+    relay.feed(f'<rpc-reply xmlns="{NC_NS}" message-id="m1"><data xmlns="urn:x">'
+               f"{entries}</data></rpc-reply>".encode())
+    relay.feed(None)
+    assert relay.outcome().edits == 1
+    assert ports(target) == [6000, 6001, 6002]
+
+
+def test_a_reply_that_goes_on_after_its_last_entry_fails_the_move(clients):
+    _, target = clients
+    relay = _Relay(target, "m2", 64, 64, timeout=60)
+    entries = "".join(sessions_to_xml([udp(6100)], NAT_NS))
+    relay.feed(f'<rpc-reply xmlns="{NC_NS}" message-id="m2"><data xmlns="urn:x">'
+               f"{entries}<other/></data></rpc-reply>".encode())
+    relay.feed(None)
+    with pytest.raises(MoveError, match="does not end after its last session"):
+        relay.outcome()
+    assert ports(target) == []
+
+
 # -- the chunk reader ---------------------------------------------------------------------
 class Dispatched:
     """Stands in for ncclient's session: collects what the reader hands over whole."""
@@ -161,7 +184,8 @@ def test_a_tap_takes_the_next_message_piece_by_piece_and_ncclient_the_one_after(
     pieces: list[bytes | None] = []
     reader.tap = pieces.append
     tapped, after = b"<rpc-reply>" + b"y" * 500 + b"</rpc-reply>", b"<rpc-reply><ok/></rpc-reply>"
-    feed_in_pieces(reader, framed(tapped, [250, len(tapped) - 250]) + framed(after, [len(after)]), 1)
+    data = framed(tapped, [250, len(tapped) - 250]) + framed(after, [len(after)])
+    feed_in_pieces(reader, data, 1)
     assert pieces[-1] is None and b"".join(pieces[:-1]) == tapped
     assert session.messages == [after.decode()]
 
