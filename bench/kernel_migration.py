@@ -205,7 +205,7 @@ class Nat:
 # -- nfmig: one migration -----------------------------------------------------------------
 def measure_nfmig(a: Nat, b: Nat, sessions: list[Session], codec: Codec,
                   sequential: bool) -> dict[str, float]:
-    entries = [codec.backend._entry(s) for s in sessions]
+    entries = codec.backend._entries(sessions)
     expected = binding_set(entries)
     create_all(a.ct, entries, "populating NAT A")
     try:
@@ -334,7 +334,7 @@ class Codec:
         return [edit.apply_to(None) for edit in edits]
 
     def insert(self, ct: Conntrack, sessions: list[Session]) -> list[CtEntry]:
-        entries = [self.backend._entry(s) for s in sessions]
+        entries = self.backend._entries(sessions)
         create_all(ct, entries, "in-process insert")
         return entries
 
@@ -472,7 +472,7 @@ def wait_count(count: EntryCount, n: int) -> float:
 def measure_conntrackd(bed: TestBed, a: Nat, b: Nat, sessions: list[Session], codec: Codec,
                        workdir: Path) -> float:
     """Seconds from `conntrackd -n` (resync request) on B until B's kernel holds N."""
-    entries = [codec.backend._entry(s) for s in sessions]
+    entries = codec.backend._entries(sessions)
     create_all(a.ct, entries, "populating NAT A for conntrackd")
     daemons: list[Conntrackd] = []
     count = EntryCount(b.path)
@@ -543,7 +543,7 @@ PHASES: list[tuple[str, str | None, str]] = [
      "sessions_to_xml, GC paused"),
     ("validate (decode + checks)", "validate", "in-process: hollow_edit + "
      "SessionDecoder.decode_all, GC paused"),
-    ("insert (kernel write)", "insert", "in-process: LinuxBackend._entry + Conntrack.create"
+    ("insert (kernel write)", "insert", "in-process: LinuxBackend._entries + Conntrack.create"
      " into an empty NAT, GC paused"),
     ("get-data on A, server", "get_server", "server log: handled + sent (dump, encode, "
      "send as it is read)"),

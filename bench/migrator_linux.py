@@ -63,7 +63,7 @@ def run(n: int) -> dict:
         a = Nat(stack, bed, bed.nat_a, tmp / "a", password)
         b = Nat(stack, bed, bed.nat_b, tmp / "b", password)
         codec = Codec(bed.nat_a)
-        entries = [codec.backend._entry(s) for s in synthetic_sessions(n)]
+        entries = codec.backend._entries(synthetic_sessions(n))
         create_all(a.ct, entries, "populating NAT A")
         try:
             report = migrate(a, b, tmp)

@@ -144,12 +144,7 @@ class NatClient:
         ``match`` keeps only the entries whose leaves have these values (subtree filter
         content match nodes, e.g. ``{"src_address": "10.0.0.12"}``: one subscriber).
         """
-        leaves = "".join(f"<{name}>{escape(value)}</{name}>"
-                         for name, value in (match or {}).items())
-        rpc = (f'<get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>ds:{datastore}'
-               f'</datastore><subtree-filter><nat-session xmlns="{NAT_NS}">{leaves}'
-               "</nat-session></subtree-filter></get-data>")
-        reply = self.m.execute(TextRpc, rpc).xml
+        reply = self.m.execute(TextRpc, get_sessions_operation(datastore, match)).xml
         start = reply.find("<nat-session")
         end = reply.rfind("</data>")
         body = reply[start:end] if start >= 0 else ""
@@ -178,6 +173,14 @@ class NatClient:
     def close(self) -> None:
         if self.m.connected:
             self.m.close_session()
+
+
+def get_sessions_operation(datastore: str, match: dict[str, str] | None) -> str:
+    """The get-data element for a datastore's nat-session entries (see get_sessions)."""
+    leaves = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in (match or {}).items())
+    return (f'<get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>ds:{datastore}'
+            f'</datastore><subtree-filter><nat-session xmlns="{NAT_NS}">{leaves}'
+            "</nat-session></subtree-filter></get-data>")
 
 
 def edit_config_operation(config_body: str, target: str) -> tuple[str, int]:

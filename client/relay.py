@@ -18,13 +18,12 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 from ncclient.operations.rpc import RPC, RPCError
 from ncclient.transport import SessionListener
 from ncclient.xml_ import to_ele
 
-from .netconf import DS, NAT_NS, NC_NS, NCDS, NatClient, TextRpc, edit_config_operation
+from .netconf import NC_NS, NatClient, TextRpc, edit_config_operation, get_sessions_operation
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +81,9 @@ def move_sessions(source: NatClient, target: NatClient,
 
 
 def _get_data(message_id: str, match: dict[str, str] | None) -> str:
-    leaves = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in (match or {}).items())
+    """The get-data request, whole: its reply goes to the relay, never to ncclient."""
     return (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
-            f'message-id="{message_id}"><get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>'
-            f'ds:operational</datastore><subtree-filter><nat-session xmlns="{NAT_NS}">'
-            f"{leaves}</nat-session></subtree-filter></get-data></rpc>")
+            f'message-id="{message_id}">{get_sessions_operation("operational", match)}</rpc>')
 
 
 class _Relay(SessionListener):

@@ -264,9 +264,6 @@ class _Encoder:
         self._layouts: dict[tuple, _Layout] = {}
         self._timeouts: dict[int, int] = {}  # timeout -> swapped: a handful of values
 
-    def encode(self, e: CtEntry, seq: int, kind: str) -> bytes:
-        return self.encode_all((e,), seq, kind)[0]
-
     def encode_all(self, entries: Iterable[CtEntry], first_seq: int, kind: str
                    ) -> list[bytes]:
         """One message per entry, numbered from ``first_seq``. A loop, names bound once:

@@ -369,9 +369,6 @@ class LinuxBackend(Backend):
                 dnat_port, state, ws_orig, ws_reply, timeout, o_packets, o_bytes, r_packets,
                 r_bytes))
 
-    def _entry(self, s: Session) -> CtEntry:
-        return self._entries((s,))[0]
-
     def _entries(self, sessions: Iterable[Session]) -> list[CtEntry]:
         """The kernel entries for sessions. A loop, names bound once, tuples made in C: an
         edit converts every session it writes."""
