@@ -32,6 +32,7 @@ from kernel_migration import (
     create_all,
     flush,
     synthetic_sessions,
+    verify_gone,
     verify_moved,
 )
 
@@ -67,7 +68,9 @@ def run(n: int) -> dict:
         create_all(a.ct, entries, "populating NAT A")
         try:
             report = migrate(a, b, tmp)
-            verify_moved(a, b, binding_set(entries))
+            expected = binding_set(entries)
+            verify_moved(b, expected)
+            verify_gone(a, expected)
         finally:
             flush(a.ct)
             flush(b.ct)
