@@ -11,6 +11,7 @@ import ipaddress
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 # The model's key of a nat-session entry, in key order.
@@ -57,6 +58,7 @@ class Session(NamedTuple):
 
 SessionKey = tuple  # (protocol, src_address, src_port, dst_address, dst_port)
 SESSION_FIELDS: tuple[str, ...] = Session._fields
+SESSION_BATCH = 256  # sessions per list of Backend.session_batches (by default)
 NUMERIC_FIELDS = frozenset(
     f for f, t in Session.__annotations__.items() if "int" in str(t)
 )
@@ -208,6 +210,13 @@ class Backend(ABC):
     @abstractmethod
     def sessions(self) -> Iterator[Session]:
         """A consistent snapshot of every session, in any order."""
+
+    def session_batches(self) -> Iterator[list[Session]]:
+        """sessions() in lists: the unit a bulk reader formats at once. A backend that
+        reads its table in pieces yields each piece as it reads it."""
+        sessions = self.sessions()
+        while batch := list(islice(sessions, SESSION_BATCH)):
+            yield batch
 
     @abstractmethod
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:

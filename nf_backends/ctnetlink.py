@@ -251,8 +251,26 @@ def _by_tuple_layout(e: CtEntry, msg_type: int) -> _Layout:
     return lay.finish()
 
 
+_UNIFORM_FROM = 16  # entries from which encode_all tries the columns first
 # Network-order values swapped once, so that a whole message packs in native order.
 _SWAPPED_PORT = [int.from_bytes(p.to_bytes(2, "big"), "little") for p in range(1 << 16)]
+
+
+def _shape(e: CtEntry, kind: str) -> tuple:
+    """What decides an entry's message layout."""
+    return (kind, e.family, e.proto, e.tcp_state is not None,
+            e.wscale_orig is not None and e.wscale_reply is not None, e.nat_addr is not None,
+            e.nat_port is not None, e.dnat_addr is not None, e.dnat_port is not None)
+
+
+def _packed_column(fmt: str, values: tuple) -> bytes | None:
+    """A field's values for every message, packed one after the other; None when an
+    address has not the layout's size (another family: the caller falls back)."""
+    if fmt.endswith("s"):
+        packed = b"".join(values)
+        return packed if len(packed) == int(fmt[:-1]) * len(values) else None
+    order, code = (fmt[0], fmt[1:]) if fmt[0] in "!=" else ("=", fmt)
+    return struct.pack(f"{order}{len(values)}{code}", *values)
 
 
 def _swapped32(value: int) -> int:
@@ -264,19 +282,65 @@ class _Encoder:
         self._layouts: dict[tuple, _Layout] = {}
         self._timeouts: dict[int, int] = {}  # timeout -> swapped: a handful of values
 
-    def encode_all(self, entries: Iterable[CtEntry], first_seq: int, kind: str
-                   ) -> list[bytes]:
-        """One message per entry, numbered from ``first_seq``. A loop, names bound once:
-        a batch encodes hundreds."""
+    def encode_all(self, entries: list[CtEntry], first_seq: int, kind: str
+                   ) -> tuple[bytearray, int]:
+        """One message per entry, numbered from ``first_seq``, one after the other (a
+        send's worth); and where the last one begins."""
+        if len(entries) >= _UNIFORM_FROM:
+            uniform = self._encode_uniform(entries, first_seq, kind)
+            if uniform is not None:
+                return uniform
+        messages = self._encode_each(entries, first_seq, kind)
+        joined = bytearray(b"".join(messages))
+        return joined, len(joined) - len(messages[-1])
+
+    def _encode_uniform(self, entries: list[CtEntry], first_seq: int, kind: str
+                        ) -> tuple[bytearray, int] | None:
+        """encode_all for entries of one message shape (a bulk write: hundreds of TCP
+        source-NAT entries, say), or None. The layout's constant bytes repeated, then each
+        varying field written into every message at once: its values packed together in
+        one call, and each of their bytes copied to its place with a strided slice. No
+        Python runs per entry; half the cost of packing entry by entry."""
+        (families, protos, srcs, dsts, sports, dports, nat_addrs, nat_ports, dnat_addrs,
+         dnat_ports, states, ws_origs, ws_replies, timeouts, *_counts) = zip(*entries,
+                                                                             strict=True)
+        n = len(entries)
+        first = entries[0]
+        # One shape: the first entry's family and protocol throughout, and each optional
+        # field in every entry or in none.
+        if families.count(first.family) != n or protos.count(first.proto) != n or \
+                None in timeouts or any(column.count(None) not in (0, n) for column in (
+                    states, ws_origs, ws_replies, nat_addrs, nat_ports, dnat_addrs,
+                    dnat_ports)):
+            return None
+        shape = _shape(first, kind)
+        lay = self._layouts.get(shape) or self._layout(shape, first, kind)
+        columns = {F_SEQ: [i & 0xFFFFFFFF for i in range(first_seq, first_seq + n)],
+                   F_SRC: srcs, F_DST: dsts, F_SPORT: sports, F_DPORT: dports,
+                   F_TIMEOUT: timeouts, F_STATE: states, F_WS_O: ws_origs,
+                   F_WS_R: ws_replies, F_NAT_ADDR: nat_addrs, F_NAT_PORT: nat_ports,
+                   F_DNAT_ADDR: dnat_addrs, F_DNAT_PORT: dnat_ports}
+        size = len(lay.template)
+        messages = bytearray(lay.template * n)
+        for offset, fmt, field in lay.fields:
+            values = _packed_column(fmt, columns[field])
+            if values is None:
+                return None
+            width = len(values) // n
+            for byte in range(width):
+                messages[offset + byte::size] = values[byte::width]
+        return messages, size * (n - 1)
+
+    def _encode_each(self, entries: Iterable[CtEntry], first_seq: int, kind: str
+                     ) -> list[bytes]:
+        """encode_all entry by entry. A loop, names bound once: a batch encodes hundreds."""
         layouts, timeouts, port = self._layouts, self._timeouts, _SWAPPED_PORT
         messages = []
         seq = first_seq
         for e in entries:
             (family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
              state, ws_orig, ws_reply, timeout, _op, _ob, _rp, _rb) = e
-            shape = (kind, family, proto, state is not None,
-                     ws_orig is not None and ws_reply is not None, nat_addr is not None,
-                     nat_port is not None, dnat_addr is not None, dnat_port is not None)
+            shape = _shape(e, kind)
             lay = layouts.get(shape) or self._layout(shape, e, kind)
             timeout = timeout or 0
             swapped = timeouts.get(timeout)
@@ -476,12 +540,12 @@ class Conntrack:
         send returns and answers the others only when they fail, so that ack ends the
         replies, and the kernel writes and we read two hundred times fewer of them."""
         first = (self._seq + 1) & 0xFFFFFFFF
-        messages = self._encoder.encode_all(chunk, first, kind)
+        messages, last = self._encoder.encode_all(chunk, first, kind)
         self._seq = (self._seq + len(chunk)) & 0xFFFFFFFF
-        last = messages[-1] = bytearray(messages[-1])
-        _FLAGS.pack_into(last, 6, _FLAGS.unpack_from(last, 6)[0] | NLM_F_ACK)
+        _FLAGS.pack_into(messages, last + 6, _FLAGS.unpack_from(messages, last + 6)[0] |
+                         NLM_F_ACK)
         self._last = self._seq
-        self.sock.send(b"".join(messages))
+        self.sock.send(messages)
         return first
 
     def _replies(self) -> Iterator[tuple[bytearray, int, int, int, int]]:

@@ -16,6 +16,8 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from functools import partial
+from itertools import chain
+from operator import itemgetter
 
 from .base import (
     PROTOCOL_NAMES,
@@ -56,6 +58,8 @@ _NO_COUNTS = (None,) * 4
 _new_session = partial(tuple.__new__, Session)  # in C: a dump makes one per entry
 _new_entry = partial(tuple.__new__, CtEntry)
 _entry_key = CtEntry.key.fget
+_session_key = itemgetter(slice(0, 5))  # Session.key, in C
+_counts_of = itemgetter(_COUNTS)
 
 
 class LinuxBackend(Backend):
@@ -193,9 +197,12 @@ class LinuxBackend(Backend):
 
     # -- reads -------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
-        """Every session, read from the kernel while it is consumed: a get-data reply goes
-        out while the kernel is still walking its table. Through a netlink socket of its
-        own, so a slow reader holds up nothing else."""
+        return chain.from_iterable(self.session_batches())
+
+    def session_batches(self) -> Iterator[list[Session]]:
+        """Every session, read from the kernel while it is consumed, a list per read (about
+        a hundred): a get-data reply goes out while the kernel is still walking its table.
+        Through a netlink socket of its own, so a slow reader holds up nothing else."""
         ct = Conntrack(self.netns_path)
         try:
             # Only counts imported before the dump began may be forgotten: a session
@@ -205,7 +212,7 @@ class LinuxBackend(Backend):
             for batch in ct.dump_batches():
                 if imported:
                     seen += map(_entry_key, batch)
-                yield from self._sessions_from(batch)
+                yield list(self._sessions_from(batch))
             if imported:
                 self._forget_offsets(imported.difference(seen))
         finally:
@@ -320,6 +327,11 @@ class LinuxBackend(Backend):
         it, to add to the kernel's counts from now on (a moved session keeps counting from
         where it was; a new kernel entry starts at zero)."""
         offsets = self._offsets
+        if not current:  # all new: the counts are what the sessions brought (the bulk case)
+            counts = list(map(_counts_of, map(itemgetter(0), written.values())))
+            if None not in chain.from_iterable(counts):
+                offsets.update(zip(written, counts, strict=True))
+                return
         for key, (session, _) in written.items():
             counts = session[_COUNTS]
             if counts == _NO_COUNTS:
@@ -491,7 +503,7 @@ class _KernelTransaction(Transaction):
         return True
 
     def apply(self, changes: SessionChanges) -> None:
-        keys = {s.key for s in changes.upserts} | set(changes.deletes)
+        keys = set(map(_session_key, changes.upserts)).union(changes.deletes)
         entries = self._entries if keys <= self._keys else None
         presumed = self._presumed and entries is not None
         self._keys, self._entries, self._presumed = set(), {}, False  # apply changes them

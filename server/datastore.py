@@ -18,6 +18,8 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 
 from lxml import etree
@@ -44,7 +46,7 @@ from .session_codec import (
     NeedsTree,
     SessionDecoder,
     SessionEdit,
-    sessions_to_xml,
+    session_batches_to_xml,
 )
 from .tree_edit import edit_node, strip_operations
 
@@ -52,6 +54,25 @@ log = logging.getLogger(__name__)
 
 CONFIG_DATASTORES = ("running", "candidate", "startup")
 _ADDING = frozenset({"merge", "replace", "create"})  # operations that write a whole entry
+_edit_key = attrgetter("key")
+_edit_session = attrgetter("session")
+
+
+def _adds_whole_entries(edits: list[SessionEdit]) -> bool:
+    """Whether every edit writes a whole entry (merge, replace or create, no leaf taken
+    away): over an absent entry, each then writes exactly the entry it states."""
+    return set(map(attrgetter("operation"), edits)) <= _ADDING and \
+        not any(map(attrgetter("removed"), edits))
+
+
+def _refuse_duplicate(edits: list[SessionEdit]) -> None:
+    seen = set()
+    for edit in edits:
+        if edit.key in seen:
+            raise errors.invalid_value(
+                f"nat-session {_key_text(edit.key)} appears twice in this edit",
+                path=edit.path, app_tag="data-not-unique")
+        seen.add(edit.key)
 
 
 @dataclass
@@ -126,8 +147,8 @@ class Datastores:
             candidate = self._candidate if datastore == "candidate" else None
             policy = candidate.policy if candidate else self._policy
             overlay = dict(candidate.sessions) if candidate else {}
-        nodes = [TopNode(self.ns, "nat-session",
-                         lambda: sessions_to_xml(self._sessions_with(overlay), self.ns))]
+        nodes = [TopNode(self.ns, "nat-session", lambda: session_batches_to_xml(
+            self._session_batches_with(overlay), self.ns))]
         if policy is not None:
             policy_text = etree.tostring(policy, encoding="unicode")
             nodes.insert(0, TopNode(self.ns, "nat-policy", lambda: [policy_text]))
@@ -153,13 +174,16 @@ class Datastores:
         return self.backend.lookup([key]).get(key)
 
     def _sessions_with(self, overlay: dict) -> Iterator[Session]:
-        for s in self.backend.sessions():
-            if s.key in overlay:
-                continue
-            yield s
-        for s in overlay.values():
-            if s is not None:
-                yield s
+        return chain.from_iterable(self._session_batches_with(overlay))
+
+    def _session_batches_with(self, overlay: dict) -> Iterator[list[Session]]:
+        """The backend's sessions with a candidate's changes over them, in lists."""
+        if not overlay:
+            yield from self.backend.session_batches()
+            return
+        for batch in self.backend.session_batches():
+            yield [s for s in batch if s[:5] not in overlay]  # s.key, without the call
+        yield [s for s in overlay.values() if s is not None]
 
     def state_nodes(self) -> list[TopNode]:
         return [TopNode(self.ns, "nat-state", self._nat_state)]
@@ -353,20 +377,20 @@ class Datastores:
         plan to the same writes, or to a create that the backend then refuses)."""
         if not edits:
             return {}, []
-        seen: dict[tuple, SessionEdit] = {}
-        for edit in edits:
-            if edit.key in seen:
-                raise errors.invalid_value(
-                    f"nat-session {_key_text(edit.key)} appears twice in this edit",
-                    path=edit.path, app_tag="data-not-unique")
-            seen[edit.key] = edit
-        pending = [k for k in seen if k not in overlay]
-        if presume and pending and all(seen[k].operation in _ADDING and not seen[k].removed
-                                       for k in pending) and tx.presume_absent(pending):
+        seen = dict(zip(map(_edit_key, edits), edits, strict=True))
+        if len(seen) != len(edits):
+            _refuse_duplicate(edits)
+        pending = [k for k in seen if k not in overlay] if overlay else list(seen)
+        adding = _adds_whole_entries(edits)
+        if presume and pending and adding and tx.presume_absent(pending):
             current = {}
         else:
             current = tx.lookup(pending) if pending else {}
         current.update({k: v for k, v in overlay.items() if k in seen and v is not None})
+        if adding and not current:
+            # Whole entries over nothing (the bulk case): each is what its edit states,
+            # whatever the operation; no entry can fail.
+            return dict(zip(seen, map(_edit_session, seen.values()), strict=True)), []
         changes: dict[tuple, Session | None] = {}
         failed: list[RpcError] = []
         for key, edit in seen.items():

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from itertools import repeat
-from operator import getitem, itemgetter
+from operator import getitem, is_not, itemgetter
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -32,21 +32,47 @@ _NO_REMOVALS = MappingProxyType({})
 
 def sessions_to_xml(sessions: Iterable[Session], namespace: str) -> Iterator[str]:
     """One XML string per session, leaves in model order, absent leaves left out."""
-    open_tag = f'<nat-session xmlns="{namespace}">'
-    # One %-template per pattern of present leaves: sessions share a handful of patterns
-    # (SNAT, DNAT, UDP...), and one % per entry is the cheapest way to format it.
-    templates: dict[tuple[bool, ...], tuple[str, Callable[[Session], tuple]]] = {}
-    for s in sessions:
-        present = tuple([v is not None for v in s])
-        template = templates.get(present)
-        if template is None:
-            fields = [i for i, p in enumerate(present) if p]
-            text = "".join(f"<{SESSION_FIELDS[i]}>%s</{SESSION_FIELDS[i]}>" for i in fields)
-            pick = itemgetter(*fields)
-            template = templates[present] = (
-                f"{open_tag}{text}</nat-session>",
-                (lambda s, pick=pick: (pick(s),)) if len(fields) == 1 else pick)
-        yield template[0] % template[1](s)
+    return map(_Formatter(namespace).entry, sessions)
+
+
+def session_batches_to_xml(batches: Iterable[list[Session]], namespace: str
+                           ) -> Iterator[str]:
+    """One XML string per list of sessions (what sessions_to_xml writes, joined): a large
+    read formats its entries in one loop, and passes on a few strings instead of one per
+    entry."""
+    formatter = _Formatter(namespace)
+    return map(formatter.entries, batches)
+
+
+class _Formatter:
+    """One %-template per pattern of present leaves: sessions share a handful of patterns
+    (SNAT, DNAT, UDP...), and one % per entry is the cheapest way to format it."""
+
+    def __init__(self, namespace: str):
+        self.open_tag = f'<nat-session xmlns="{namespace}">'
+        self.templates: dict[tuple, tuple[str, Callable[[Session], tuple]]] = {}
+
+    def entry(self, s: Session) -> str:
+        template = self.templates.get(tuple(map(is_not, s, _NONES))) or self._template(s)
+        return template[0] % template[1](s)
+
+    def entries(self, batch: list[Session]) -> str:
+        templates, make = self.templates, self._template
+        out = []
+        for s in batch:
+            template = templates.get(tuple(map(is_not, s, _NONES))) or make(s)
+            out.append(template[0] % template[1](s))
+        return "".join(out)
+
+    def _template(self, s: Session) -> tuple[str, Callable[[Session], tuple]]:
+        present = tuple(map(is_not, s, _NONES))
+        fields = [i for i, p in enumerate(present) if p]
+        text = "".join(f"<{SESSION_FIELDS[i]}>%s</{SESSION_FIELDS[i]}>" for i in fields)
+        pick = itemgetter(*fields)
+        template = self.templates[present] = (
+            f"{self.open_tag}{text}</nat-session>",
+            (lambda s, pick=pick: (pick(s),)) if len(fields) == 1 else pick)
+        return template
 
 
 class SessionEdit(NamedTuple):

@@ -75,3 +75,22 @@ def test_a_large_replace_edit_leaves_only_its_entries(client):
     edit(client, entries(5, first_port=60000))
     edit(client, entries(), before="<default-operation>replace</default-operation>")
     assert ports(client) == set(range(1024, 1024 + COUNT))
+
+
+def test_a_large_edit_naming_one_session_twice_is_refused_and_changes_nothing(client):
+    text = entries()
+    twice = text + text[:text.index("</nat-session>") + len("</nat-session>")]
+    with pytest.raises(RPCError) as err:
+        edit(client, twice)
+    assert (err.value.tag, err.value.app_tag) == ("invalid-value", "data-not-unique")
+    assert "appears twice" in err.value.message
+    assert ports(client) == set()
+
+
+def test_a_large_merge_over_existing_sessions_keeps_what_it_does_not_state(client):
+    edit(client, entries(3).replace("<timeout>60</timeout>", "<timeout>60</timeout>"
+                                    "<orig_packets>7</orig_packets>"))
+    edit(client, entries())
+    body, _ = client.get_sessions("running")
+    assert body.count("<orig_packets>7</orig_packets>") == 3
+    assert ports(client) == set(range(1024, 1024 + COUNT))

@@ -17,7 +17,7 @@ if os.geteuid() != 0:
     pytest.skip("network namespaces and conntrack need root", allow_module_level=True)
 
 from nfmig.nf_backends import ctparse  # noqa: E402
-from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry  # noqa: E402
+from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, _Encoder  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
 
@@ -161,3 +161,32 @@ def _message(attributes: list[tuple[int, bytes]]) -> bytes:
     for kind, value in attributes:
         out += struct.pack("=HH", 4 + len(value), kind) + value
     return out
+
+
+def many(entry: CtEntry, count: int, first_port: int) -> list[CtEntry]:
+    """``count`` entries of ``entry``'s shape, told apart by their source port."""
+    return [entry._replace(sport=first_port + i,
+                           nat_port=None if entry.nat_port is None else first_port + i)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_a_batch_of_one_shape_comes_back_from_a_dump_as_it_went_in(conntrack, kind):
+    batch = many(ENTRIES[kind], 40, 50000)  # one send of one layout: written by columns
+    assert not any(conntrack.create(batch))
+    try:
+        dumped = {e.key: e for e in conntrack.dump()}
+        assert [stable(dumped[e.key]) for e in batch] == [stable(e) for e in batch]
+    finally:
+        assert not any(conntrack.delete(batch))
+
+
+@pytest.mark.parametrize("operation", ["create", "update", "delete", "get"])
+@pytest.mark.parametrize("first_seq", [1, 2**32 - 10])  # numbers wrapping within the batch
+def test_a_batch_encodes_to_the_messages_of_its_entries_one_by_one(operation, first_seq):
+    encoder = _Encoder()
+    for entries in [*(many(e, 20, 1000) for e in ENTRIES.values()),
+                    [e for e in ENTRIES.values() for _ in range(3)]]:  # mixed shapes
+        messages = encoder._encode_each(entries, first_seq, operation)
+        assert encoder.encode_all(entries, first_seq, operation) == (
+            b"".join(messages), sum(map(len, messages[:-1])))

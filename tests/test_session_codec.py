@@ -18,6 +18,7 @@ from nfmig.server.session_codec import (
     SessionEdit,
     _content_in,
     hollow_edit,
+    session_batches_to_xml,
     sessions_to_xml,
 )
 
@@ -323,3 +324,17 @@ def test_a_large_edit_the_text_reader_declines_needs_the_tree(decoder, odd, new)
     assert hollow is not None
     with pytest.raises(NeedsTree):
         decoder.decode_all(hollow.config, "merge", hollow)
+
+
+def test_a_batch_is_written_as_its_entries_one_by_one():
+    batch = [Session("TCP", "10.0.0.1", 1000, "192.0.2.9", 443, "192.0.2.1", 2000,
+                     tcp_state="established", timeout=300, orig_packets=3),
+             Session("UDP", "10.0.0.2", 53, "192.0.2.9", 53, timeout=60),
+             Session("TCP", "10.0.0.3", 1000, "192.0.2.9", 80, None, None, "10.1.0.9", 8080),
+             Session("TCP", "10.0.0.4", 1001, "192.0.2.9", 443, "192.0.2.1", 2001,
+                     tcp_state="established", timeout=300, orig_packets=4)]
+    one_by_one = "".join(sessions_to_xml(batch, NS))
+    assert list(session_batches_to_xml([batch[:3], batch[3:], []], NS)) == [
+        "".join(sessions_to_xml(batch[:3], NS)), "".join(sessions_to_xml(batch[3:], NS)), ""]
+    assert "".join(session_batches_to_xml([batch], NS)) == one_by_one
+    assert "<translated_address>" not in one_by_one.split("</nat-session>")[1]  # absent: out
