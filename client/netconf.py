@@ -45,7 +45,6 @@ def send_in_blocks(m: manager.Manager) -> manager.Manager:
 # packets in an 8 MB window, what the server offers its clients, carry 2.2 times that.
 WINDOW = 8 << 20
 MAX_PACKET = 256 << 10
-_READ = 1 << 20  # bytes of the channel taken per read
 
 
 class _BulkSSHSession(nc_ssh.SSHSession):
@@ -59,10 +58,6 @@ class _BulkSSHSession(nc_ssh.SSHSession):
         _prefer_gcm(transport)
         return super()._auth(*args, **kwargs)
 
-    def _transport_read(self) -> bytes:
-        # ncclient reads 4 KB at a time: a 56 MB reply took 14,000 passes of its loop
-        # (a select, a lock, a copy of what stays buffered). Whatever has arrived, at once.
-        return self._channel.recv(_READ)
 
 
 # paramiko prefers AES-CTR with HMAC-SHA2, which costs half as much CPU again per byte as

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Bytes of entries per edit. The first is small, so the target starts early; each next one
 # twice the last, up to BLOCK: few edits for their fixed costs. From 256 KB on, the server
 # reads an edit without building a tree of it.
-FIRST_BLOCK = 256 << 10
+FIRST_BLOCK = 64 << 10
 BLOCK = 1 << 20
 _ENTRY = b"<nat-session"
 _ENTRY_END = b"</nat-session>"

@@ -53,6 +53,7 @@ def _parse(text: bytes) -> etree._Element:
 _MESSAGE_ID = re.compile(rb"""message-id\s*=\s*["']([^"']{1,256})["']""")
 WINDOW = 8 << 20
 STREAM_BLOCK = 256 << 10
+FIRST_STREAM_BLOCK = 32 << 10
 # Largest SSH packet we accept: large packets let a client send a bulk edit in few pieces.
 MAX_PACKET = 256 << 10
 HELLO_TIMEOUT = 60
@@ -232,7 +233,7 @@ class NetconfSession(nc_base.NetconfSession):
             itertools.chain((head,), body, ("</rpc-reply>",))
         blocks = _blocks(pieces)
         try:
-            block = next(blocks)  # a failure before the first byte is still an rpc-error
+            first = next(blocks)  # a failure before the first byte is still an rpc-error
         except RpcError as exc:
             return self._send_error(exc, attrs)
         except Exception:
@@ -242,13 +243,12 @@ class NetconfSession(nc_base.NetconfSession):
         sent = 0
         with self.send_lock:
             try:
-                for following in itertools.chain(blocks, (None,)):
+                for block, last in _with_end(first, blocks, not isinstance(body, str)):
                     framed = frame_chunks(block) if self.new_framing else block
-                    if following is None:  # the end marker rides with the last block
+                    if last:
                         framed += end_of_message(self.new_framing)
                     self.channel.sendall(framed)
                     sent += len(framed)
-                    block = following
             except (OSError, EOFError) as exc:
                 log.info("session %s: reply not delivered: %s", self.session_id, exc)
             except Exception:  # half a reply is out: the session cannot go on
@@ -285,16 +285,35 @@ class NetconfSession(nc_base.NetconfSession):
             self.server.unregister(self)
 
 
-def _blocks(pieces: Iterable[str], size: int = STREAM_BLOCK) -> Iterator[bytes]:
-    """Join small pieces into blocks of about ``size`` bytes."""
+def _with_end(first: bytes, blocks: Iterator[bytes], streamed: bool
+              ) -> Iterator[tuple[bytes, bool]]:
+    """Each block, and whether the end marker follows it. A reply in one piece takes the
+    marker along with its last block; a streamed one sends each block as soon as it is
+    made (finding the last would mean making the next first: a large reply's first bytes
+    would wait for its second block), and the marker alone after them."""
+    if streamed:
+        yield first, False
+        for block in blocks:
+            yield block, False
+        yield b"", True
+        return
+    for following in itertools.chain(blocks, (None,)):
+        yield first, following is None
+        first = following
+
+
+def _blocks(pieces: Iterable[str], size: int = STREAM_BLOCK,
+            first: int = FIRST_STREAM_BLOCK) -> Iterator[bytes]:
+    """Join small pieces into blocks of about ``size`` bytes; the first one smaller, so
+    that a client relaying a large reply can start at once."""
     buffered: list[str] = []
     length = 0
     for piece in pieces:
         buffered.append(piece)
         length += len(piece)
-        if length >= size:
+        if length >= first:
             yield "".join(buffered).encode()
-            buffered, length = [], 0
+            buffered, length, first = [], 0, size
     if buffered:
         yield "".join(buffered).encode()
 

@@ -409,7 +409,7 @@ class HollowEdit(NamedTuple):
     message: bytes
 
 
-_HOLLOW_MINIMUM = 1 << 18  # bytes of a request from which hollowing it pays: a tree of
+_HOLLOW_MINIMUM = 1 << 16  # bytes of a request from which hollowing it pays: a tree of
 #                              500 entries (256 KB) costs some 4 ms to build and free
 _CONFIG_START = re.compile(rb"<((?:[A-Za-z_][\w.-]*:)?)config[\s>]")
 _NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
