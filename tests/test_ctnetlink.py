@@ -17,7 +17,9 @@ if os.geteuid() != 0:
     pytest.skip("network namespaces and conntrack need root", allow_module_level=True)
 
 from nfmig.nf_backends import ctparse  # noqa: E402
+from nfmig.nf_backends.base import Session  # noqa: E402
 from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, _Encoder  # noqa: E402
+from nfmig.nf_backends.linux import LinuxBackend  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
 
@@ -190,3 +192,31 @@ def test_a_batch_encodes_to_the_messages_of_its_entries_one_by_one(operation, fi
         messages = encoder._encode_each(entries, first_seq, operation)
         assert encoder.encode_all(entries, first_seq, operation) == (
             b"".join(messages), sum(map(len, messages[:-1])))
+
+
+SESSIONS = [
+    Session("TCP", "10.0.0.2", 40000, "192.0.2.100", 443, "192.0.2.1", 20001,
+            tcp_state="established", src_window_scale=7, dst_window_scale=6, timeout=300,
+            orig_packets=5),
+    Session("UDP", "10.0.0.2", 40001, "192.0.2.100", 53, "192.0.2.1", 20002, timeout=60),
+    Session("ICMP", "10.0.0.2", 77, "192.0.2.100", 0, "192.0.2.1", 20003, timeout=30),
+    Session("TCP", "2001:db8:1::2", 40002, "2001:db8:2::100", 443, "2001:db8:2::1", 20004,
+            tcp_state="time-wait", timeout=120),
+    Session("TCP", "192.0.2.100", 40003, "192.0.2.1", 8080, None, None, "10.0.0.2", 80,
+            tcp_state="established", timeout=300),
+]
+
+
+@pytest.mark.parametrize("session", SESSIONS, ids=lambda s: f"{s.protocol}-{s.src_address}")
+def test_sessions_of_one_kind_become_the_entries_they_become_one_by_one(session):
+    backend = LinuxBackend("unused")  # conversions only: never started
+    batch = [session._replace(src_port=session.src_port + i) for i in range(20)]
+    assert backend._entries(batch) == backend._entries_each(batch)
+    assert backend._entries_of_one_kind(batch) is not None  # the columns did the work
+
+
+def test_sessions_of_several_kinds_become_their_entries_one_by_one():
+    backend = LinuxBackend("unused")
+    batch = SESSIONS * 4
+    assert backend._entries_of_one_kind(batch) is None
+    assert backend._entries(batch) == backend._entries_each(batch)
