@@ -59,7 +59,6 @@ class _BulkSSHSession(nc_ssh.SSHSession):
         return super()._auth(*args, **kwargs)
 
 
-
 # paramiko prefers AES-CTR with HMAC-SHA2, which costs half as much CPU again per byte as
 # AES-GCM, and a bulk move passes every byte through four ciphers (both ends of two hops).
 _GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
