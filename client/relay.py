@@ -28,7 +28,7 @@ from .netconf import NC_NS, NatClient, TextRpc, edit_config_operation, get_sessi
 log = logging.getLogger(__name__)
 
 # Bytes of entries per edit. The first is small, so the target starts early; each next one
-# twice the last, up to BLOCK: few edits for their fixed costs. From 256 KB on, the server
+# twice the last, up to BLOCK: few edits for their fixed costs. From 64 KB on, the server
 # reads an edit without building a tree of it.
 FIRST_BLOCK = 64 << 10
 BLOCK = 1 << 20
