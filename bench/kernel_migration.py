@@ -41,6 +41,7 @@ from nfmig.client.relay import move_sessions
 from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, EntryCount
 from nfmig.nf_backends.linux import LinuxBackend
+from nfmig.server.gc_pause import collector_paused
 from nfmig.server.schema import ListEntryChecker, Schema
 from nfmig.server.session_codec import SessionDecoder, hollow_edit, session_batches_to_xml
 
@@ -110,13 +111,8 @@ def flush(ct: Conntrack) -> None:
 def timed_like_a_request(fn: Callable, *args: object) -> tuple[object, float]:
     """timed(), with the cyclic garbage collector paused as the server pauses it for the
     length of a request."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return timed(fn, *args)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # -- the NAT instances and their servers --------------------------------------------------

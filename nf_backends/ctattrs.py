@@ -8,6 +8,7 @@ parser (ctparse).
 from __future__ import annotations
 
 import struct
+from functools import partial
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -81,3 +82,7 @@ class CtEntry(NamedTuple):
     # (proto, src, sport, dst, dport): the original tuple, which names an entry. An
     # itemgetter, not a method: bulk work reads it for every entry, often more than once.
     key = property(itemgetter(1, 2, 4, 3, 5))
+
+
+# A CtEntry made in C from a tuple of every field: bulk work makes one per entry.
+new_entry = partial(tuple.__new__, CtEntry)

@@ -1,9 +1,10 @@
 """A lean ctnetlink codec: dump, create, update and delete Linux conntrack entries in bulk.
 
 Only what a NAT session needs is encoded. Every message of one shape (family, protocol, NAT
-kind) is laid out once and compiled into one struct; an entry then costs a single pack:
-encoding 10k creates takes about 0.03 s. A send carries 256 messages and only its last asks
-for an ack, so the kernel answers a batch with one reply (plus one per refused entry).
+kind) is laid out once: a send's entries of one shape are then written a field at a time
+into copies of that layout, others one struct pack each. A send carries 256 messages and
+only its last asks for an ack, so the kernel answers a batch with one reply (plus one per
+refused entry).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class _Layout:
         return self
 
 
-# Field numbers used by layouts: an index into the values tuple _Encoder.encode builds.
+# Field numbers used by layouts: the value each varying field of a message takes.
 F_SEQ, F_SRC, F_DST, F_SPORT, F_DPORT, F_TIMEOUT, F_STATE, F_WS_O, F_WS_R = range(9)
 F_NAT_ADDR, F_NAT_PORT, F_DNAT_ADDR, F_DNAT_PORT = range(9, 13)
 _FIELD_COUNT = 13

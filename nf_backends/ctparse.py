@@ -12,7 +12,6 @@ headers differ is walked again. Both paths build the entry in one place (``_fini
 from __future__ import annotations
 
 import struct
-from functools import partial
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -46,6 +45,7 @@ from .ctattrs import (
     TCP_WSCALE_ORIG,
     TCP_WSCALE_REPLY,
     CtEntry,
+    new_entry,
 )
 
 # The values a message yields, in this order; a layout without one yields its default.
@@ -65,7 +65,6 @@ _TCP_FIELD = {TCP_STATE: "tcp_state", TCP_WSCALE_ORIG: "ws_orig",
               TCP_WSCALE_REPLY: "ws_reply"}
 _COUNTER_FIELD = {CTA_COUNTERS_PACKETS: "packets", CTA_COUNTERS_BYTES: "bytes"}
 _COUNTERS = {CTA_COUNTERS_ORIG: "o_", CTA_COUNTERS_REPLY: "r_"}
-_new_entry = partial(tuple.__new__, CtEntry)  # in C: a dump makes one per message
 _MAX_LAYOUTS = 64  # a bound, so odd messages cannot grow the cache without end
 
 
@@ -195,6 +194,6 @@ def _finish(family: int, v: tuple) -> CtEntry:
         nat_addr, nat_port = r_dst, (r_sport if echo else r_dport)
     if status & IPS_DST_NAT:  # replies come from the translated destination
         dnat_addr, dnat_port = r_src, r_sport
-    return _new_entry((family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr,
+    return new_entry((family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr,
                        dnat_port, state, ws_o, ws_r, timeout, o_packets, o_bytes, r_packets,
                        r_bytes))

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
-from functools import partial
 from itertools import chain, repeat
 from operator import itemgetter
 
@@ -33,7 +32,10 @@ from .base import (
     SessionChanges,
     SessionKey,
     Transaction,
+    new_session,
+    session_key,
 )
+from .ctattrs import new_entry
 from .ctnetlink import (
     ECHO_REPLY,
     ERRNO_REASONS,
@@ -55,10 +57,7 @@ _COUNTS = slice(Session._fields.index("orig_packets"), Session._fields.index("re
 _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
                       CtEntry._fields.index("reply_bytes") + 1)
 _NO_COUNTS = (None,) * 4
-_new_session = partial(tuple.__new__, Session)  # in C: a dump makes one per entry
-_new_entry = partial(tuple.__new__, CtEntry)
 _entry_key = CtEntry.key.fget
-_session_key = itemgetter(slice(0, 5))  # Session.key, in C
 _counts_of = itemgetter(_COUNTS)
 _COLUMNS_FROM = 16  # sessions from which _entries tries a column at a time
 _FAMILY_OF_SIZE = {4: socket.AF_INET, 16: socket.AF_INET6}  # by packed address size
@@ -273,7 +272,7 @@ class LinuxBackend(Backend):
         wanted = dict(zip(map(_entry_key, entries), zip(upserts, entries, strict=True),
                           strict=True))
         if current is None:
-            current = self._read({s.key for s in changes.upserts} | set(changes.deletes))
+            current = self._read(_changed_keys(changes))
         with self._lock:
             deletes = [current[k] for k in map(self._native_key, changes.deletes)
                        if k in current and k not in wanted]
@@ -376,7 +375,7 @@ class LinuxBackend(Backend):
                     o_bytes += extra[1]
                     r_packets += extra[2]
                     r_bytes += extra[3]
-            yield _new_session((
+            yield new_session((
                 protocol, texts.get(src) or text(src), sport, texts.get(dst) or text(dst),
                 dport, (texts.get(nat_addr) or text(nat_addr)) if nat_addr else None,
                 nat_port, (texts.get(dnat_addr) or text(dnat_addr)) if dnat_addr else None,
@@ -411,12 +410,11 @@ class LinuxBackend(Backend):
             dnats if dnats[0] is None else self._packed_all(dnats), dnat_ports,
             map(TCP_STATE_NUMBERS.get, states) if proto == TCP else repeat(None, n),
             ws_origs, ws_replies, timeouts, *(repeat(0, n) for _ in range(4)))
-        return list(map(_new_entry, zip(*columns, strict=True)))
+        return list(map(new_entry, zip(*columns, strict=True)))
 
     def _packed_all(self, texts: tuple[str, ...]) -> list[bytes]:
         """Addresses in network order, each distinct one converted once."""
-        packed, pack = self._packed, self._addr_bytes
-        distinct = {text: packed.get(text) or pack(text) for text in set(texts)}
+        distinct = {text: self._addr_bytes(text) for text in set(texts)}
         return list(map(distinct.__getitem__, texts))
 
     def _entries_each(self, sessions: Iterable[Session]) -> list[CtEntry]:
@@ -429,7 +427,7 @@ class LinuxBackend(Backend):
              ws_reply, timeout, _op, _ob, _rp, _rb) in sessions:
             proto = numbers[protocol]
             src_bytes = packed.get(src) or pack(src)
-            entries.append(_new_entry((
+            entries.append(new_entry((
                 socket.AF_INET if len(src_bytes) == 4 else socket.AF_INET6, proto, src_bytes,
                 packed.get(dst) or pack(dst), sport, 0 if proto in ECHO_REPLY else dport,
                 (packed.get(nat) or pack(nat)) if nat else None, nat_port,
@@ -513,6 +511,10 @@ def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: 
             " ".join([*match, f"snat {family} to {target}"])]
 
 
+def _changed_keys(changes: SessionChanges) -> set[SessionKey]:
+    return set(map(session_key, changes.upserts)).union(changes.deletes)
+
+
 class _KernelTransaction(Transaction):
     """Keeps what lookup() read so that apply() need not read the kernel again: for a bulk
     edit that is a second dump of the whole table saved."""
@@ -540,8 +542,7 @@ class _KernelTransaction(Transaction):
         return True
 
     def apply(self, changes: SessionChanges) -> None:
-        keys = set(map(_session_key, changes.upserts)).union(changes.deletes)
-        entries = self._entries if keys <= self._keys else None
+        entries = self._entries if _changed_keys(changes) <= self._keys else None
         presumed = self._presumed and entries is not None
         self._keys, self._entries, self._presumed = set(), {}, False  # apply changes them
         self.backend.apply(changes, entries, presumed)

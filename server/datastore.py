@@ -464,13 +464,10 @@ class Datastores:
                       ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
         policy_edits, session_edits = self._split(config, "replace")
         policy = self._plan_policy(None, [strip_operations(e) for e in policy_edits])
-        wanted = {}
-        for edit in session_edits:
-            if edit.key in wanted:
-                raise errors.invalid_value(
-                    f"nat-session {_key_text(edit.key)} appears twice in this edit",
-                    path=edit.path, app_tag="data-not-unique")
-            wanted[edit.key] = edit.session
+        wanted = dict(zip(map(_edit_key, session_edits), map(_edit_session, session_edits),
+                          strict=True))
+        if len(wanted) != len(session_edits):
+            _refuse_duplicate(session_edits)
         return policy, wanted
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:

@@ -15,7 +15,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from lxml import etree
-from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Session
+from nfmig.nf_backends.base import (
+    KEY_FIELDS,
+    SESSION_FIELDS,
+    Session,
+    new_session,
+    session_key,
+)
 
 from .errors import RpcError, missing_element, unknown_element, unknown_namespace
 from .schema import ListEntryChecker
@@ -57,12 +63,7 @@ class _Formatter:
         return template[0] % template[1](s)
 
     def entries(self, batch: list[Session]) -> str:
-        templates, make = self.templates, self._template
-        out = []
-        for s in batch:
-            template = templates.get(tuple(map(is_not, s, _NONES))) or make(s)
-            out.append(template[0] % template[1](s))
-        return "".join(out)
+        return "".join(map(self.entry, batch))
 
     def _template(self, s: Session) -> tuple[str, Callable[[Session], tuple]]:
         present = tuple(map(is_not, s, _NONES))
@@ -107,19 +108,12 @@ _new_edit = partial(tuple.__new__, SessionEdit)
 
 
 class _Shape(NamedTuple):
-    """The leaves of a plain entry in document order, where each one's text starts in its
-    "name>text" piece, and where the key leaves are."""
+    """The leaves of a plain entry in document order, and where each one's text starts in
+    its "name>text" piece."""
 
     names: tuple[str, ...]
     cuts: tuple[slice, ...]
-    key_positions: tuple[int, ...]
     openers: tuple[str, ...]  # each leaf's "name>", what its text piece must start with
-
-
-# Bulk constructors: tuple.__new__ skips a Python-level __new__ per entry; the columns they
-# are fed from always have every field.
-_new_session = partial(tuple.__new__, Session)
-_key_of = itemgetter(slice(0, len(KEY_FIELDS)))
 
 
 class SessionDecoder:
@@ -325,9 +319,9 @@ class SessionDecoder:
                ) -> list[SessionEdit]:
         """SessionEdits from converted columns, every tuple made in C."""
         by_field = dict(zip(shape.names, columns, strict=True))
-        sessions = list(map(_new_session, zip(*[by_field.get(f, _NONES)
+        sessions = list(map(new_session, zip(*[by_field.get(f, _NONES)
                                                 for f in SESSION_FIELDS], strict=False)))
-        return list(map(_new_edit, zip(operations, map(_key_of, sessions), sessions,
+        return list(map(_new_edit, zip(operations, map(session_key, sessions), sessions,
                                        repeat(shape.names), repeat(_NO_REMOVALS),
                                        repeat(self.checker), strict=False)))
 
@@ -373,7 +367,6 @@ class SessionDecoder:
                  and set(names) <= set(self.checker.leaves) and len(set(names)) == len(names)
                  and set(KEY_FIELDS) <= set(names))
         shape = _Shape(names, tuple(slice(len(n) + 1, None) for n in names),
-                       tuple(names.index(k) for k in KEY_FIELDS),
                        tuple(n + ">" for n in names)) if plain else None
         if len(self._shapes) < 256:  # a few layouts in practice; bounded whatever comes
             self._shapes[closers] = shape
