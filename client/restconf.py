@@ -33,7 +33,7 @@ from ncclient.operations.rpc import RPCError
 from ncclient.transport.errors import TransportError
 
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, nat_rpc_input
-from .netconf import NAT_NS, NC_NS
+from .netconf import KEY_LEAVES, NAT_NS, NC_NS
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ _MODULES = {NAT_NS: "nfmig-nat", NC_NS: "ietf-netconf", None: "ietf-netconf"}
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
 YANG_PATCH = "application/yang-patch+xml"
 YANG_PATCH_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-patch"
-KEY_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
 SESSION_TARGET = "/nfmig-nat:nat-session="
 _SESSION_HEAD = re.compile(rf'<nat-session(?:\s+xmlns="{re.escape(NAT_NS)}"|'
                            rf'\s+xmlns:nc="{re.escape(NC_NS)}"|\s+nc:operation="(\w+)")*\s*>')

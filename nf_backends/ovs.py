@@ -154,10 +154,8 @@ class Ovs:
         return self.run("ovs-vsctl", f"--db=unix:{self.db_sock}", "--timeout=20",
                         *args).stdout
 
-    def ofctl(self, command: str, *args: str, options: tuple[str, ...] = (),
-              stdin: str | None = None) -> str:
-        return self.run("ovs-ofctl", "-O", OF_VERSION, *options, command, self.mgmt, *args,
-                        stdin=stdin).stdout
+    def ofctl(self, command: str, *args: str) -> str:
+        return self.run("ovs-ofctl", "-O", OF_VERSION, command, self.mgmt, *args).stdout
 
     def bundle(self) -> Bundle:
         """An atomic bundle of flow changes, open on a connection of its own."""
@@ -176,9 +174,6 @@ class Ovs:
         with Channel(self.mgmt.removeprefix("unix:")) as channel:
             channel.request_dump(requests)
             yield lambda: channel.read_dump(len(requests))
-
-    def dump_flows(self, match: str = "") -> str:
-        return self.ofctl("dump-flows", *([match] if match else []), options=("--no-names",))
 
     def limit_table(self, table: int, flows: int) -> None:
         """Refuse flows in ``table`` beyond ``flows`` (a full table fails a bundle)."""

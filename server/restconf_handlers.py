@@ -43,11 +43,9 @@ from .restconf_query import (
     prune_fields,
     tag_defaults,
 )
-from .schema import _PARSE_LOCK as _SCHEMA_LOCK
 from .session_codec import NC_NS, sessions_to_xml
 
 DATASTORES = ("running", "candidate", "startup", "operational")
-MONITORING = "ietf-restconf-monitoring"  # RFC 8040 §9: a RESTCONF server implements it
 SESSION = "nfmig-nat:nat-session"
 # The RPCs RESTCONF offers: the model's own and the NETCONF ones that make sense without a
 # session (no lock: a RESTCONF request is its own session; RFC 8040 §1.4).
@@ -77,7 +75,6 @@ class Resources:
         self.ops = ops
         self.ds: Datastores = ops.ds
         self.schema = ops.schema
-        implement(ops.schema, MONITORING)
         self.index = SchemaIndex(ops.schema)
         self.state_extra: list[TopNode] = []  # state only RESTCONF has (restconf-state)
         self.json = JsonWriter(self.index)
@@ -431,17 +428,6 @@ def uri_of(target: Target) -> str:
 
 def etag(text: str) -> str:
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:20] + '"'
-
-
-def implement(schema, module: str) -> None:
-    """Make ``module`` (from the server's yang directory) implemented in its context, once.
-    Loading compiles only that module: the compiled nodes data trees point to stay."""
-    loaded = schema.ctx.get_module(module) if module in {m.name() for m in schema.ctx} \
-        else None
-    if loaded is not None and loaded.implemented():
-        return
-    with _SCHEMA_LOCK:
-        schema.ctx.load_module(module)
 
 
 def check_datastore(name: str) -> str:

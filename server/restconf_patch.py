@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from urllib.parse import unquote
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
@@ -265,7 +266,7 @@ class _Builder:
             seen.add(edit_id)
             if inner is None:
                 pieces.append(opening % operation + "".join(
-                    f"<{k}>{_escape(v)}</{k}>" for k, v in zip(node.keys, uri_keys,
+                    f"<{k}>{escape(v)}</{k}>" for k, v in zip(node.keys, uri_keys,
                                                                strict=True)) + closing)
                 continue
             if keys != uri_keys:
@@ -325,11 +326,11 @@ class _Builder:
         target = self._check_edit(edit_id, operation, path, "value" in edit, seen)
         node = target.node
         if operation in ("delete", "remove"):
-            keys = "".join(f"<{k}>{_escape(v)}</{k}>"
+            keys = "".join(f"<{k}>{escape(v)}</{k}>"
                            for k, v in zip(node.keys, target.steps[-1].keys or (),
                                            strict=False))
             if node.kind == "leaf-list" and target.steps[-1].keys:
-                keys = _escape(target.steps[-1].keys[0])
+                keys = escape(target.steps[-1].keys[0])
             text = f'<{node.name} xmlns="{node.ns}">{keys}</{node.name}>'
         else:
             parent = target.steps[-2].node if len(target.steps) > 1 else None
@@ -445,10 +446,6 @@ def _text(element: etree._Element | None) -> str | None:
     return None if element is None else (element.text or "").strip()
 
 
-def _escape(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def _key_element(target: Target) -> etree._Element:
     node = target.node
     element = etree.Element(f"{{{node.ns}}}{node.name}")
@@ -474,13 +471,13 @@ def _status(patch_id: str, groups: dict[str | None, list[RpcError]], media: str)
         if edits:
             status["edit-status"] = {"edit": edits}
         return json.dumps({"ietf-yang-patch:yang-patch-status": status})
-    parts = [f'<yang-patch-status xmlns="{YANG_PATCH_NS}"><patch-id>{_escape(patch_id)}'
+    parts = [f'<yang-patch-status xmlns="{YANG_PATCH_NS}"><patch-id>{escape(patch_id)}'
              "</patch-id>"]
     if not groups:
         parts.append("<ok/>")
     if None in groups:
         parts.append(_errors_element(groups[None]))
-    edits = [f"<edit><edit-id>{_escape(k)}</edit-id>{_errors_element(v)}</edit>"
+    edits = [f"<edit><edit-id>{escape(k)}</edit-id>{_errors_element(v)}</edit>"
              for k, v in groups.items() if k is not None]
     if edits:
         parts.append(f"<edit-status>{''.join(edits)}</edit-status>")

@@ -103,7 +103,7 @@ def yanglint(data: dict, tmp_path: Path, kind: str = "data") -> subprocess.Compl
     path = tmp_path / f"reply-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(data))
     modules = [str(p) for p in sorted(YANG_DIR.glob("*.yang")) if p.name.split("@")[0] in
-               (*IMPLEMENTED, "ietf-yang-library", "ietf-restconf-monitoring")]
+               (*IMPLEMENTED, "ietf-yang-library")]
     return subprocess.run(["yanglint", "-p", str(YANG_DIR), "-f", "json", "-t", kind,
                            "-F", "ietf-netconf:writable-running,candidate,confirmed-commit,"
                            "rollback-on-error,validate,startup,xpath",
