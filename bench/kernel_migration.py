@@ -310,7 +310,7 @@ class Codec:
 
     def encode(self, entries: list[CtEntry]) -> str:
         """As get-data formats a dump: a list of sessions per kernel read (about 100)."""
-        batches = (list(self.backend._sessions_from(entries[i:i + ENCODE_BATCH]))
+        batches = (self.backend._session_list(entries[i:i + ENCODE_BATCH])
                    for i in range(0, len(entries), ENCODE_BATCH))
         return "".join(session_batches_to_xml(batches, NAT_NS))
 
@@ -539,7 +539,7 @@ def progress(n: int, r: dict[str, float]) -> str:
 PHASES: list[tuple[str, str | None, str]] = [
     ("nfmig, per phase", None, ""),
     ("dump (kernel read on A)", "dump", "in-process: Conntrack.dump on A, GC paused"),
-    ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._sessions_from + "
+    ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._session_list + "
      "session_batches_to_xml, GC paused"),
     ("validate (decode + checks)", "validate", "in-process: hollow_edit + "
      "SessionDecoder.decode_all, GC paused"),

@@ -85,7 +85,7 @@ from .ctattrs import (
     TCP_WSCALE_REPLY,
     CtEntry,
 )
-from .ctparse import parse_entry
+from .ctparse import parse_entry, parse_run
 
 
 class ConntrackError(Exception):
@@ -462,9 +462,17 @@ class Conntrack:
         request = _HDR.pack(20, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self.sock.send(request + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
         buf = self._buffer
+        runs = parse is parse_entry  # another parser is asked for every message
         while True:
             size = self.sock.recv_into(buf)
-            batch: list[CtEntry] = []
+            if runs and size >= _HDR.size:
+                length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(buf, 0)
+                batch = parse_run(buf, size, (length + 3) & ~3) \
+                    if kind == CT_NEW and msg_seq == seq else None
+                if batch is not None:
+                    yield batch
+                    continue
+            batch = []
             pos = 0
             while pos < size:
                 length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(buf, pos)

@@ -7,11 +7,17 @@ walk learnt becomes two precompiled structs: one reading every attribute header 
 recognise the layout, and one reading every wanted value at once. A message of a known layout
 then costs two unpack calls instead of a Python loop over some thirty attributes; one whose
 headers differ is walked again. Both paths build the entry in one place (``_finish``).
+
+A read of a dump is mostly messages of one length, one after the other: ``parse_run`` checks
+that all of them repeat the first one's headers (a compare per header, across every message at
+once) and reads every value of every message in one call, making the entries a column at a
+time (``_finish_all``).
 """
 
 from __future__ import annotations
 
 import struct
+from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -66,6 +72,8 @@ _TCP_FIELD = {TCP_STATE: "tcp_state", TCP_WSCALE_ORIG: "ws_orig",
 _COUNTER_FIELD = {CTA_COUNTERS_PACKETS: "packets", CTA_COUNTERS_BYTES: "bytes"}
 _COUNTERS = {CTA_COUNTERS_ORIG: "o_", CTA_COUNTERS_REPLY: "r_"}
 _MAX_LAYOUTS = 64  # a bound, so odd messages cannot grow the cache without end
+_HEAD = 20  # nlmsghdr (16) and nfgenmsg (4), before a message's attributes
+_MESSAGE_WORDS = (0, 1, 2, 3, 4)  # length, type and flags, sequence, port id, nfgenmsg
 
 
 class _Walk:
@@ -134,9 +142,12 @@ class _Layout(NamedTuple):
     expected: tuple         # what ``headers`` unpacks to for this layout
     values: struct.Struct   # network order, every wanted value in offset order
     order: itemgetter       # (values + DEFAULTS) -> FIELDS order
+    slots: tuple[int, ...]  # the same as ``order``'s indices, for columns
+    header_words: tuple[int, ...]  # where each attribute header is, in 4-byte words
+    run: struct.Struct      # ``values`` for a whole message, its headers included
 
 
-def _compile(w: _Walk) -> _Layout:
+def _compile(w: _Walk, size: int) -> _Layout:
     header_fmt, at = ["="], 0
     expected: list[int] = []
     for offset, length, kind in w.headers:
@@ -149,9 +160,14 @@ def _compile(w: _Walk) -> _Layout:
         value_fmt.append(f"{offset - at}x{fmt}")
         at = offset + struct.calcsize(">" + fmt)
     slot = {name: i for i, (name, _) in enumerate(picked)}
-    order = itemgetter(*(slot.get(name, len(picked) + _INDEX[name]) for name in FIELDS))
-    return _Layout(struct.Struct("".join(header_fmt)), tuple(expected),
-                   struct.Struct("".join(value_fmt)), order)
+    slots = tuple(slot.get(name, len(picked) + _INDEX[name]) for name in FIELDS)
+    values = struct.Struct("".join(value_fmt))
+    # Attributes start 4-aligned after the message's 20 header bytes (RFC 3549 s2.3.2).
+    words = tuple((_HEAD + offset) // 4 for offset, _length, _kind in w.headers)
+    stride = (_HEAD + size + 3) & ~3
+    run = struct.Struct(f">{_HEAD}x{values.format[1:]}{stride - _HEAD - values.size}x")
+    return _Layout(struct.Struct("".join(header_fmt)), tuple(expected), values,
+                   itemgetter(*slots), slots, words, run)
 
 
 _layouts: dict[int, list[_Layout]] = {}
@@ -165,8 +181,42 @@ def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
             return _finish(family, layout.order(layout.values.unpack_from(buf, pos) + DEFAULTS))
     w = walk(buf, pos, end)
     if len(_layouts) < _MAX_LAYOUTS:
-        _layouts.setdefault(size, []).append(_compile(w))
+        _layouts.setdefault(size, []).append(_compile(w, size))
     return _finish(family, _walked_values(w, buf, pos))
+
+
+
+def parse_run(buf: bytearray, size: int, stride: int) -> list[CtEntry] | None:
+    """The entries of the first ``size`` bytes of ``buf``: conntrack messages ``stride``
+    bytes apart, the first one's layout learnt as :func:`parse_entry` does. None unless
+    every message has the first one's header words (length, type, flags, sequence, family
+    and each attribute's length and type): then the caller reads them one by one."""
+    count, rest = divmod(size, stride)
+    first_length = int.from_bytes(buf[0:4], "little")
+    layout = _layout_of(buf, first_length - _HEAD)
+    if layout is None and size >= first_length:
+        parse_entry(buf, _HEAD, first_length, buf[16])  # learns its layout, or raises
+        layout = _layout_of(buf, first_length - _HEAD)
+    if rest or count < 2 or stride % 4 or layout is None or layout.run.size != stride:
+        return None
+    words = memoryview(buf)[:size].cast("I")
+    step = stride // 4
+    for word in (*_MESSAGE_WORDS, *layout.header_words):
+        if words[word::step].tobytes() != words[word:word + 1].tobytes() * count:
+            return None
+    rows = layout.run.iter_unpack(memoryview(buf)[:size])
+    columns = list(zip(*rows, strict=True))
+    width = len(columns)
+    fields = [columns[i] if i < width else [DEFAULTS[i - width]] * count
+              for i in layout.slots]
+    return _finish_all(buf[16], fields, count)
+
+
+def _layout_of(buf: bytearray, size: int) -> _Layout | None:
+    for layout in _layouts.get(size, ()):
+        if layout.headers.unpack_from(buf, _HEAD) == layout.expected:
+            return layout
+    return None
 
 
 def parse_entry_walked(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
@@ -197,3 +247,27 @@ def _finish(family: int, v: tuple) -> CtEntry:
     return new_entry((family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr,
                        dnat_port, state, ws_o, ws_r, timeout, o_packets, o_bytes, r_packets,
                        r_bytes))
+
+
+def _finish_all(family: int, columns: list, count: int) -> list[CtEntry]:
+    """``_finish`` of every row of ``columns`` (FIELDS order), a column at a time when the
+    rows share their protocol and NAT kind (a NAT's table is mostly that), else row by
+    row."""
+    (src, dst, proto, sport, dport, r_src, r_dst, _r_proto, r_sport, r_dport, status,
+     timeout, state, ws_o, ws_r, o_packets, o_bytes, r_packets, r_bytes) = columns
+    protocols = set(proto)
+    kinds = {s & (IPS_SRC_NAT | IPS_DST_NAT) for s in status}
+    if len(protocols) != 1 or len(kinds) != 1 or not all(src) or not all(r_src):
+        return [_finish(family, row) for row in zip(*columns, strict=False)]
+    kind = kinds.pop()
+    echo = protocols.pop() in ECHO_REPLY
+    nones = [None] * count
+    if echo:
+        dport = [0] * count
+    nat_addr, nat_port = (r_dst, r_sport if echo else r_dport) if kind & IPS_SRC_NAT \
+        else (nones, nones)
+    dnat_addr, dnat_port = (r_src, r_sport) if kind & IPS_DST_NAT else (nones, nones)
+    return list(map(new_entry, zip(repeat(family, count), proto, src, dst, sport, dport,
+                                   nat_addr, nat_port, dnat_addr, dnat_port, state, ws_o,
+                                   ws_r, timeout, o_packets, o_bytes, r_packets, r_bytes,
+                                   strict=False)))  # repeat() is endless: strict would fail

@@ -16,7 +16,7 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from itertools import chain, repeat
-from operator import itemgetter
+from operator import add, itemgetter
 
 from .base import (
     PROTOCOL_NAMES,
@@ -61,6 +61,7 @@ _entry_key = CtEntry.key.fget
 _counts_of = itemgetter(_COUNTS)
 _COLUMNS_FROM = 16  # sessions from which _entries tries a column at a time
 _FAMILY_OF_SIZE = {4: socket.AF_INET, 16: socket.AF_INET6}  # by packed address size
+_STATE_NAMES = dict(enumerate(TCP_STATES))  # kernel TCP state -> the model's name
 
 
 class LinuxBackend(Backend):
@@ -213,7 +214,7 @@ class LinuxBackend(Backend):
             for batch in ct.dump_batches():
                 if imported:
                     seen += map(_entry_key, batch)
-                yield list(self._sessions_from(batch))
+                yield self._session_list(batch)
             if imported:
                 self._forget_offsets(imported.difference(seen))
         finally:
@@ -349,6 +350,46 @@ class LinuxBackend(Backend):
     def _session(self, e: CtEntry) -> Session | None:
         """The model's view of one kernel entry; None for a protocol the model lacks."""
         return next(self._sessions_from((e,)), None)
+
+    def _session_list(self, entries: list[CtEntry]) -> list[Session]:
+        """``_sessions_from`` of a dump's read, a column at a time when its entries share
+        their protocol (a read of a NAT's table mostly does)."""
+        if len(entries) < _COLUMNS_FROM:
+            return list(self._sessions_from(entries))
+        (_family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
+         state, ws_orig, ws_reply, timeout, *counts) = columns = list(zip(*entries, strict=True))
+        protocols = set(proto)
+        protocol = PROTOCOL_NAMES.get(proto[0])
+        if len(protocols) != 1 or protocol is None:
+            return list(self._sessions_from(entries))
+        if proto[0] == TCP:
+            state = list(map(_STATE_NAMES.get, state))
+        else:
+            state = ws_orig = ws_reply = repeat(None)
+        if self._offsets:
+            counts = self._with_offsets(columns, counts)
+        text = self._addr_column
+        return list(map(new_session, zip(
+            repeat(protocol), text(src), sport, text(dst), dport, text(nat_addr), nat_port,
+            text(dnat_addr), dnat_port, state, ws_orig, ws_reply, timeout, *counts,
+            strict=False)))  # repeat() is endless: strict would fail
+
+    def _addr_column(self, packed: tuple) -> list[str | None]:
+        """Addresses as text, each distinct one converted once; None stays None."""
+        texts = {a: self._addr_text(a) if a else None for a in set(packed)}
+        return list(map(texts.__getitem__, packed))
+
+    def _with_offsets(self, columns: list, counts: list) -> list:
+        """The count columns with each session's imported counts added (keyed as
+        CtEntry.key: protocol, source, source port, destination, destination port)."""
+        offsets = self._offsets
+        _family, proto, src, dst, sport, dport = columns[:6]
+        extras = list(map(offsets.get, zip(proto, src, sport, dst, dport, strict=True)))
+        if extras.count(None) == len(extras):
+            return counts
+        rows = [row if extra is None else tuple(map(add, row, extra))
+                for row, extra in zip(zip(*counts, strict=True), extras, strict=True)]
+        return list(zip(*rows, strict=True))
 
     def _sessions_from(self, entries: Iterable[CtEntry]) -> Iterator[Session]:
         """The model's view of kernel entries (those of a protocol the model has), with the

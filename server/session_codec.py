@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
-from itertools import repeat
+from itertools import chain, repeat
 from operator import getitem, is_not, itemgetter
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -34,6 +34,7 @@ _BLOCK = 1 << 18  # characters of a bulk edit read at a time: about 500 entries
 _RAW_MINIMUM = 1 << 16  # bytes of a request from which the reader tries its text first
 _NONES = repeat(None)  # the column of a leaf an edit's entries leave out
 _NO_REMOVALS = MappingProxyType({})
+_ONE_TEMPLATE_FROM = 16  # sessions from which a batch tries one template for all
 
 
 def sessions_to_xml(sessions: Iterable[Session], namespace: str) -> Iterator[str]:
@@ -63,7 +64,22 @@ class _Formatter:
         return template[0] % template[1](s)
 
     def entries(self, batch: list[Session]) -> str:
+        if len(batch) >= _ONE_TEMPLATE_FROM:
+            text = self._entries_alike(batch)
+            if text is not None:
+                return text
         return "".join(map(self.entry, batch))
+
+    def _entries_alike(self, batch: list[Session]) -> str | None:
+        """A batch whose sessions all have the first one's leaves, in one % of its template
+        repeated; None when they differ."""
+        first = batch[0]
+        for value, column in zip(first, zip(*batch, strict=True), strict=True):
+            if (None in column) if value is not None else column.count(None) != len(column):
+                return None
+        template, pick = self.templates.get(tuple(map(is_not, first, _NONES))) or \
+            self._template(first)
+        return (template * len(batch)) % tuple(chain.from_iterable(map(pick, batch)))
 
     def _template(self, s: Session) -> tuple[str, Callable[[Session], tuple]]:
         present = tuple(map(is_not, s, _NONES))

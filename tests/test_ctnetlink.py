@@ -220,3 +220,96 @@ def test_sessions_of_several_kinds_become_their_entries_one_by_one():
     batch = SESSIONS * 4
     assert backend._entries_of_one_kind(batch) is None
     assert backend._entries(batch) == backend._entries_each(batch)
+
+
+class _Recorder:
+    """A dump's parser that keeps every message's bytes (padded as in a read) by key."""
+
+    def __init__(self):
+        self.messages: dict[tuple, bytes] = {}
+
+    def __call__(self, buf, pos, end, family):
+        entry = ctparse.parse_entry_walked(buf, pos, end, family)
+        message = bytes(buf[pos - 20:end])
+        self.messages[entry.key] = message + b"\0" * (-len(message) % 4)
+        return entry
+
+
+def _dumped_messages(conntrack, batch: list[CtEntry]) -> list[bytes]:
+    recorder = _Recorder()
+    conntrack.dump(parse=recorder)
+    return [recorder.messages[e.key] for e in batch]
+
+
+def _read_whole(messages: list[bytes]) -> list[CtEntry]:
+    return [ctparse.parse_entry_walked(m, 20, len(m), m[16]) for m in messages]
+
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_a_read_of_one_layout_is_read_by_columns_as_message_by_message(conntrack, kind):
+    batch = many(ENTRIES[kind], 40, 53000)
+    assert not any(conntrack.create(batch))
+    try:
+        messages = _dumped_messages(conntrack, batch)
+    finally:
+        assert not any(conntrack.delete(batch))
+    read = bytearray(b"".join(messages))
+    assert ctparse.parse_run(read, len(read), len(messages[0])) == _read_whole(messages)
+
+
+def test_a_read_of_one_layout_with_several_nat_kinds_is_read_as_message_by_message(conntrack):
+    snat = many(ENTRIES["udp ipv4 source nat"], 20, 54000)
+    plain = many(ENTRIES["udp ipv4 without nat"], 20, 54000)
+    assert not any(conntrack.create(snat + plain))
+    try:
+        messages = _dumped_messages(conntrack, [e for pair in zip(snat, plain, strict=True)
+                                                   for e in pair])
+    finally:
+        assert not any(conntrack.delete(snat + plain))
+    assert len(set(map(len, messages))) == 1  # one layout, told apart by status only
+    read = bytearray(b"".join(messages))
+    assert ctparse.parse_run(read, len(read), len(messages[0])) == _read_whole(messages)
+
+
+@pytest.mark.parametrize("where", ["flags", "attribute type", "length"])
+def test_a_read_whose_messages_do_not_all_repeat_the_first_is_not_read_by_columns(
+        conntrack, where):
+    batch = many(ENTRIES["tcp ipv4 source nat"], 10, 55000)
+    assert not any(conntrack.create(batch))
+    try:
+        messages = _dumped_messages(conntrack, batch)
+    finally:
+        assert not any(conntrack.delete(batch))
+    odd = bytearray(messages[5])
+    if where == "flags":
+        odd[6] ^= 0x01
+    elif where == "attribute type":  # the first top-level attribute named another one
+        odd[22] ^= 0x01
+    else:
+        odd += b"\0" * 4
+        odd[0:4] = struct.pack("=I", len(odd))
+    read = bytearray(b"".join([*messages[:5], odd, *messages[6:]]))
+    assert ctparse.parse_run(read, len(read), len(messages[0])) is None
+
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_a_read_of_one_protocol_becomes_the_sessions_it_becomes_entry_by_entry(kind):
+    backend = LinuxBackend("unused")  # conversions only: never started
+    batch = many(ENTRIES[kind], 20, 1000)
+    assert backend._session_list(batch) == list(backend._sessions_from(batch))
+
+
+def test_a_read_of_several_protocols_becomes_the_sessions_it_becomes_entry_by_entry():
+    backend = LinuxBackend("unused")
+    batch = list(ENTRIES.values()) * 3
+    assert backend._session_list(batch) == list(backend._sessions_from(batch))
+
+
+def test_imported_counts_are_added_to_the_sessions_of_a_read_by_columns():
+    backend = LinuxBackend("unused")
+    batch = [e._replace(orig_packets=1, orig_bytes=2, reply_packets=3, reply_bytes=4)
+             for e in many(ENTRIES["tcp ipv4 source nat"], 20, 1000)]
+    backend._offsets = {batch[3].key: (10, 20, 30, 40), batch[17].key: (1, 1, 1, 1)}
+    sessions = backend._session_list(batch)
+    assert sessions == list(backend._sessions_from(batch))
+    assert sessions[3][-4:] == (11, 22, 33, 44) and sessions[4][-4:] == (1, 2, 3, 4)

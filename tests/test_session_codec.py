@@ -17,6 +17,7 @@ from nfmig.server.session_codec import (
     SessionDecoder,
     SessionEdit,
     _content_in,
+    _Formatter,
     hollow_edit,
     session_batches_to_xml,
     sessions_to_xml,
@@ -338,3 +339,22 @@ def test_a_batch_is_written_as_its_entries_one_by_one():
         "".join(sessions_to_xml(batch[:3], NS)), "".join(sessions_to_xml(batch[3:], NS)), ""]
     assert "".join(session_batches_to_xml([batch], NS)) == one_by_one
     assert "<translated_address>" not in one_by_one.split("</nat-session>")[1]  # absent: out
+
+
+ALIKE = [Session("TCP", f"10.0.0.{i}", 1000 + i, "192.0.2.9", 443, "192.0.2.1", 2000 + i,
+                 tcp_state="established", timeout=300, orig_packets=i) for i in range(20)]
+
+
+def test_a_batch_of_alike_sessions_is_written_in_one_template_as_one_by_one():
+    formatter = _Formatter(NS)
+    assert formatter._entries_alike(ALIKE) is not None  # the one template did the work
+    assert formatter.entries(ALIKE) == "".join(sessions_to_xml(ALIKE, NS))
+
+
+@pytest.mark.parametrize("odd", [{"tcp_state": None}, {"reply_bytes": 7}],
+                         ids=["a leaf fewer", "a leaf more"])
+def test_a_batch_with_one_session_of_other_leaves_is_written_one_by_one(odd):
+    batch = [*ALIKE[:10], ALIKE[10]._replace(**odd), *ALIKE[11:]]
+    formatter = _Formatter(NS)
+    assert formatter._entries_alike(batch) is None
+    assert formatter.entries(batch) == "".join(sessions_to_xml(batch, NS))
