@@ -422,8 +422,13 @@ class EntryCount:
 class Conntrack:
     """The conntrack table of one network namespace."""
 
+    # The kernel answers within its send; one that does not (its namespace torn down
+    # beneath us) must fail the request, not hold its thread forever.
+    REPLY_TIMEOUT = 30.0
+
     def __init__(self, netns: str | None = None):
         self.sock = _netlink_socket(netns)
+        self.sock.settimeout(self.REPLY_TIMEOUT)
         for option, value in ((SO_RCVBUFFORCE, 8 << 20),
                               (SO_SNDBUFFORCE, 4 << 20)):
             try:
@@ -464,7 +469,7 @@ class Conntrack:
         buf = self._buffer
         runs = parse is parse_entry  # another parser is asked for every message
         while True:
-            size = self.sock.recv_into(buf)
+            size = self._recv_into(buf)
             if runs and size >= _HDR.size:
                 length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(buf, 0)
                 batch = parse_run(buf, size, (length + 3) & ~3) \
@@ -494,12 +499,19 @@ class Conntrack:
         buffer is reused by the next read: use a message before asking for the next one."""
         buf = self._buffer
         while True:
-            size = self.sock.recv_into(buf)
+            size = self._recv_into(buf)
             pos = 0
             while pos < size:
                 length, kind, _flags, seq, _pid = _HDR.unpack_from(buf, pos)
                 yield buf, pos, length, kind, seq
                 pos += (length + 3) & ~3
+
+    def _recv_into(self, buf: bytearray) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError:
+            raise ConntrackError(0, errno.ETIMEDOUT, f"no answer from the kernel within "
+                                 f"{self.sock.gettimeout()} s") from None
 
     def create(self, entries: list[CtEntry]) -> list[int | None]:
         """Insert new entries; per entry None when done, else the errno (all are tried)."""
@@ -517,10 +529,12 @@ class Conntrack:
         For a few entries this beats a dump, which walks every namespace's entries."""
         found: list[CtEntry | None] = [None] * len(entries)
         for start in range(0, len(entries), _BATCH):
-            first = self._send(entries[start:start + _BATCH], "get")
+            chunk = entries[start:start + _BATCH]
+            first = self._send(chunk, "get")
             for data, pos, length, kind, seq in self._replies():
-                if kind == CT_NEW:  # the entry (a missing one gets an error instead)
-                    found[start + ((seq - first) & 0xFFFFFFFF)] = parse_entry(
+                index = (seq - first) & 0xFFFFFFFF
+                if kind == CT_NEW and index < len(chunk):  # else an abandoned request's
+                    found[start + index] = parse_entry(
                         data, pos + 20, pos + length, data[pos + 16])
         return found
 
@@ -531,13 +545,15 @@ class Conntrack:
         results: list[int | None] = [None] * len(entries)
         self._messages = {}
         for start in range(0, len(entries), _BATCH):
-            first = self._send(entries[start:start + _BATCH], kind)
+            chunk = entries[start:start + _BATCH]
+            first = self._send(chunk, kind)
             for data, pos, length, kind_, seq in self._replies():
                 if kind_ != NLMSG_ERROR:
                     continue
                 code, text = _error(data, pos, length)
-                if code:
-                    index = start + ((seq - first) & 0xFFFFFFFF)
+                offset = (seq - first) & 0xFFFFFFFF
+                if code and offset < len(chunk):  # else an abandoned request's
+                    index = start + offset
                     results[index] = code
                     if text:
                         self._messages[index] = text

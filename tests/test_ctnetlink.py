@@ -18,7 +18,7 @@ if os.geteuid() != 0:
 
 from nfmig.nf_backends import ctparse  # noqa: E402
 from nfmig.nf_backends.base import Session  # noqa: E402
-from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, _Encoder  # noqa: E402
+from nfmig.nf_backends.ctnetlink import Conntrack, ConntrackError, CtEntry, _Encoder  # noqa: E402
 from nfmig.nf_backends.linux import LinuxBackend  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
@@ -313,3 +313,21 @@ def test_imported_counts_are_added_to_the_sessions_of_a_read_by_columns():
     sessions = backend._session_list(batch)
     assert sessions == list(backend._sessions_from(batch))
     assert sessions[3][-4:] == (11, 22, 33, 44) and sessions[4][-4:] == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("request_", ["create", "dump"])
+def test_a_kernel_that_does_not_answer_fails_the_request_instead_of_hanging(request_):
+    """As when the namespace is torn down beneath the server: a socket nobody answers."""
+    conntrack = Conntrack()
+    ours, unanswered = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    conntrack.sock.close()
+    conntrack.sock = ours
+    ours.settimeout(0.2)
+    try:
+        with pytest.raises(ConntrackError) as failed:
+            conntrack.create(_fresh(1)) if request_ == "create" else conntrack.dump()
+        assert failed.value.errno == errno.ETIMEDOUT
+        assert "no answer from the kernel within 0.2 s" in str(failed.value)
+    finally:
+        ours.close()
+        unanswered.close()
