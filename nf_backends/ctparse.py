@@ -185,7 +185,6 @@ def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
     return _finish(family, _walked_values(w, buf, pos))
 
 
-
 def parse_run(buf: bytearray, size: int, stride: int) -> list[CtEntry] | None:
     """The entries of the first ``size`` bytes of ``buf``: conntrack messages ``stride``
     bytes apart, the first one's layout learnt as :func:`parse_entry` does. None unless
