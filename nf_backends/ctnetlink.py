@@ -478,9 +478,7 @@ class Conntrack:
                     yield batch
                     continue
             batch = []
-            pos = 0
-            while pos < size:
-                length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(buf, pos)
+            for pos, length, kind, msg_seq in _messages(buf, size):
                 if msg_seq == seq:
                     if kind == CT_NEW:
                         batch.append(parse(buf, pos + 20, pos + length, buf[pos + 16]))
@@ -491,7 +489,6 @@ class Conntrack:
                         code, message = _error(buf, pos, length)
                         if code:
                             raise ConntrackError(0, code, message)
-                pos += (length + 3) & ~3
             yield batch
 
     def _receive(self) -> Iterator[tuple[bytearray, int, int, int, int]]:
@@ -500,11 +497,8 @@ class Conntrack:
         buf = self._buffer
         while True:
             size = self._recv_into(buf)
-            pos = 0
-            while pos < size:
-                length, kind, _flags, seq, _pid = _HDR.unpack_from(buf, pos)
+            for pos, length, kind, seq in _messages(buf, size):
                 yield buf, pos, length, kind, seq
-                pos += (length + 3) & ~3
 
     def _recv_into(self, buf: bytearray) -> int:
         try:
@@ -620,13 +614,19 @@ class ConntrackEvents:
                     raise
                 self.lost += 1
                 continue
-            pos = 0
-            while pos < size:
-                length, kind, _flags, _seq, _pid = _HDR.unpack_from(data, pos)
+            for pos, length, kind, _seq in _messages(data, size):
                 if kind in (CT_NEW, CT_DELETE):
                     events.append(("created" if kind == CT_NEW else "deleted",
                                    parse_entry(data, pos + 20, pos + length, data[pos + 16])))
-                pos += (length + 3) & ~3
+
+
+def _messages(buf: bytearray, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """Each message of a read of ``size`` bytes: (offset, length, type, sequence number)."""
+    pos = 0
+    while pos < size:
+        length, kind, _flags, seq, _pid = _HDR.unpack_from(buf, pos)
+        yield pos, length, kind, seq
+        pos += (length + 3) & ~3
 
 
 def _error(data: bytes, pos: int, length: int) -> tuple[int, str]:

@@ -14,9 +14,10 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, repeat
 from operator import add, itemgetter
+from typing import Any
 
 from .base import (
     PROTOCOL_NAMES,
@@ -376,8 +377,7 @@ class LinuxBackend(Backend):
 
     def _addr_column(self, packed: tuple) -> list[str | None]:
         """Addresses as text, each distinct one converted once; None stays None."""
-        texts = {a: self._addr_text(a) if a else None for a in set(packed)}
-        return list(map(texts.__getitem__, packed))
+        return _each_once(lambda a: self._addr_text(a) if a else None, packed)
 
     def _with_offsets(self, columns: list, counts: list) -> list:
         """The count columns with each session's imported counts added (keyed as
@@ -398,7 +398,7 @@ class LinuxBackend(Backend):
         texts, text = self._text, self._addr_text
         offsets = self._offsets
         names = PROTOCOL_NAMES
-        states, state_count = TCP_STATES, len(TCP_STATES)
+        state_name = _STATE_NAMES.get
         for (_family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
              state, ws_orig, ws_reply, timeout, o_packets, o_bytes, r_packets, r_bytes
              ) in entries:
@@ -406,7 +406,7 @@ class LinuxBackend(Backend):
             if protocol is None:
                 continue  # e.g. GRE or SCTP: not in the model
             if proto == TCP:
-                state = states[state] if state is not None and state < state_count else None
+                state = state_name(state)
             else:
                 state = ws_orig = ws_reply = None
             if offsets:
@@ -455,8 +455,7 @@ class LinuxBackend(Backend):
 
     def _packed_all(self, texts: tuple[str, ...]) -> list[bytes]:
         """Addresses in network order, each distinct one converted once."""
-        distinct = {text: self._addr_bytes(text) for text in set(texts)}
-        return list(map(distinct.__getitem__, texts))
+        return _each_once(self._addr_bytes, texts)
 
     def _entries_each(self, sessions: Iterable[Session]) -> list[CtEntry]:
         """_entries session by session. A loop, names bound once, tuples made in C."""
@@ -550,6 +549,13 @@ def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: 
         target = f"[{first}]" if len(externals) == 1 else f"[{first}]-[{last}]"
     return [" ".join([*with_ports, f"snat {family} to {target}:{ports}"]),
             " ".join([*match, f"snat {family} to {target}"])]
+
+
+def _each_once(convert: Callable[[Any], Any], values: tuple) -> list:
+    """``convert`` of every value, each distinct one converted once (a column of a bulk
+    write or read repeats a few addresses many times)."""
+    done = {value: convert(value) for value in set(values)}
+    return list(map(done.__getitem__, values))
 
 
 def _changed_keys(changes: SessionChanges) -> set[SessionKey]:
