@@ -52,7 +52,7 @@ ECHO_REPLY = {ICMP: (8, 0), ICMPV6: (128, 129)}  # protocol -> (request type, re
 
 _HDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
-_BATCH = 256  # messages per send; their acks fit easily in the receive buffer
+_BATCH = 2048  # messages per send (see Conntrack._send)
 
 
 class CtEntry(NamedTuple):

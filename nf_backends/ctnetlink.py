@@ -557,7 +557,9 @@ class Conntrack:
         """One send of ``chunk``'s messages; the sequence number of the first. Only the last
         message asks for an ack: the kernel handles a send's messages in order before the
         send returns and answers the others only when they fail, so that ack ends the
-        replies, and the kernel writes and we read two hundred times fewer of them."""
+        replies, and the kernel writes and we read thousands of times fewer of them. The
+        kernel's work is done without the interpreter lock, so a chunk is large (milliseconds
+        of it): a server's other thread gets that long to read the next request."""
         first = (self._seq + 1) & 0xFFFFFFFF
         messages, last = self._encoder.encode_all(chunk, first, kind)
         self._seq = (self._seq + len(chunk)) & 0xFFFFFFFF

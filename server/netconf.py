@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 import paramiko
@@ -36,7 +38,7 @@ from .framing import (
 )
 from .gc_pause import collector_paused
 from .operations import NC, Operations, Reply, SessionInfo
-from .session_codec import NeedsTree, hollow_edit
+from .session_codec import HollowEdit, NeedsTree, hollow_edit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,19 @@ FIRST_STREAM_BLOCK = 32 << 10
 # Largest SSH packet we accept: large packets let a client send a bulk edit in few pieces.
 MAX_PACKET = 256 << 10
 HELLO_TIMEOUT = 60
+
+
+class _Incoming(NamedTuple):
+    """A request as received: its text, and its hollowed edit when it is a bulk one."""
+
+    message: bytes
+    hollow: HollowEdit | None
+
+
+class _ReadFailed(NamedTuple):
+    """Receiving broke off (end of the channel, broken framing)."""
+
+    error: Exception
 
 
 class NetconfSession(nc_base.NetconfSession):
@@ -103,10 +118,15 @@ class NetconfSession(nc_base.NetconfSession):
         self.server.register(self)
         log.info("session %s opened for %s from %s (base %s)", self.session_id,
                  self.info.username, self.info.source_host, "1.1" if self.new_framing else "1.0")
+        # Two threads: one receives (and prepares) each request while the other handles
+        # the one before, in order.
+        self._inbox: queue.Queue[_Incoming | MessageTooBig | _ReadFailed] = queue.Queue(1)
         self.reader_thread = threading.Thread(target=self._read_message_thread,
                                               name=f"netconf-{self.session_id}", daemon=True)
         self.reader_thread.keep_running = True
         self.reader_thread.start()
+        threading.Thread(target=self._receive_ahead, name=f"netconf-{self.session_id}-in",
+                         daemon=True).start()
 
     def _read_client_hello(self) -> set[str]:
         raw = self.reader.read_eom().strip()  # some clients send a newline before <?xml
@@ -118,12 +138,52 @@ class NetconfSession(nc_base.NetconfSession):
         return {(c.text or "").strip() for c in root.iter(f"{{{NC}}}capability")}
 
     # -- messages ----------------------------------------------------------------------
-    def _receive_message(self):
+    def _receive_ahead(self) -> None:
+        """The receiving thread: reads each request while the one before is handled, and
+        meanwhile does what a bulk edit needs no datastore for (Operations.prepare). Handling
+        an edit spends much of its time in the kernel with the interpreter free: reading the
+        next one fills that time."""
+        while True:
+            try:
+                item = self._read_one()
+            except Exception as exc:  # the handling thread raises it in its turn
+                self._hand_over(_ReadFailed(exc))
+                return
+            if not self._hand_over(item):
+                return
+
+    def _read_one(self) -> _Incoming | MessageTooBig:
         try:
             message = self.reader.read_chunked() if self.new_framing else self.reader.read_eom()
-            return message or b" "  # an empty message is malformed, not end of session
         except MessageTooBig as exc:
             return exc
+        message = message or b" "  # an empty message is malformed, not end of session
+        hollow = hollow_edit(message, _parse)
+        if hollow is not None:
+            try:
+                with collector_paused():
+                    self.ops.prepare(hollow)
+            except Exception:  # handling reads the edit again, and answers what is wrong
+                log.debug("session %s: preparing an edit failed", self.session_id,
+                          exc_info=True)
+        return _Incoming(message, hollow)
+
+    def _hand_over(self, item: _Incoming | MessageTooBig | _ReadFailed) -> bool:
+        """Queue ``item`` for the handling thread; False once that thread has ended."""
+        while self.session_open and self.reader_thread.is_alive():
+            try:
+                self._inbox.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _receive_message(self) -> _Incoming | MessageTooBig:
+        item = self._inbox.get()
+        if not isinstance(item, _ReadFailed):
+            return item
+        try:
+            raise item.error
         except FramingError as exc:
             self._send_error(RpcError("malformed-message", f"broken chunked framing: {exc}",
                                       type="rpc"), None)
@@ -131,17 +191,18 @@ class NetconfSession(nc_base.NetconfSession):
         except (ChannelEOF, OSError, EOFError):
             raise ChannelClosed(self) from None
 
-    def _reader_handle_message(self, message) -> None:
-        if isinstance(message, MessageTooBig):
-            match = _MESSAGE_ID.search(message.head)
+    def _reader_handle_message(self, incoming: _Incoming | MessageTooBig) -> None:
+        if isinstance(incoming, MessageTooBig):
+            match = _MESSAGE_ID.search(incoming.head)
             attrs = {"message-id": match.group(1).decode(errors="replace")} if match else {}
             log.warning("session %s: message of %d bytes exceeds the limit of %d bytes",
-                        self.session_id, message.size, self.server.max_message)
+                        self.session_id, incoming.size, self.server.max_message)
             self._send_error(RpcError(
-                "too-big", f"the request is {message.size} bytes; this server accepts at most "
-                f"{self.server.max_message} bytes (--max-message-size)", type="rpc"), attrs)
+                "too-big", f"the request is {incoming.size} bytes; this server accepts at "
+                f"most {self.server.max_message} bytes (--max-message-size)", type="rpc"),
+                attrs)
             return
-        hollow = hollow_edit(message, _parse)
+        message, hollow = incoming
         try:
             root = hollow.root if hollow is not None else _parse(message.strip())
         except etree.XMLSyntaxError as exc:

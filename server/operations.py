@@ -118,6 +118,11 @@ class Operations:
                 "supported by this server")
         return handler(session, operation)
 
+    def prepare(self, request: HollowEdit) -> None:
+        """The part of handling a bulk edit that needs no datastore (reading its entries),
+        done ahead while the session's previous request is still being handled."""
+        self.ds.decoder.prepare(request)
+
     # -- reads -------------------------------------------------------------------------
     def get(self, session: SessionInfo, op: etree._Element) -> Reply:
         _only(op, "filter")

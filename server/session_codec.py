@@ -34,6 +34,7 @@ _BLOCK = 1 << 18  # characters of a bulk edit read at a time: about 500 entries
 _RAW_MINIMUM = 1 << 16  # bytes of a request from which the reader tries its text first
 _NONES = repeat(None)  # the column of a leaf an edit's entries leave out
 _NO_REMOVALS = MappingProxyType({})
+_UNPREPARED = object()  # no entries read ahead for an edit (SessionDecoder.prepare)
 _ONE_TEMPLATE_FROM = 16  # sessions from which a batch tries one template for all
 
 
@@ -205,7 +206,9 @@ class SessionDecoder:
         if isinstance(source, HollowEdit):
             if config is not source.config:
                 raise NeedsTree()
-            edits = self._decode_text(source.text, heads)
+            edits = source.prepared.pop(inherited, _UNPREPARED)
+            if edits is _UNPREPARED:
+                edits = self._decode_text(source.text, heads)
             if edits is None:
                 raise NeedsTree()
             return edits
@@ -223,6 +226,17 @@ class SessionDecoder:
         if text[start - 2] == "/":
             return []  # <config/>
         return self._decode_text(text[start:text.rindex("</")], heads)
+
+    def prepare(self, edit: HollowEdit) -> None:
+        """Read a hollowed edit's entries ahead of its handling, for decode_all to take:
+        they depend on nothing but the text and the operation they inherit, so a server can
+        read one edit while the one before it is written (much of that time is the kernel's,
+        with the interpreter free)."""
+        if edit.default_operation == "replace":
+            return  # read as a tree (see Datastores.edit)
+        inherited = edit.config.get(OPERATION_ATTR, edit.default_operation)
+        edit.prepared[inherited] = self._decode_text(
+            edit.text, self._entry_heads(edit.config, inherited))
 
     def _decode_text(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
         uniform = self._decode_uniform(body, heads)
@@ -416,6 +430,9 @@ class HollowEdit(NamedTuple):
     config: etree._Element
     text: str
     message: bytes
+    default_operation: str  # as the edit states it ("merge" when it does not)
+    # inherited operation -> the entries SessionDecoder.prepare read (None: not plain)
+    prepared: dict[str, list[SessionEdit] | None]
 
 
 _HOLLOW_MINIMUM = 1 << 16  # bytes of a request from which hollowing it pays: a tree of
@@ -459,7 +476,9 @@ def hollow_edit(message: bytes, parse: Callable[[bytes], etree._Element]
     config = configs[0]
     if (config.prefix or "") != opening.group(1)[:-1].decode():
         return None
-    return HollowEdit(root, config, text, message)
+    default = operations[0].find(f"{{{ns}}}default-operation")
+    return HollowEdit(root, config, text, message,
+                      "merge" if default is None else (default.text or "").strip(), {})
 
 
 def check_operation(value: str, where: str) -> str:

@@ -94,3 +94,25 @@ def test_a_large_merge_over_existing_sessions_keeps_what_it_does_not_state(clien
     body, _ = client.get_sessions("running")
     assert body.count("<orig_packets>7</orig_packets>") == 3
     assert ports(client) == set(range(1024, 1024 + COUNT))
+
+
+def test_edits_sent_back_to_back_are_handled_in_order_each_after_the_one_before(client):
+    """The server reads a request while it handles the one before: the second edit, read
+    before the first was applied, still finds the first's sessions there."""
+    creates = entries().replace("<nat-session>", '<nat-session nc:operation="create">')
+    operation = ("<edit-config><target><running/></target><default-operation>none"
+                 f'</default-operation><nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">'
+                 f"{creates}</nc:config></edit-config>")
+    m = client.m
+    sent = []
+    for _ in range(2):
+        rpc = TextRpc(m._session, m._device_handler, async_mode=True, timeout=60,
+                      huge_tree=True)
+        rpc.request(operation)
+        sent.append(rpc)
+    for rpc in sent:
+        assert rpc.event.wait(60)
+        rpc.reply.parse()
+    assert sent[0].reply.ok
+    assert sent[1].reply.error is not None and sent[1].reply.error.tag == "data-exists"
+    assert ports(client) == set(range(1024, 1024 + COUNT))

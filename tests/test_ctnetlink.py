@@ -18,6 +18,7 @@ if os.geteuid() != 0:
 
 from nfmig.nf_backends import ctparse  # noqa: E402
 from nfmig.nf_backends.base import Session  # noqa: E402
+from nfmig.nf_backends.ctattrs import _BATCH  # noqa: E402
 from nfmig.nf_backends.ctnetlink import Conntrack, ConntrackError, CtEntry, _Encoder  # noqa: E402
 from nfmig.nf_backends.linux import LinuxBackend  # noqa: E402
 
@@ -117,16 +118,29 @@ def test_batch_reports_each_refused_entry_at_its_own_index(conntrack):
     """Only a batch's last message asks for an ack; a refusal anywhere (here within the
     first send, within a later one and at the very end) is still put at its entry."""
     existing = ENTRIES["udp ipv4 source nat"]
-    batch = _fresh(600)
-    for index in (0, 300, 599):
+    batch = _fresh(_BATCH + 300)
+    refused = {0, _BATCH + 100, _BATCH + 299}
+    for index in refused:
         batch[index] = existing
     try:
         results = conntrack.create(batch)
-        assert {i for i, code in enumerate(results) if code} == {0, 300, 599}
-        assert {results[i] for i in (0, 300, 599)} == {errno.EEXIST}
-        assert conntrack.last_messages().keys() <= {0, 300, 599}
+        assert {i for i, code in enumerate(results) if code} == refused
+        assert {results[i] for i in refused} == {errno.EEXIST}
+        assert conntrack.last_messages().keys() <= refused
     finally:
         conntrack.delete([e for e in batch if e is not existing])
+
+
+def test_a_send_whose_every_message_is_refused_reports_every_one(conntrack):
+    """A whole send's refusals fit in the receive buffer: none is lost, and the ack that
+    ends the send is still read."""
+    batch = _fresh(_BATCH + 10, 30000)
+    try:
+        assert conntrack.create(batch) == [None] * len(batch)
+        assert conntrack.create(batch) == [errno.EEXIST] * len(batch)
+    finally:
+        conntrack.delete(batch)
+    assert conntrack.get(batch[:3]) == [None] * 3
 
 
 def test_batch_after_a_refusal_reads_only_its_own_replies(conntrack):

@@ -327,6 +327,41 @@ def test_a_large_edit_the_text_reader_declines_needs_the_tree(decoder, odd, new)
         decoder.decode_all(hollow.config, "merge", hollow)
 
 
+def test_a_large_edit_read_ahead_is_what_reading_it_at_handling_gives(decoder):
+    request = edit_request(plain_entries(BIG))
+    ahead = hollow_edit(request, _parse)
+    decoder.prepare(ahead)
+    assert list(ahead.prepared) == ["merge"]
+    assert _as_tuples(decoder.decode_all(ahead.config, "merge", ahead)) == \
+        _as_tuples(hollow_read(decoder, request))
+    assert not ahead.prepared  # taken, not kept for a second read
+
+
+def test_a_large_edit_read_ahead_for_another_operation_is_read_again(decoder):
+    ahead = hollow_edit(edit_request(plain_entries(BIG)), _parse)
+    decoder.prepare(ahead)  # as merge, the default
+    edits = decoder.decode_all(ahead.config, "create", ahead)
+    assert {e.operation for e in edits} == {"create"}
+
+
+def test_a_large_edit_read_ahead_takes_its_default_operation_from_the_request(decoder):
+    request = edit_request(plain_entries(BIG), "<default-operation>none</default-operation>")
+    ahead = hollow_edit(request, _parse)
+    assert ahead.default_operation == "none"
+    decoder.prepare(ahead)
+    assert list(ahead.prepared) == ["none"]
+
+
+def test_a_large_edit_read_ahead_that_is_not_plain_still_needs_the_tree(decoder):
+    entries = plain_entries(BIG)
+    at = entries.index("<src_port>", len(entries) // 2)
+    ahead = hollow_edit(edit_request(entries[:at] + '<src_port a="1">' +
+                                     entries[at + len("<src_port>"):]), _parse)
+    decoder.prepare(ahead)
+    with pytest.raises(NeedsTree):
+        decoder.decode_all(ahead.config, "merge", ahead)
+
+
 def test_a_batch_is_written_as_its_entries_one_by_one():
     batch = [Session("TCP", "10.0.0.1", 1000, "192.0.2.9", 443, "192.0.2.1", 2000,
                      tcp_state="established", timeout=300, orig_packets=3),
