@@ -282,12 +282,12 @@ class SessionDecoder:
         texts, an end tag) is one slice. It goes a block of entries at a time: one split of
         a 100k-entry edit makes millions of strings at once, and then costs three times as
         much per entry as a block that stays in the processor's cache."""
-        # Counting first costs no allocation: entries of other layouts are the rule for a
-        # mixed table (TCP and UDP), and then the splits below would be wasted.
+        # A mixed table (TCP and UDP) has entries of other layouts early on: the first
+        # block finds them, before much is read. NUL and "&" (no XML text holds the first,
+        # the second starts an entity) are looked for once here, not in every column.
         first_end = body.find(_END) + len(_END)
         stride = body.count("<", 0, first_end)
-        if first_end < len(_END) or stride % 2 or "\0" in body or \
-                body.count("<") != stride * body.count(_END):
+        if first_end < len(_END) or stride % 2 or "\0" in body or "&" in body:
             return None
         # Every end tag of the first entry: its leaves', then its own.
         closers = [*body[:first_end].split("<")[3::2], _END[1:]]
@@ -326,14 +326,14 @@ class SessionDecoder:
         columns = []
         for i, opener in enumerate(shape.openers):
             # A column's pieces ("name>text") joined by NUL, which no XML text holds (the
-            # caller refused any): each piece begins with its opener, and has no ">" but
-            # the opener's, exactly when the column starts with it, holds it after every
-            # NUL, and holds one ">" per piece. Then the texts are one split away.
+            # caller refused any): each piece begins with its opener exactly when the column
+            # starts with it and a split at NUL and opener makes one text per piece. Another
+            # start tag, or one with attributes, does not begin with it.
             joined = "\0".join(parts[2 * i + 1::stride])
-            if not joined.startswith(opener) or joined.count(">") != count or \
-                    joined.count("\0" + opener) != count - 1 or "&" in joined:
-                return None  # another start tag, attributes on a leaf, or an entity
-            columns.append(joined[len(opener):].split("\0" + opener))
+            texts = joined[len(opener):].split("\0" + opener)
+            if not joined.startswith(opener) or len(texts) != count:
+                return None
+            columns.append(texts)
         converted = self._convert(shape, columns)
         return None if converted is None else self._edits(shape, operations, converted)
 
