@@ -8,7 +8,7 @@ import random
 import pytest
 from ncclient.transport.errors import NetconfFramingError
 from nfmig.client.local import start_local_server
-from nfmig.client.netconf import NatClient
+from nfmig.client.netconf import _SEND_BLOCK, NatClient, _framed_blocks
 from nfmig.client.relay import MoveError, _Relay, move_sessions
 from nfmig.client.streaming import ChunkReader
 from nfmig.nf_backends.base import Session
@@ -194,3 +194,13 @@ def test_a_bad_chunk_header_is_a_framing_error():
     reader = ChunkReader(Dispatched())
     with pytest.raises(NetconfFramingError):
         reader.parse(b"\n#12x\n<rpc-reply/>\n##\n")
+
+
+@pytest.mark.parametrize("size", [0, 1, _SEND_BLOCK, _SEND_BLOCK + 1, 3 * _SEND_BLOCK])
+def test_a_request_is_written_framed_in_blocks_of_the_send_size(size):
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    head, tail = b"\n#%d\n" % size, b"\n##\n"
+    blocks = list(_framed_blocks(data, head, tail))
+    assert b"".join(blocks) == head + data + tail
+    assert len(blocks) == max(1, -(-size // _SEND_BLOCK))
+    assert all(len(block) <= _SEND_BLOCK + len(head) + len(tail) for block in blocks)
