@@ -17,7 +17,8 @@ from ncclient.transport.errors import TransportError
 from . import streaming
 
 # ncclient's session thread checks its send queue only between 100 ms waits for input, which
-# puts up to 100 ms in front of every request; a short wait sends it at once.
+# puts up to 100 ms in front of every request; a short wait sends it at once. (For sessions
+# opened with ncclient's own connect; ours write their requests themselves: send_at_once.)
 nc_session.TICK = 0.002
 # ...and reads 4 KB per wake-up, re-scanning its partial chunk each time; 256 KB reads take a
 # fifth off the client's CPU time for a 10k-session reply.
