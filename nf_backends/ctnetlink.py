@@ -2,7 +2,7 @@
 
 Only what a NAT session needs is encoded. Every message of one shape (family, protocol, NAT
 kind) is laid out once: a send's entries of one shape are then written a field at a time
-into copies of that layout, others one struct pack each. A send carries 256 messages and
+into copies of that layout, others one struct pack each. A send carries 2048 messages and
 only its last asks for an ack, so the kernel answers a batch with one reply (plus one per
 refused entry).
 """

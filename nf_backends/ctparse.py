@@ -176,9 +176,9 @@ _layouts: dict[int, list[_Layout]] = {}
 def parse_entry(buf: bytes, pos: int, end: int, family: int) -> CtEntry:
     """One conntrack message's attributes (``pos`` just after the nfgenmsg header)."""
     size = end - pos
-    for layout in _layouts.get(size, ()):
-        if layout.headers.unpack_from(buf, pos) == layout.expected:
-            return _finish(family, layout.order(layout.values.unpack_from(buf, pos) + DEFAULTS))
+    layout = _layout_of(buf, size, pos)
+    if layout is not None:
+        return _finish(family, layout.order(layout.values.unpack_from(buf, pos) + DEFAULTS))
     w = walk(buf, pos, end)
     if len(_layouts) < _MAX_LAYOUTS:
         _layouts.setdefault(size, []).append(_compile(w, size))
@@ -192,10 +192,10 @@ def parse_run(buf: bytearray, size: int, stride: int) -> list[CtEntry] | None:
     and each attribute's length and type): then the caller reads them one by one."""
     count, rest = divmod(size, stride)
     first_length = int.from_bytes(buf[0:4], "little")
-    layout = _layout_of(buf, first_length - _HEAD)
+    layout = _layout_of(buf, first_length - _HEAD, _HEAD)
     if layout is None and size >= first_length:
         parse_entry(buf, _HEAD, first_length, buf[16])  # learns its layout, or raises
-        layout = _layout_of(buf, first_length - _HEAD)
+        layout = _layout_of(buf, first_length - _HEAD, _HEAD)
     if rest or count < 2 or stride % 4 or layout is None or layout.run.size != stride:
         return None
     words = memoryview(buf)[:size].cast("I")
@@ -211,9 +211,11 @@ def parse_run(buf: bytearray, size: int, stride: int) -> list[CtEntry] | None:
     return _finish_all(buf[16], fields, count)
 
 
-def _layout_of(buf: bytearray, size: int) -> _Layout | None:
+def _layout_of(buf: bytes, size: int, pos: int) -> _Layout | None:
+    """The learnt layout of the message whose ``size`` bytes of attributes start at
+    ``pos``, if any."""
     for layout in _layouts.get(size, ()):
-        if layout.headers.unpack_from(buf, _HEAD) == layout.expected:
+        if layout.headers.unpack_from(buf, pos) == layout.expected:
             return layout
     return None
 

@@ -33,6 +33,7 @@ from nfmig.nf_backends.base import (
     SessionChanges,
     Timeouts,
     Transaction,
+    session_key,
 )
 
 from . import errors
@@ -182,7 +183,7 @@ class Datastores:
             yield from self.backend.session_batches()
             return
         for batch in self.backend.session_batches():
-            yield [s for s in batch if s[:5] not in overlay]  # s.key, without the call
+            yield [s for s in batch if session_key(s) not in overlay]
         yield [s for s in overlay.values() if s is not None]
 
     def state_nodes(self) -> list[TopNode]:

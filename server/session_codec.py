@@ -202,16 +202,16 @@ class SessionDecoder:
         returns None; for a :class:`HollowEdit`, which has no tree to fall back on, it raises
         NeedsTree instead.
         """
-        heads = self._entry_heads(config, inherited)
         if isinstance(source, HollowEdit):
             if config is not source.config:
                 raise NeedsTree()
             edits = source.prepared.pop(inherited, _UNPREPARED)
             if edits is _UNPREPARED:
-                edits = self._decode_text(source.text, heads)
+                edits = self._decode_hollow(source, inherited)
             if edits is None:
                 raise NeedsTree()
             return edits
+        heads = self._entry_heads(config, inherited)
         body = _content_in(source, config) if source is not None else None
         if body is not None:
             edits = self._decode_text(body, heads)
@@ -235,8 +235,10 @@ class SessionDecoder:
         if edit.default_operation == "replace":
             return  # read as a tree (see Datastores.edit)
         inherited = edit.config.get(OPERATION_ATTR, edit.default_operation)
-        edit.prepared[inherited] = self._decode_text(
-            edit.text, self._entry_heads(edit.config, inherited))
+        edit.prepared[inherited] = self._decode_hollow(edit, inherited)
+
+    def _decode_hollow(self, edit: HollowEdit, inherited: str) -> list[SessionEdit] | None:
+        return self._decode_text(edit.text, self._entry_heads(edit.config, inherited))
 
     def _decode_text(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
         uniform = self._decode_uniform(body, heads)
