@@ -9,6 +9,8 @@ libyang itself for every value its fast paths do not settle.
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -218,6 +220,19 @@ _INT_BOUNDS = {
     libyang.Type.UINT8: (0, 2**8 - 1), libyang.Type.UINT16: (0, 2**16 - 1),
     libyang.Type.UINT32: (0, 2**32 - 1), libyang.Type.UINT64: (0, 2**64 - 1),
 }
+_DIGITS_AND_COMMAS = re.compile("[0-9,]*")
+
+
+def _unsigned_list(csv: str) -> list[int] | None:
+    """The integers of comma-separated ASCII digits, or None when it is anything else. JSON
+    refuses what a plain decimal would not be (an empty value, leading zeros), and the
+    pattern keeps out all else JSON would accept (signs, fractions, exponents, literals)."""
+    if not _DIGITS_AND_COMMAS.fullmatch(csv):
+        return None
+    try:
+        return json.loads(f"[{csv}]")
+    except ValueError:
+        return None
 
 
 class LeafCheck:
@@ -255,6 +270,16 @@ class LeafCheck:
         convert = self.convert
         distinct = {text: convert(text) for text in set(texts)}
         return list(map(distinct.__getitem__, texts))
+
+    def convert_separated(self, text: str, separator: str) -> list[Any]:
+        """:meth:`convert_many` of the texts that ``text`` holds with ``separator`` between
+        them (which none of them contains). An unsigned integer column made of plain digits
+        is read as one JSON array: its integers are made without a string for each."""
+        if self.convert == self._unsigned and "," not in text:
+            values = _unsigned_list(text.replace(separator, ","))
+            if values and max(values) <= self._bounds[1]:
+                return values
+        return self.convert_many(text.split(separator))
 
     def _unsigned(self, text: str) -> int:
         if text.isascii() and text.isdigit():

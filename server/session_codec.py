@@ -325,19 +325,24 @@ class SessionDecoder:
         operations = self._operations(parts[0::stride], heads)
         if operations is None:
             return None
-        columns = []
-        for i, opener in enumerate(shape.openers):
+        leaves = self.checker.leaves
+        converted = []
+        for i, (name, opener) in enumerate(zip(shape.names, shape.openers, strict=True)):
             # A column's pieces ("name>text") joined by NUL, which no XML text holds (the
             # caller refused any): each piece begins with its opener exactly when the column
-            # starts with it and a split at NUL and opener makes one text per piece. Another
-            # start tag, or one with attributes, does not begin with it.
+            # starts with it and NUL and opener separate one text per piece. Another start
+            # tag, or one with attributes, does not begin with it.
             joined = "\0".join(parts[2 * i + 1::stride])
-            texts = joined[len(opener):].split("\0" + opener)
-            if not joined.startswith(opener) or len(texts) != count:
+            if not joined.startswith(opener):
                 return None
-            columns.append(texts)
-        converted = self._convert(shape, columns)
-        return None if converted is None else self._edits(shape, operations, converted)
+            try:
+                values = leaves[name].convert_separated(joined[len(opener):], "\0" + opener)
+            except ValueError:
+                return None
+            if len(values) != count:
+                return None
+            converted.append(values)
+        return self._edits(shape, operations, converted)
 
     def _convert(self, shape: _Shape, columns: list) -> list[list] | None:
         leaves = self.checker.leaves

@@ -167,12 +167,44 @@ def test_an_odd_leaf_in_a_later_block_goes_to_the_entry_reader(decoder):
     ("<src_port>1025</src_port>", "<src_port>70000</src_port>"),           # out of range
     ("<src_port>1025</src_port>", f'<src_port xmlns="{NS}">1025</src_port>'),  # declaration
     ("<src_port>1025</src_port>", "<src_port>1&amp;2</src_port>"),            # an entity
+    ("<orig_bytes>7</orig_bytes>", "<orig_bytes>1,2</orig_bytes>"),           # not one number
 ])
 def test_uniform_edit_reading_leaves_an_odd_leaf_to_the_entry_reader(decoder, plain, odd):
     entries = list(sessions_to_xml(uniform_sessions(3), NS))
     assert plain in entries[1]
     entries[1] = entries[1].replace(plain, odd)
     assert decoder.decode_all(config_of(*entries), "merge") is None
+
+
+@pytest.mark.parametrize("written", ["0080", "0", "18446744073709551615"])
+def test_uniform_edit_reading_reads_any_plain_decimal_as_the_entry_reader(decoder, written):
+    entries = list(sessions_to_xml(uniform_sessions(3), NS))
+    entries[1] = entries[1].replace("<orig_bytes>7</orig_bytes>",
+                                    f"<orig_bytes>{written}</orig_bytes>")
+    fast, slow = both_readings(decoder, config_of(*entries))
+    assert fast == slow and fast[1][2].orig_bytes == int(written)
+
+
+@pytest.mark.parametrize("odd", ["0080", "", "8e1", "+80", "-1", " 80", "1,2", "\u0663",
+                                 "18446744073709551616", "1" * 5000, "null", "[1]"])
+def test_a_column_of_integers_converts_as_each_of_its_texts(decoder, odd):
+    leaf = decoder.checker.leaves["orig_bytes"]
+    texts = ["10", odd, "30"]
+    assert _outcome(leaf.convert_separated, "\0x>".join(texts), "\0x>") == \
+        _outcome(leaf.convert_many, texts)
+
+
+def test_a_column_of_plain_integers_converts_to_them(decoder):
+    leaf = decoder.checker.leaves["src_port"]
+    assert leaf.convert_separated("\0s>".join(map(str, range(1000))), "\0s>") == \
+        list(range(1000))
+
+
+def _outcome(convert, *args) -> object:
+    try:
+        return convert(*args)
+    except ValueError:
+        return ValueError
 
 
 def test_whole_edit_reading_keeps_operations_and_pretty_printing(decoder):
