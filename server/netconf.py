@@ -147,10 +147,20 @@ class NetconfSession(nc_base.NetconfSession):
             try:
                 item = self._read_one()
             except Exception as exc:  # the handling thread raises it in its turn
-                self._hand_over(_ReadFailed(exc))
-                return
+                item = _ReadFailed(exc)
             if not self._hand_over(item):
+                self._wake_handler()
                 return
+            if isinstance(item, _ReadFailed):
+                return
+
+    def _wake_handler(self) -> None:
+        """The session is closing (killed, say) while the handling thread may wait for a
+        request: it must learn there will be none, or wait forever."""
+        try:
+            self._inbox.put_nowait(_ReadFailed(EOFError("the session is closing")))
+        except queue.Full:
+            pass
 
     def _read_one(self) -> _Incoming | MessageTooBig:
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,23 @@ def test_edit_on_datastore_locked_by_another_session_is_in_use(server, nc):
         other.close_session()
     assert sessions_of(nc, "10.8.4.1") == []
     nc.edit_config(target="running", config=config(session_xml(src="10.8.4.1")))  # released
+
+
+def server_threads(server) -> int:
+    return len(os.listdir(f"/proc/{server.process.pid}/task"))
+
+
+def test_a_session_killed_while_idle_leaves_no_thread_behind(server, nc):
+    nc.get_schema("nfmig-nat")  # answered: this session's threads all run
+    before = server_threads(server)
+    idle = server.connect()
+    idle.get_schema("nfmig-nat")
+    assert server_threads(server) > before
+    nc.kill_session(idle.session_id)
+    deadline = time.monotonic() + 10
+    while server_threads(server) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_threads(server) == before
 
 
 def test_unknown_rpc_is_operation_not_supported(nc):
