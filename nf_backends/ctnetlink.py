@@ -522,14 +522,9 @@ class Conntrack:
         """Each entry as the kernel holds it now (found by its original tuple), or None.
         For a few entries this beats a dump, which walks every namespace's entries."""
         found: list[CtEntry | None] = [None] * len(entries)
-        for start in range(0, len(entries), _BATCH):
-            chunk = entries[start:start + _BATCH]
-            first = self._send(chunk, "get")
-            for data, pos, length, kind, seq in self._replies():
-                index = (seq - first) & 0xFFFFFFFF
-                if kind == CT_NEW and index < len(chunk):  # else an abandoned request's
-                    found[start + index] = parse_entry(
-                        data, pos + 20, pos + length, data[pos + 16])
+        for index, data, pos, length, kind in self._exchange(entries, "get"):
+            if kind == CT_NEW:
+                found[index] = parse_entry(data, pos + 20, pos + length, data[pos + 16])
         return found
 
     def last_messages(self) -> dict[int, str]:
@@ -538,20 +533,28 @@ class Conntrack:
     def _batch(self, entries: list[CtEntry], kind: str) -> list[int | None]:
         results: list[int | None] = [None] * len(entries)
         self._messages = {}
+        for index, data, pos, length, kind_ in self._exchange(entries, kind):
+            if kind_ != NLMSG_ERROR:
+                continue
+            code, text = _error(data, pos, length)
+            if code:
+                results[index] = code
+                if text:
+                    self._messages[index] = text
+        return results
+
+    def _exchange(self, entries: list[CtEntry], kind: str
+                  ) -> Iterator[tuple[int, bytearray, int, int, int]]:
+        """``entries`` sent a chunk at a time, and each reply to one of them: (the entry's
+        index, buffer, offset, length, message type). Replies to an abandoned earlier
+        request (their sequence numbers fall outside the chunk) are passed over."""
         for start in range(0, len(entries), _BATCH):
             chunk = entries[start:start + _BATCH]
             first = self._send(chunk, kind)
             for data, pos, length, kind_, seq in self._replies():
-                if kind_ != NLMSG_ERROR:
-                    continue
-                code, text = _error(data, pos, length)
                 offset = (seq - first) & 0xFFFFFFFF
-                if code and offset < len(chunk):  # else an abandoned request's
-                    index = start + offset
-                    results[index] = code
-                    if text:
-                        self._messages[index] = text
-        return results
+                if offset < len(chunk):
+                    yield start + offset, data, pos, length, kind_
 
     def _send(self, chunk: list[CtEntry], kind: str) -> int:
         """One send of ``chunk``'s messages; the sequence number of the first. Only the last
