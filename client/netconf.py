@@ -21,8 +21,10 @@ from . import streaming
 # opened with ncclient's own connect; ours write their requests themselves: send_at_once.)
 nc_session.TICK = 0.002
 # ...and reads 4 KB per wake-up, re-scanning its partial chunk each time; 256 KB reads take a
-# fifth off the client's CPU time for a 10k-session reply.
-nc_ssh.BUF_SIZE = 256 << 10
+# fifth off the client's CPU time for a 10k-session reply. A read of all the channel holds
+# (at most its 8 MB window) does better still: a read of less moves the rest of paramiko's
+# buffer down, a copy of up to the whole window each time.
+nc_ssh.BUF_SIZE = 16 << 20
 
 # ...and sends a request by queueing it for its session thread, which frames it (a copy) and
 # writes it by slicing off what each channel write took (a copy of the rest each time:
@@ -37,29 +39,40 @@ def send_at_once(m: manager.Manager) -> manager.Manager:
     channel = session._channel
     lock = threading.Lock()  # requests of several threads go out one after the other
 
-    def send(message: str) -> None:
+    def send(message: str | tuple[bytes, ...]) -> None:
+        """``message``: the request's text, or its bytes in pieces (see PiecesRpc)."""
         if not session.connected:
             raise TransportError("Not connected to NETCONF server")
-        data = message.encode()
+        pieces = (message.encode(),) if isinstance(message, str) else message
+        size = sum(map(len, pieces))
         if session._base == nc_session.NetconfBase.BASE_11:
-            head, tail = b"\n#%d\n" % len(data), nc_session.END_DELIM
+            head, tail = b"\n#%d\n" % size, nc_session.END_DELIM
         else:
             head, tail = b"", nc_session.MSG_DELIM
         with lock:
-            for block in _framed_blocks(data, head, tail):
+            for block in _framed_blocks(pieces, head, tail):
                 channel.sendall(block)
 
     session.send = send
     return m
 
 
-def _framed_blocks(data: bytes, head: bytes, tail: bytes) -> Iterator[bytes]:
-    """``head + data + tail`` in blocks of about _SEND_BLOCK bytes, ``data`` copied once."""
-    view = memoryview(data)
-    starts = range(0, len(view), _SEND_BLOCK) or range(1)
-    for start in starts:
-        yield b"".join((head if start == 0 else b"", view[start:start + _SEND_BLOCK],
-                        tail if start == starts[-1] else b""))
+def _framed_blocks(pieces: tuple[bytes, ...], head: bytes, tail: bytes) -> Iterator[bytes]:
+    """``head``, the ``pieces`` and ``tail`` in blocks of about _SEND_BLOCK bytes, every byte
+    copied once."""
+    block: list = [head]
+    room = _SEND_BLOCK
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            if not room:
+                yield b"".join(block)
+                block, room = [], _SEND_BLOCK
+            block.append(view[:room])
+            room -= len(block[-1])
+            view = view[len(block[-1]):]
+    block.append(tail)
+    yield b"".join(block)
 
 
 # ...and opens its channel with paramiko's default windows: 32 KB packets in a 2 MB window
@@ -159,6 +172,19 @@ class TextRpc(RPC):
         return self._request(operation)
 
 
+class PiecesRpc(TextRpc):
+    """A TextRpc whose operation is given as UTF-8 pieces, sent as they are: a relayed bulk
+    edit goes out without being decoded, joined, and encoded again."""
+
+    def _wrap(self, operation: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        head = (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
+                f'message-id="{self._id}">').encode()
+        return (head, *operation, b"</rpc>")
+
+    def request(self, operation: tuple[bytes, ...]) -> TextReply:  # type: ignore[override]
+        return self._request(operation)
+
+
 class NatClient:
     def __init__(self, host: str, port: int, username: str, password: str | None = None,
                  hostkey_verify: bool = True, timeout: int = 600):
@@ -184,8 +210,8 @@ class NatClient:
 
     def edit(self, config_body: str, target: str = "running") -> int:
         """edit-config of ``config_body`` (top-level nodes); returns the request size."""
-        operation, size = edit_config_operation(config_body, target)
-        self.m.execute(TextRpc, operation)
+        operation, size = edit_config_operation(config_body.encode(), target)
+        self.m.execute(PiecesRpc, operation)
         return size
 
     def delete_sessions(self, sessions_xml: str, operation: str = "delete") -> int:
@@ -215,15 +241,20 @@ def get_sessions_operation(datastore: str, match: dict[str, str] | None) -> str:
             "</nat-session></subtree-filter></get-data>")
 
 
-def edit_config_operation(config_body: str, target: str) -> tuple[str, int]:
-    """The edit-config element for ``config_body`` (top-level nodes), and the size of its
-    <config>."""
+_CONFIG_START = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">'.encode()
+_CONFIG_END = b"</nc:config>"
+_ENTRY_NS = f' xmlns="{NAT_NS}"'.encode()
+
+
+def edit_config_operation(config_body: bytes, target: str) -> tuple[tuple[bytes, ...], int]:
+    """The edit-config element for ``config_body`` (top-level nodes, UTF-8), as pieces for
+    PiecesRpc, and the size of its <config>."""
     # The model's namespace is declared once on <config>, not on each of thousands of
     # entries: 4% fewer bytes on the wire, and one declaration for the server to resolve.
-    body = config_body.replace(f' xmlns="{NAT_NS}"', "")
-    config = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{body}</nc:config>'
-    return (f"<edit-config><target><{target}/></target>{config}</edit-config>",
-            len(config.encode()))
+    body = config_body.replace(_ENTRY_NS, b"")
+    pieces = (f"<edit-config><target><{target}/></target>".encode(), _CONFIG_START, body,
+              _CONFIG_END, b"</edit-config>")
+    return pieces, len(_CONFIG_START) + len(body) + len(_CONFIG_END)
 
 
 _KEYS_ENTRY = ('<nat-session nc:operation="OPERATION">'

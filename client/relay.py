@@ -17,13 +17,14 @@ import logging
 import re
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from ncclient.operations.rpc import RPC, RPCError
 from ncclient.transport import SessionListener
 from ncclient.xml_ import to_ele
 
-from .netconf import NC_NS, NatClient, TextRpc, edit_config_operation, get_sessions_operation
+from .netconf import NC_NS, NatClient, PiecesRpc, edit_config_operation, get_sessions_operation
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,16 @@ class MoveError(Exception):
 
 @dataclass
 class Moved:
-    sessions_xml: str  # the moved entries as the source wrote them (for delete_sessions)
+    sent: list[bytes] = field(repr=False)  # the moved entries as the source wrote them
     reply_bytes: int   # the source's get-data reply
     request_bytes: int  # the <config> elements of the edits
     edits: int
+
+    @cached_property
+    def sessions_xml(self) -> str:
+        """The moved entries as one text (for delete_sessions), made when first asked for:
+        the move itself passes them on as bytes."""
+        return b"".join(self.sent).decode()
 
 
 def move_sessions(source: NatClient, target: NatClient,
@@ -63,7 +70,7 @@ def move_sessions(source: NatClient, target: NatClient,
     if reader is None:  # :base:1.0 framing: read the whole reply, then edit
         body, reply_bytes = source.get_sessions(match=match)
         request_bytes = target.edit(body) if body else 0
-        return Moved(body, reply_bytes, request_bytes, 1 if body else 0)
+        return Moved([body.encode()], reply_bytes, request_bytes, 1 if body else 0)
     message_id = f"nfmig-move-{secrets.token_hex(8)}"
     relay = _Relay(target, message_id, min(FIRST_BLOCK, block), block, timeout)
     session = source.m._session
@@ -98,7 +105,7 @@ class _Relay(SessionListener):
         self.timeout = timeout
         self.pending = bytearray()
         self.head: bytes | None = None  # the reply up to its first entry, once seen
-        self.sent: list[str] = []       # the entries of each edit
+        self.sent: list[bytes] = []     # the entries of each edit
         self.edits: list[RPC] = []
         self.reply_bytes = self.request_bytes = 0
         self.failure: BaseException | None = None
@@ -148,11 +155,13 @@ class _Relay(SessionListener):
             self._send(cut)
 
     def _send(self, length: int) -> None:
-        entries = self.pending[:length].decode()
+        # Passed on as the bytes they came as: the target reads them as UTF-8, and refuses
+        # them if they are not (the move then fails, and is undone).
+        entries = bytes(memoryview(self.pending)[:length])
         del self.pending[:length]
         m = self.target.m
-        rpc = TextRpc(m._session, m._device_handler, async_mode=True, timeout=self.timeout,
-                      huge_tree=True)
+        rpc = PiecesRpc(m._session, m._device_handler, async_mode=True, timeout=self.timeout,
+                        huge_tree=True)
         operation, size = edit_config_operation(entries, "running")
         rpc.request(operation)
         self.edits.append(rpc)
@@ -183,8 +192,7 @@ class _Relay(SessionListener):
         if self.failure is None and refused is None:
             if self.head is None:
                 self._no_entries()
-            return Moved("".join(self.sent), self.reply_bytes, self.request_bytes,
-                         len(self.edits))
+            return Moved(self.sent, self.reply_bytes, self.request_bytes, len(self.edits))
         skip = refused[0] if refused else None  # the refused edit wrote nothing
         written = [text for i, text in enumerate(self.sent) if i != skip]
         why = (f"the target refused edit {refused[0] + 1} of {len(self.edits)}: "
@@ -219,12 +227,11 @@ class _Relay(SessionListener):
                             f"{_describe(RPCError(to_ele(raw)))}")
 
 
-def _remove(target: NatClient, written: list[str]) -> int:
+def _remove(target: NatClient, written: list[bytes]) -> int:
     """Remove what the move wrote to the target; how many sessions could not be."""
-    texts = [text for text in written if text]
-    if not texts:
+    if not any(written):
         return 0
-    every = "".join(texts)
+    every = b"".join(written).decode(errors="replace")
     try:
         target.delete_sessions(every, operation="remove")
     except Exception as exc:

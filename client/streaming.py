@@ -44,7 +44,7 @@ class ChunkReader:
         while pos < end:
             if self._left:
                 take = min(self._left, end - pos)
-                self._piece(bytes(buf[pos:pos + take]))
+                self._piece(bytes(memoryview(buf)[pos:pos + take]))  # one copy
                 self._left -= take
                 pos += take
                 continue

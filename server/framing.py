@@ -10,7 +10,9 @@ EOM = b"]]>]]>"
 MAX_CHUNK = 4294967295
 _CHUNK_HEADER = re.compile(rb"\n#([1-9][0-9]{0,9})\n")
 _END_OF_CHUNKS = b"\n##\n"
-_RECV = 1 << 20
+# More than a channel's window (8 MB) holds: a read takes all of it, where a read of less
+# moves the rest of paramiko's buffer down (a copy of up to the whole window each time).
+_RECV = 16 << 20
 
 
 class FramingError(Exception):
@@ -99,7 +101,7 @@ class FrameReader:
                 parts = []
             self._need(size)
             if total + size <= self.max_message:
-                parts.append(bytes(self._buf[self._pos:self._pos + size]))
+                parts.append(bytes(memoryview(self._buf)[self._pos:self._pos + size]))
             elif not head:
                 head = bytes(self._buf[self._pos:self._pos + min(size, 4096)])
             self._pos += size

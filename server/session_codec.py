@@ -520,7 +520,7 @@ def _content(source: bytes, opening: re.Match | None, tag: bytes
     if start <= 0 or source[start - 2:start] == b"/>" or end < start:
         return None
     try:
-        return start, end, source[start:end].decode()
+        return start, end, str(memoryview(source)[start:end], "utf-8")  # one copy
     except UnicodeDecodeError:
         return None
 

@@ -200,7 +200,15 @@ def test_a_bad_chunk_header_is_a_framing_error():
 def test_a_request_is_written_framed_in_blocks_of_the_send_size(size):
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     head, tail = b"\n#%d\n" % size, b"\n##\n"
-    blocks = list(_framed_blocks(data, head, tail))
+    blocks = list(_framed_blocks((data,), head, tail))
     assert b"".join(blocks) == head + data + tail
     assert len(blocks) == max(1, -(-size // _SEND_BLOCK))
     assert all(len(block) <= _SEND_BLOCK + len(head) + len(tail) for block in blocks)
+
+
+def test_a_request_in_pieces_is_written_in_the_same_blocks_as_whole():
+    data = bytes(range(256)) * (3 * _SEND_BLOCK // 256) + b"tail"
+    head, tail = b"\n#%d\n" % len(data), b"\n##\n"
+    cuts = [0, 1, 1, 5000, _SEND_BLOCK, _SEND_BLOCK + 7, 2 * _SEND_BLOCK, len(data)]
+    pieces = tuple(data[a:b] for a, b in zip(cuts, cuts[1:]))
+    assert list(_framed_blocks(pieces, head, tail)) == list(_framed_blocks((data,), head, tail))
