@@ -246,12 +246,14 @@ _CONFIG_END = b"</nc:config>"
 _ENTRY_NS = f' xmlns="{NAT_NS}"'.encode()
 
 
-def edit_config_operation(config_body: bytes, target: str) -> tuple[tuple[bytes, ...], int]:
+def edit_config_operation(config_body: bytes, target: str, declare_once: bool = True
+                          ) -> tuple[tuple[bytes, ...], int]:
     """The edit-config element for ``config_body`` (top-level nodes, UTF-8), as pieces for
-    PiecesRpc, and the size of its <config>."""
-    # The model's namespace is declared once on <config>, not on each of thousands of
-    # entries: 4% fewer bytes on the wire, and one declaration for the server to resolve.
-    body = config_body.replace(_ENTRY_NS, b"")
+    PiecesRpc, and the size of its <config>. ``declare_once``: take the model's namespace
+    declaration off each entry (it is on <config>)."""
+    # 4% fewer bytes on the wire, and one declaration for the server's XML parser to resolve
+    # (its bulk reader takes either as fast; see relay).
+    body = config_body.replace(_ENTRY_NS, b"") if declare_once else config_body
     pieces = (f"<edit-config><target><{target}/></target>".encode(), _CONFIG_START, body,
               _CONFIG_END, b"</edit-config>")
     return pieces, len(_CONFIG_START) + len(body) + len(_CONFIG_END)

@@ -156,13 +156,15 @@ class _Relay(SessionListener):
 
     def _send(self, length: int) -> None:
         # Passed on as the bytes they came as: the target reads them as UTF-8, and refuses
-        # them if they are not (the move then fails, and is undone).
+        # them if they are not (the move then fails, and is undone). Each keeps its namespace
+        # declaration: taking it off costs a search through all of them, for 4% fewer bytes
+        # that the target reads no faster.
         entries = bytes(memoryview(self.pending)[:length])
         del self.pending[:length]
         m = self.target.m
         rpc = PiecesRpc(m._session, m._device_handler, async_mode=True, timeout=self.timeout,
                         huge_tree=True)
-        operation, size = edit_config_operation(entries, "running")
+        operation, size = edit_config_operation(entries, "running", declare_once=False)
         rpc.request(operation)
         self.edits.append(rpc)
         self.sent.append(entries)
