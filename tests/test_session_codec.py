@@ -326,6 +326,13 @@ def test_a_large_edit_read_without_its_tree_matches_the_tree(decoder):
         _as_tuples(decoder.decode_all(config_in(request), "merge"))
 
 
+def test_a_large_edit_of_entries_declaring_the_namespace_is_read_without_its_tree(decoder):
+    # as the relay passes on a source's reply: every entry keeps its declaration
+    request = edit_request("".join(sessions_to_xml(uniform_sessions(BIG), NS)))
+    assert _as_tuples(hollow_read(decoder, request)) == \
+        _as_tuples(decoder.decode_all(config_in(request), "merge"))
+
+
 def test_a_small_edit_is_not_hollowed():
     assert hollow_edit(edit_request(plain_entries(10)), _parse) is None
 
