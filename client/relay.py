@@ -155,11 +155,15 @@ class _Relay(SessionListener):
             self._send(cut)
 
     def _send(self, length: int) -> None:
-        # Passed on as the bytes they came as: the target reads them as UTF-8, and refuses
-        # them if they are not (the move then fails, and is undone). Each keeps its namespace
-        # declaration: taking it off costs a search through all of them, for 4% fewer bytes
-        # that the target reads no faster.
+        # Passed on as the bytes they came as, without decoding them; each keeps its
+        # namespace declaration: taking it off costs a search through all of them, for 4%
+        # fewer bytes that the target reads no faster.
         entries = bytes(memoryview(self.pending)[:length])
+        if not entries.isascii():  # a server's entries nearly always are: nothing to check
+            try:
+                entries.decode()
+            except UnicodeDecodeError as exc:  # a target would close the session on it
+                raise MoveError(f"the source's reply is not UTF-8 ({exc.reason})") from None
         del self.pending[:length]
         m = self.target.m
         rpc = PiecesRpc(m._session, m._device_handler, async_mode=True, timeout=self.timeout,

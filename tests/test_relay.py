@@ -210,5 +210,20 @@ def test_a_request_in_pieces_is_written_in_the_same_blocks_as_whole():
     data = bytes(range(256)) * (3 * _SEND_BLOCK // 256) + b"tail"
     head, tail = b"\n#%d\n" % len(data), b"\n##\n"
     cuts = [0, 1, 1, 5000, _SEND_BLOCK, _SEND_BLOCK + 7, 2 * _SEND_BLOCK, len(data)]
-    pieces = tuple(data[a:b] for a, b in zip(cuts, cuts[1:]))
+    pieces = tuple(data[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
     assert list(_framed_blocks(pieces, head, tail)) == list(_framed_blocks((data,), head, tail))
+
+
+def test_entries_that_are_not_utf8_fail_the_move_and_the_target_keeps_nothing(clients):
+    _, target = clients
+    relay = _Relay(target, "m3", 64, 64, timeout=60)
+    good = "".join(sessions_to_xml([udp(6200), udp(6201)], NAT_NS)).encode()
+    bad = "".join(sessions_to_xml([udp(6202)], NAT_NS)).encode()
+    relay.feed(f'<rpc-reply xmlns="{NC_NS}" message-id="m3"><data xmlns="urn:x">'.encode()
+               + good)
+    relay.feed(bad.replace(b"10.0.0.2", b"10.0.0.\xff") + b"</data></rpc-reply>")
+    relay.feed(None)
+    with pytest.raises(MoveError, match="not UTF-8") as failed:
+        relay.outcome()
+    assert "the target holds none of the sessions" in str(failed.value)
+    assert ports(target) == []
