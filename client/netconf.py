@@ -159,14 +159,18 @@ class TextReply(RPCReply):
             self._parsed = True
 
 
+def rpc_start(message_id: str) -> str:
+    """The XML declaration and <rpc> start tag of a request; "</rpc>" ends it."""
+    return f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" message-id="{message_id}">'
+
+
 class TextRpc(RPC):
     """An RPC whose operation element is given as XML text, sent as is."""
 
     REPLY_CLS = TextReply
 
     def _wrap(self, operation: str) -> str:
-        return (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
-                f'message-id="{self._id}">{operation}</rpc>')
+        return f"{rpc_start(self._id)}{operation}</rpc>"
 
     def request(self, operation: str) -> TextReply:
         return self._request(operation)
@@ -177,9 +181,7 @@ class PiecesRpc(TextRpc):
     edit goes out without being decoded, joined, and encoded again."""
 
     def _wrap(self, operation: tuple[bytes, ...]) -> tuple[bytes, ...]:
-        head = (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
-                f'message-id="{self._id}">').encode()
-        return (head, *operation, b"</rpc>")
+        return (rpc_start(self._id).encode(), *operation, b"</rpc>")
 
     def request(self, operation: tuple[bytes, ...]) -> TextReply:  # type: ignore[override]
         return self._request(operation)

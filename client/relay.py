@@ -24,7 +24,13 @@ from ncclient.operations.rpc import RPC, RPCError
 from ncclient.transport import SessionListener
 from ncclient.xml_ import to_ele
 
-from .netconf import NC_NS, NatClient, PiecesRpc, edit_config_operation, get_sessions_operation
+from .netconf import (
+    NatClient,
+    PiecesRpc,
+    edit_config_operation,
+    get_sessions_operation,
+    rpc_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +95,7 @@ def move_sessions(source: NatClient, target: NatClient,
 
 def _get_data(message_id: str, match: dict[str, str] | None) -> str:
     """The get-data request, whole: its reply goes to the relay, never to ncclient."""
-    return (f'<?xml version="1.0" encoding="UTF-8"?><rpc xmlns="{NC_NS}" '
-            f'message-id="{message_id}">{get_sessions_operation("operational", match)}</rpc>')
+    return f'{rpc_start(message_id)}{get_sessions_operation("operational", match)}</rpc>'
 
 
 class _Relay(SessionListener):
