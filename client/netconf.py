@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +90,9 @@ class _BulkSSHSession(nc_ssh.SSHSession):
 
     def _auth(self, *args, **kwargs):
         transport = self._transport
+        # A request's last bytes would wait for the acknowledgement of its earlier ones
+        # (Nagle), which the server may delay by 40 ms.
+        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.default_window_size = WINDOW
         transport.default_max_packet_size = MAX_PACKET
         _prefer_gcm(transport)

@@ -417,6 +417,9 @@ class _SshConnection(sshutil.server.SSHServerSocket):
         self.debug = debug
         self.server_ctl = server_ctl
         self.sessions = []
+        # Replies are small writes after large reads: Nagle's algorithm would hold one back
+        # until the client acknowledged the last, which it delays (40 ms on Linux).
+        newsocket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ssh = paramiko.Transport(newsocket, default_window_size=WINDOW,
                                       default_max_packet_size=MAX_PACKET)
         self.ssh.add_server_key(server.host_key)

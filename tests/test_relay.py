@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
+import socket
 
 import pytest
 from ncclient.transport.errors import NetconfFramingError
@@ -227,3 +230,49 @@ def test_entries_that_are_not_utf8_fail_the_move_and_the_target_keeps_nothing(cl
         relay.outcome()
     assert "the target holds none of the sessions" in str(failed.value)
     assert ports(target) == []
+
+
+_PIDFD_GETFD = 438  # the system call's number in Linux's common table (x86-64, arm64...)
+
+
+def _no_delay(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def _server_end(pid: int, client_sock: socket.socket) -> socket.socket:
+    """A duplicate of the socket through which process ``pid`` talks to ``client_sock``
+    (pidfd_getfd, as the server's parent)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                continue
+            fd = libc.syscall(_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd")
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.type == socket.SOCK_STREAM and \
+                        sock.getpeername() == client_sock.getsockname():
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise LookupError("the server has no socket connected to the client")
+
+
+def test_the_client_writes_requests_without_waiting_for_acknowledgements(clients):
+    # Nagle's algorithm would hold a request's last bytes until the server acknowledged
+    # the earlier ones, which it may delay by 40 ms.
+    _, target = clients
+    assert _no_delay(target.m._session._transport.sock)
+
+
+def test_the_server_writes_replies_without_waiting_for_acknowledgements(servers, clients):
+    _, target = clients
+    client_sock = target.m._session._transport.sock
+    with _server_end(servers[1].process.pid, client_sock) as server_sock:
+        assert _no_delay(server_sock)
