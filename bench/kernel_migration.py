@@ -38,12 +38,19 @@ from lxml import etree
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NAT_NS, NC_NS, NatClient, timed
 from nfmig.client.relay import move_sessions
-from nfmig.nf_backends.base import Session
+from nfmig.nf_backends.base import NewSessions, Session
+from nfmig.nf_backends.ctattrs import new_entry
 from nfmig.nf_backends.ctnetlink import Conntrack, CtEntry, EntryCount
 from nfmig.nf_backends.linux import LinuxBackend
 from nfmig.server.gc_pause import collector_paused
 from nfmig.server.schema import ListEntryChecker, Schema
-from nfmig.server.session_codec import SessionDecoder, hollow_edit, session_batches_to_xml
+from nfmig.server.session_codec import (
+    EntryColumns,
+    SessionDecoder,
+    SessionEdit,
+    hollow_edit,
+    session_batches_to_xml,
+)
 
 from nfmig.testbed import TestBed
 
@@ -304,7 +311,8 @@ class Codec:
 
     def write_side(self, ct: Conntrack, sessions: list[Session]) -> dict[str, float]:
         """Kernel writes into an empty NAT with the same policy (A, after the move)."""
-        entries, insert = timed_like_a_request(self.insert, ct, sessions)
+        new = NewSessions(tuple(map(list, zip(*sessions, strict=True))), len(sessions))
+        entries, insert = timed_like_a_request(self.insert, ct, new)
         _, delete = timed(ct.delete, entries)
         return {"insert": insert, "kernel_delete": delete}
 
@@ -314,29 +322,29 @@ class Codec:
                    for i in range(0, len(entries), ENCODE_BATCH))
         return "".join(session_batches_to_xml(batches, NAT_NS))
 
-    def decode(self, body: str) -> list[Session]:
+    def decode(self, body: str) -> EntryColumns | list[SessionEdit]:
         """The <config> as NatClient.edit sends it (the model's namespace declared once),
         read the way the server's edit-config reads it: without a tree of its entries when
         it is large and plain (hollow_edit), else parsed whole and read by the bulk reader or
-        entry by entry."""
+        entry by entry. Entries all alike stay in columns, as the server writes them."""
         text = body.replace(f' xmlns="{NAT_NS}"', "")
         request = (f'<rpc xmlns="{NC_NS}" message-id="1"><edit-config><target><running/>'
                    f'</target><nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{text}'
                    "</nc:config></edit-config></rpc>").encode()
         hollow = hollow_edit(request, partial(etree.fromstring, parser=self.parser))
         if hollow is not None:
-            edits = self.decoder.decode_all(hollow.config, "merge", hollow)
-        else:
-            config = etree.fromstring(request, parser=self.parser)[0][1]
-            edits = self.decoder.decode_all(config, "merge", request)
-            if edits is None:
-                edits = [self.decoder.decode(entry, "merge") for entry in config]
-        return [edit.apply_to(None) for edit in edits]
+            return self.decoder.decode_bulk(hollow.config, "merge", hollow)
+        config = etree.fromstring(request, parser=self.parser)[0][1]
+        edits = self.decoder.decode_bulk(config, "merge", request)
+        return edits if edits is not None else [self.decoder.decode(entry, "merge")
+                                                for entry in config]
 
-    def insert(self, ct: Conntrack, sessions: list[Session]) -> list[CtEntry]:
-        entries = self.backend._entries(sessions)
-        create_all(ct, entries, "in-process insert")
-        return entries
+    def insert(self, ct: Conntrack, new: NewSessions) -> list[CtEntry]:
+        """As an edit of whole new sessions writes them (LinuxBackend.write_new)."""
+        columns = self.backend._new_entry_columns(new)
+        if any(ct.create_columns(columns, new.count)):
+            raise RuntimeError("the in-process insert was refused")
+        return list(map(new_entry, zip(*columns, strict=True)))
 
 
 # -- conntrackd: the reference ------------------------------------------------------------
@@ -542,9 +550,9 @@ PHASES: list[tuple[str, str | None, str]] = [
     ("encode (sessions -> XML)", "encode", "in-process: LinuxBackend._session_list + "
      "session_batches_to_xml, GC paused"),
     ("validate (decode + checks)", "validate", "in-process: hollow_edit + "
-     "SessionDecoder.decode_all, GC paused"),
-    ("insert (kernel write)", "insert", "in-process: LinuxBackend._entries + Conntrack.create"
-     " into an empty NAT, GC paused"),
+     "SessionDecoder.decode_bulk, GC paused"),
+    ("insert (kernel write)", "insert", "in-process: LinuxBackend._new_entry_columns + "
+     "Conntrack.create_columns into an empty NAT, GC paused"),
     ("get-data on A, server", "get_server", "server log: handled + sent (dump, encode, "
      "send as it is read)"),
     ("edit-configs on B, server", "edit_server", "server log: handled, summed over the edits"

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
+from itertools import islice, repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -124,6 +124,23 @@ class SessionChanges:
         return bool(self.upserts or self.deletes)
 
 
+class NewSessions(NamedTuple):
+    """Whole sessions a field at a time, as a bulk edit reads them: for each Session field
+    (in order) its values, entry by entry, or None where no entry has that leaf. A backend
+    may write them without making an object per session (Transaction.write_new)."""
+
+    columns: tuple[list | None, ...]
+    count: int
+
+    def keys(self) -> list[SessionKey]:
+        return list(zip(*self.columns[:len(KEY_FIELDS)], strict=True))
+
+    def sessions(self) -> list[Session]:
+        return list(map(new_session, zip(
+            *[repeat(None, self.count) if c is None else c for c in self.columns],
+            strict=False)))  # repeat() stops at count: the columns are all that long
+
+
 @dataclass
 class BackendStats:
     implementation: str
@@ -176,6 +193,12 @@ class Transaction:
 
     def apply(self, changes: SessionChanges) -> None:
         self.backend.apply(changes)
+
+    def write_new(self, new: NewSessions) -> None:
+        """Write the whole sessions whose keys presume_absent() just accepted, as apply()
+        would (all or nothing, PresumedWrongly when one exists after all). A backend that
+        can write columns as they are overrides it."""
+        self.apply(SessionChanges(upserts=new.sessions()))
 
 
 class Backend(ABC):

@@ -15,7 +15,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import TypeVar
 
@@ -84,6 +84,7 @@ from .ctattrs import (
     TCP_WSCALE_ORIG,
     TCP_WSCALE_REPLY,
     CtEntry,
+    new_entry,
 )
 from .ctparse import parse_entry, parse_run
 
@@ -297,16 +298,20 @@ class _Encoder:
 
     def _encode_uniform(self, entries: list[CtEntry], first_seq: int, kind: str
                         ) -> tuple[bytearray, int] | None:
-        """encode_all for entries of one message shape (a bulk write: hundreds of TCP
-        source-NAT entries, say), or None. The layout's constant bytes repeated, then each
-        varying field written into every message at once: its values packed together in
-        one call, and each of their bytes copied to its place with a strided slice. No
+        return self.encode_columns(list(zip(*entries, strict=True)), len(entries),
+                                   first_seq, kind)
+
+    def encode_columns(self, columns: Sequence[Sequence], n: int, first_seq: int,
+                       kind: str) -> tuple[bytearray, int] | None:
+        """encode_all for ``n`` entries given a field at a time (CtEntry's fields in order,
+        each a list or tuple) when they have one message shape (a bulk write: hundreds of
+        TCP source-NAT entries, say); else None. The layout's constant bytes repeated, then
+        each varying field written into every message at once: its values packed together
+        in one call, and each of their bytes copied to its place with a strided slice. No
         Python runs per entry; half the cost of packing entry by entry."""
         (families, protos, srcs, dsts, sports, dports, nat_addrs, nat_ports, dnat_addrs,
-         dnat_ports, states, ws_origs, ws_replies, timeouts, *_counts) = zip(*entries,
-                                                                             strict=True)
-        n = len(entries)
-        first = entries[0]
+         dnat_ports, states, ws_origs, ws_replies, timeouts, *_counts) = columns
+        first = new_entry(tuple(column[0] for column in columns))
         # One shape: the first entry's family and protocol throughout, and each optional
         # field in every entry or in none.
         if families.count(first.family) != n or protos.count(first.proto) != n or \
@@ -522,7 +527,8 @@ class Conntrack:
         """Each entry as the kernel holds it now (found by its original tuple), or None.
         For a few entries this beats a dump, which walks every namespace's entries."""
         found: list[CtEntry | None] = [None] * len(entries)
-        for index, data, pos, length, kind in self._exchange(entries, "get"):
+        for index, data, pos, length, kind in self._exchange(
+                len(entries), lambda start, stop: self._send(entries[start:stop], "get")):
             if kind == CT_NEW:
                 found[index] = parse_entry(data, pos + 20, pos + length, data[pos + 16])
         return found
@@ -530,10 +536,21 @@ class Conntrack:
     def last_messages(self) -> dict[int, str]:
         return dict(self._messages)
 
+    def create_columns(self, columns: Sequence[Sequence], count: int) -> list[int | None]:
+        """create() of ``count`` entries given a field at a time (CtEntry's fields in order,
+        each a list or tuple): a bulk write encodes them without making each entry."""
+        return self._batch_of(count, lambda start, stop: self._send_columns(
+            [column[start:stop] for column in columns], stop - start))
+
     def _batch(self, entries: list[CtEntry], kind: str) -> list[int | None]:
-        results: list[int | None] = [None] * len(entries)
+        return self._batch_of(len(entries), lambda start, stop: self._send(
+            entries[start:stop], kind))
+
+    def _batch_of(self, count: int, send: Callable[[int, int], int]) -> list[int | None]:
+        """Per entry None when done, else the errno; ``send`` as for _exchange."""
+        results: list[int | None] = [None] * count
         self._messages = {}
-        for index, data, pos, length, kind_ in self._exchange(entries, kind):
+        for index, data, pos, length, kind_ in self._exchange(count, send):
             if kind_ != NLMSG_ERROR:
                 continue
             code, text = _error(data, pos, length)
@@ -543,29 +560,42 @@ class Conntrack:
                     self._messages[index] = text
         return results
 
-    def _exchange(self, entries: list[CtEntry], kind: str
+    def _exchange(self, count: int, send: Callable[[int, int], int]
                   ) -> Iterator[tuple[int, bytearray, int, int, int]]:
-        """``entries`` sent a chunk at a time, and each reply to one of them: (the entry's
-        index, buffer, offset, length, message type). Replies to an abandoned earlier
-        request (their sequence numbers fall outside the chunk) are passed over."""
-        for start in range(0, len(entries), _BATCH):
-            chunk = entries[start:start + _BATCH]
-            first = self._send(chunk, kind)
+        """``count`` entries sent a chunk at a time (``send(start, stop)`` sends entries
+        start to stop and returns the first one's sequence number), and each reply to one
+        of them: (the entry's index, buffer, offset, length, message type). Replies to an
+        abandoned earlier request (their sequence numbers fall outside the chunk) are
+        passed over."""
+        for start in range(0, count, _BATCH):
+            stop = min(count, start + _BATCH)
+            first = send(start, stop)
             for data, pos, length, kind_, seq in self._replies():
                 offset = (seq - first) & 0xFFFFFFFF
-                if offset < len(chunk):
+                if offset < stop - start:
                     yield start + offset, data, pos, length, kind_
 
     def _send(self, chunk: list[CtEntry], kind: str) -> int:
-        """One send of ``chunk``'s messages; the sequence number of the first. Only the last
-        message asks for an ack: the kernel handles a send's messages in order before the
-        send returns and answers the others only when they fail, so that ack ends the
-        replies, and the kernel writes and we read thousands of times fewer of them. The
-        kernel's work is done without the interpreter lock, so a chunk is large (milliseconds
-        of it): a server's other thread gets that long to read the next request."""
         first = (self._seq + 1) & 0xFFFFFFFF
-        messages, last = self._encoder.encode_all(chunk, first, kind)
-        self._seq = (self._seq + len(chunk)) & 0xFFFFFFFF
+        return self._send_messages(*self._encoder.encode_all(chunk, first, kind), len(chunk))
+
+    def _send_columns(self, columns: list[Sequence], count: int) -> int:
+        first = (self._seq + 1) & 0xFFFFFFFF
+        encoded = self._encoder.encode_columns(columns, count, first, "create")
+        if encoded is None:  # not of one message shape after all
+            return self._send(list(map(new_entry, zip(*columns, strict=True))), "create")
+        return self._send_messages(*encoded, count)
+
+    def _send_messages(self, messages: bytearray, last: int, count: int) -> int:
+        """One send of ``count`` messages (``last``: where the last one begins); the
+        sequence number of the first. Only the last message asks for an ack: the kernel
+        handles a send's messages in order before the send returns and answers the others
+        only when they fail, so that ack ends the replies, and the kernel writes and we read
+        thousands of times fewer of them. The kernel's work is done without the interpreter
+        lock, so a chunk is large (milliseconds of it): a server's other thread gets that
+        long to read the next request."""
+        first = (self._seq + 1) & 0xFFFFFFFF
+        self._seq = (self._seq + count) & 0xFFFFFFFF
         _FLAGS.pack_into(messages, last + 6, _FLAGS.unpack_from(messages, last + 6)[0] |
                          NLM_F_ACK)
         self._last = self._seq

@@ -28,6 +28,7 @@ from .base import (
     BackendError,
     BackendStats,
     NatPolicy,
+    NewSessions,
     PresumedWrongly,
     Session,
     SessionChanges,
@@ -299,6 +300,33 @@ class LinuxBackend(Backend):
             self._remember_counts(wanted, current)
             self._imported += len(creates)
 
+    def write_new(self, new: NewSessions, presumed: bool) -> None:
+        """apply() of whole new sessions, written from their columns without an object per
+        session (a bulk edit's). ``presumed``: as for apply()."""
+        n = new.count
+        columns = self._new_entry_columns(new)
+        if columns is None:
+            self.apply(SessionChanges(upserts=new.sessions()), {}, presumed)
+            return
+        with self._lock:
+            results = self.ct.create_columns(columns, n)
+            if any(results):
+                entries = list(map(new_entry, zip(*columns, strict=True)))
+                failed = self._first_failure(results, entries, {})
+                self.ct.delete([e for e, code in zip(entries, results, strict=True)
+                                if not code])
+                if presumed and failed is not None and \
+                        failed.reason in ("exists", "port taken"):
+                    raise PresumedWrongly() from failed
+                raise failed  # type: ignore[misc] # any(results): one failed
+            counts = new.columns[_COUNTS]
+            if counts != _NO_COUNTS:  # what each session brought (see _remember_counts)
+                keys = zip(columns[1], columns[2], columns[4], columns[3], columns[5],
+                           strict=True)  # CtEntry.key
+                values = zip(*(repeat(0) if c is None else c for c in counts), strict=False)
+                self._offsets.update(zip(keys, values, strict=False))  # repeat() is endless
+            self._imported += n
+
     def _delete(self, entries: list[CtEntry]) -> None:
         """Delete, or delete nothing: a session that vanished meanwhile (expired) is fine."""
         results = self.ct.delete(entries)
@@ -435,23 +463,36 @@ class LinuxBackend(Backend):
         """_entries for sessions of one protocol, each with its timeout and (TCP) state,
         and each translation in all or none of them (a bulk edit); None for others. A
         column at a time, every tuple made in C."""
+        columns = self._native_columns(list(zip(*sessions, strict=True)), len(sessions))
+        return None if columns is None else list(map(new_entry, zip(*columns, strict=True)))
+
+    def _new_entry_columns(self, new: NewSessions) -> list[list] | None:
+        """_native_columns of new sessions, but None for ICMP (whose native key leaves a
+        port out: two sessions may fold into one entry, which apply() sorts out)."""
+        if PROTOCOL_NUMBERS.get(new.columns[0][0]) in ECHO_REPLY:
+            return None
+        return self._native_columns([[None] * new.count if c is None else c
+                                     for c in new.columns], new.count)
+
+    def _native_columns(self, columns: list, n: int) -> list[list] | None:
+        """The kernel entries' fields (CtEntry's, in order) for the sessions whose fields
+        ``columns`` holds (Session's, in order; a list or tuple each), under the conditions
+        of _entries_of_one_kind; else None."""
         (protocols, srcs, sports, dsts, dports, nats, nat_ports, dnats, dnat_ports, states,
-         ws_origs, ws_replies, timeouts, *_counts) = zip(*sessions, strict=True)
-        n = len(sessions)
+         ws_origs, ws_replies, timeouts, *_counts) = columns
         proto = PROTOCOL_NUMBERS[protocols[0]]
         if protocols.count(protocols[0]) != n or None in timeouts or 0 in timeouts or \
                 (proto == TCP and None in states) or \
                 any(column.count(None) not in (0, n) for column in (nats, dnats)):
             return None
         src_bytes = self._packed_all(srcs)
-        columns = (
-            map(_FAMILY_OF_SIZE.__getitem__, map(len, src_bytes)), repeat(proto, n), src_bytes,
-            self._packed_all(dsts), sports, repeat(0, n) if proto in ECHO_REPLY else dports,
+        return [
+            list(map(_FAMILY_OF_SIZE.__getitem__, map(len, src_bytes))), [proto] * n,
+            src_bytes, self._packed_all(dsts), sports, [0] * n if proto in ECHO_REPLY else dports,
             nats if nats[0] is None else self._packed_all(nats), nat_ports,
             dnats if dnats[0] is None else self._packed_all(dnats), dnat_ports,
-            map(TCP_STATE_NUMBERS.get, states) if proto == TCP else repeat(None, n),
-            ws_origs, ws_replies, timeouts, *(repeat(0, n) for _ in range(4)))
-        return list(map(new_entry, zip(*columns, strict=True)))
+            list(map(TCP_STATE_NUMBERS.get, states)) if proto == TCP else [None] * n,
+            ws_origs, ws_replies, timeouts, *([0] * n for _ in range(4))]
 
     def _packed_all(self, texts: tuple[str, ...]) -> list[bytes]:
         """Addresses in network order, each distinct one converted once."""
@@ -587,6 +628,11 @@ class _KernelTransaction(Transaction):
         self._keys.update(keys)
         self._presumed = True
         return True
+
+    def write_new(self, new: NewSessions) -> None:
+        presumed = self._presumed
+        self._keys, self._entries, self._presumed = set(), {}, False
+        self.backend.write_new(new, presumed)
 
     def apply(self, changes: SessionChanges) -> None:
         entries = self._entries if _changed_keys(changes) <= self._keys else None

@@ -43,10 +43,12 @@ from .gc_pause import collector_paused
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import (
     OPERATION_ATTR,
+    EntryColumns,
     HollowEdit,
     NeedsTree,
     SessionDecoder,
     SessionEdit,
+    as_edits,
     session_batches_to_xml,
 )
 from .tree_edit import edit_node, strip_operations
@@ -256,14 +258,21 @@ class Datastores:
                     return
                 self._replace_datastore(datastore, config)
                 return
-            policy_edits, session_edits = self._split(config, options.default_operation,
-                                                      source)
+            policy_edits, bulk = self._split(config, options.default_operation, source,
+                                             keep_columns=True)
             base = self._base_for(datastore)
             new_policy = self._plan_policy(base.policy, policy_edits)
             # Straight into running, sessions only: the backend may check for itself that
             # new sessions are new, instead of the plan looking each one up first.
             presume = datastore == "running" and not policy_edits and \
                 options.test_option != "test-only"
+            if isinstance(bulk, EntryColumns):
+                try:
+                    if presume and self._write_new(bulk):
+                        return
+                except PresumedWrongly:  # some were there after all: plan on a lookup
+                    presume = False
+            session_edits = as_edits(bulk) or []
             tx = self.backend.transaction()
             changes, failed = self._plan_sessions(base.sessions, session_edits,
                                                   options.error_option, tx, presume)
@@ -284,19 +293,41 @@ class Datastores:
             if failed:
                 raise RpcErrors(failed)
 
+    def _write_new(self, bulk: EntryColumns) -> bool:
+        """Write a bulk edit's entries into running straight from their columns, when each
+        adds a whole entry, no key repeats and the backend may presume them all absent (a
+        move's edits); False when the edit needs a plan (nothing is done). Raises
+        PresumedWrongly, having changed nothing, when one exists after all."""
+        if not set(bulk.operations) <= _ADDING:
+            return False
+        new = bulk.new_sessions()
+        keys = new.keys()
+        tx = self.backend.transaction()
+        if len(set(keys)) != len(keys) or not tx.presume_absent(keys):
+            return False
+        try:
+            tx.write_new(new)
+        except BackendError as exc:
+            raise _backend_error(exc, self.decoder) from None
+        log.info("running: %d sessions written, 0 removed", new.count)
+        return True
+
     def _base_for(self, datastore: str) -> Candidate:
         if datastore == "candidate" and self._candidate:
             return self._candidate
         return Candidate(policy=self._policy)
 
     def _split(self, config: etree._Element, default_op: str,
-               source: bytes | HollowEdit | None = None
-               ) -> tuple[list[etree._Element], list[SessionEdit]]:
-        policy_edits, session_edits = [], []
+               source: bytes | HollowEdit | None = None, keep_columns: bool = False
+               ) -> tuple[list[etree._Element], list[SessionEdit] | EntryColumns]:
+        """The policy elements and the session entries of an edit; the entries still in
+        columns (EntryColumns) when they are all alike and ``keep_columns`` allows it."""
+        policy_edits: list[etree._Element] = []
+        session_edits: list[SessionEdit] = []
         inherited = config.get(OPERATION_ATTR, default_op)
-        bulk = self.decoder.decode_all(config, inherited, source)
+        bulk = self.decoder.decode_bulk(config, inherited, source)
         if bulk is not None:
-            return [], bulk
+            return [], bulk if keep_columns else as_edits(bulk)  # type: ignore[return-value]
         session_tags = (f"{{{self.ns}}}nat-session", "nat-session")
         policy_tags = (f"{{{self.ns}}}nat-policy", "nat-policy")
         leaf_attributes = bool(config.xpath("boolean(*/*/@*)"))

@@ -18,6 +18,7 @@ from lxml import etree
 from nfmig.nf_backends.base import (
     KEY_FIELDS,
     SESSION_FIELDS,
+    NewSessions,
     Session,
     new_session,
     session_key,
@@ -133,6 +134,52 @@ class _Shape(NamedTuple):
     openers: tuple[str, ...]  # each leaf's "name>", what its text piece must start with
 
 
+class EntryColumns:
+    """A bulk edit's entries as the uniform reader converts them: one layout of leaves, and
+    each entry's operation and each leaf's values a column at a time. A write of whole new
+    entries takes the columns as they are (new_sessions); edits() makes the SessionEdits
+    everything else works on."""
+
+    __slots__ = ("shape", "operations", "values", "checker")
+
+    def __init__(self, shape: _Shape, checker: ListEntryChecker):
+        self.shape = shape
+        self.operations: list[str] = []
+        self.values: list[list] = [[] for _ in shape.names]  # one column per leaf
+        self.checker = checker
+
+    def __len__(self) -> int:
+        return len(self.operations)
+
+    def extend(self, operations: list[str], values: list[list]) -> None:
+        self.operations += operations
+        for column, more in zip(self.values, values, strict=True):
+            column += more
+
+    def edits(self) -> list[SessionEdit]:
+        return _make_edits(self.shape, self.operations, self.values, self.checker)
+
+    def new_sessions(self) -> NewSessions:
+        by_field = dict(zip(self.shape.names, self.values, strict=True))
+        return NewSessions(tuple(map(by_field.get, SESSION_FIELDS)), len(self))
+
+
+def _make_edits(shape: _Shape, operations: list[str], columns: list[list],
+                checker: ListEntryChecker) -> list[SessionEdit]:
+    """SessionEdits from converted columns, every tuple made in C."""
+    by_field = dict(zip(shape.names, columns, strict=True))
+    sessions = list(map(new_session, zip(*[by_field.get(f, _NONES)
+                                            for f in SESSION_FIELDS], strict=False)))
+    return list(map(_new_edit, zip(operations, map(session_key, sessions), sessions,
+                                   repeat(shape.names), repeat(_NO_REMOVALS),
+                                   repeat(checker), strict=False)))
+
+
+def as_edits(bulk: EntryColumns | list[SessionEdit] | None) -> list[SessionEdit] | None:
+    """What SessionDecoder.decode_bulk read, as SessionEdits."""
+    return bulk.edits() if isinstance(bulk, EntryColumns) else bulk
+
+
 class SessionDecoder:
     """Reads nat-session elements of an edit into SessionEdits, checking every leaf against
     the model (through :class:`ListEntryChecker`)."""
@@ -192,7 +239,14 @@ class SessionDecoder:
     def decode_all(self, config: etree._Element, inherited: str,
                    source: bytes | HollowEdit | None = None) -> list[SessionEdit] | None:
         """Every child of ``config`` when all are nat-session entries of plain leaves, or
-        None: then :meth:`decode`, the authority on errors, reads them one by one.
+        None: then :meth:`decode`, the authority on errors, reads them one by one. (See
+        decode_bulk.)"""
+        return as_edits(self.decode_bulk(config, inherited, source))
+
+    def decode_bulk(self, config: etree._Element, inherited: str,
+                    source: bytes | HollowEdit | None = None
+                    ) -> EntryColumns | list[SessionEdit] | None:
+        """decode_all, its entries still in columns when they are all alike.
 
         The bulk fast path. Instead of one lxml proxy per leaf, it splits text at its tags
         and converts the values a column at a time: the request's own text (``source``, the
@@ -237,10 +291,12 @@ class SessionDecoder:
         inherited = edit.config.get(OPERATION_ATTR, edit.default_operation)
         edit.prepared[inherited] = self._decode_hollow(edit, inherited)
 
-    def _decode_hollow(self, edit: HollowEdit, inherited: str) -> list[SessionEdit] | None:
+    def _decode_hollow(self, edit: HollowEdit, inherited: str
+                       ) -> EntryColumns | list[SessionEdit] | None:
         return self._decode_text(edit.text, self._entry_heads(edit.config, inherited))
 
-    def _decode_text(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
+    def _decode_text(self, body: str, heads: dict[str, str]
+                     ) -> EntryColumns | list[SessionEdit] | None:
         uniform = self._decode_uniform(body, heads)
         return uniform if uniform is not None else self._decode_layouts(body, heads)
 
@@ -271,12 +327,13 @@ class SessionDecoder:
             converted = self._convert(shape, columns)
             if converted is None:
                 return None
-            group = self._edits(shape, [operations[i] for i in indices], converted)
+            group = _make_edits(shape, [operations[i] for i in indices], converted,
+                                 self.checker)
             for index, edit in zip(indices, group, strict=True):
                 edits[index] = edit
         return edits  # type: ignore[return-value] # every index was filled
 
-    def _decode_uniform(self, body: str, heads: dict[str, str]) -> list[SessionEdit] | None:
+    def _decode_uniform(self, body: str, heads: dict[str, str]) -> EntryColumns | None:
         """decode_all's path for the common bulk edit: every entry with the same leaves in
         the same order. None when not uniform.
 
@@ -296,7 +353,7 @@ class SessionDecoder:
         shape = self._shape(tuple(closers[:-1]))
         if shape is None:
             return None
-        edits: list[SessionEdit] = []
+        entries = EntryColumns(shape, self.checker)
         start = 0
         while start < len(body):
             end = body.find(_END, start + _BLOCK)
@@ -304,12 +361,13 @@ class SessionDecoder:
             block = self._uniform_block(body[start:end], stride, closers, shape, heads)
             if block is None:
                 return None
-            edits += block
+            entries.extend(*block)
             start = end
-        return edits
+        return entries
 
     def _uniform_block(self, block: str, stride: int, closers: list[str], shape: _Shape,
-                       heads: dict[str, str]) -> list[SessionEdit] | None:
+                       heads: dict[str, str]) -> tuple[list[str], list[list]] | None:
+        """The operations and leaf columns of a block of entries alike."""
         parts = block.split("<")
         if parts[0]:
             return None
@@ -342,7 +400,7 @@ class SessionDecoder:
             if len(values) != count:
                 return None
             converted.append(values)
-        return self._edits(shape, operations, converted)
+        return operations, converted
 
     def _convert(self, shape: _Shape, columns: list) -> list[list] | None:
         leaves = self.checker.leaves
@@ -351,16 +409,6 @@ class SessionDecoder:
                     for name, column in zip(shape.names, columns, strict=True)]
         except ValueError:
             return None
-
-    def _edits(self, shape: _Shape, operations: list[str], columns: list[list]
-               ) -> list[SessionEdit]:
-        """SessionEdits from converted columns, every tuple made in C."""
-        by_field = dict(zip(shape.names, columns, strict=True))
-        sessions = list(map(new_session, zip(*[by_field.get(f, _NONES)
-                                                for f in SESSION_FIELDS], strict=False)))
-        return list(map(_new_edit, zip(operations, map(session_key, sessions), sessions,
-                                       repeat(shape.names), repeat(_NO_REMOVALS),
-                                       repeat(self.checker), strict=False)))
 
     @staticmethod
     def _operations(entry_heads: list[str], heads: dict[str, str]) -> list[str] | None:
@@ -439,7 +487,7 @@ class HollowEdit(NamedTuple):
     message: bytes
     default_operation: str  # as the edit states it ("merge" when it does not)
     # inherited operation -> the entries SessionDecoder.prepare read (None: not plain)
-    prepared: dict[str, list[SessionEdit] | None]
+    prepared: dict[str, EntryColumns | list[SessionEdit] | None]
 
 
 _HOLLOW_MINIMUM = 1 << 16  # bytes of a request from which hollowing it pays: a tree of

@@ -488,3 +488,39 @@ def test_a_bulk_create_that_meets_an_existing_session_changes_nothing(nats):
     timeouts = kernel_timeouts(a)
     assert set(timeouts) == {24050}  # none of the new ones, and the old one kept
     assert timeouts[24050] <= 100
+
+
+def with_counts(entry: str, counts: tuple[int, int, int, int]) -> str:
+    leaves = "".join(f"<{name}>{value}</{name}>" for name, value in zip(
+        ("orig_packets", "orig_bytes", "reply_packets", "reply_bytes"), counts, strict=True))
+    return entry.replace("</timeout>", "</timeout>" + leaves)
+
+
+def kernel_counts(nat: Nat) -> dict[int, tuple[int, ...]]:
+    """Source port -> the four counts of every session in the NAT's kernel."""
+    body, _ = nat.client.get_sessions()
+    return {int(entry.split("<src_port>")[1].split("<")[0]):
+            tuple(int(entry.split(f"<{name}>")[1].split("<")[0]) for name in (
+                "orig_packets", "orig_bytes", "reply_packets", "reply_bytes"))
+            for entry in body.split("</nat-session>")[:-1]}
+
+
+def test_sessions_of_a_bulk_edit_report_the_counts_they_brought(nats):
+    a, _ = nats
+    counts = {25000 + i: (i + 1, 1000 * (i + 1), 2 * i, 500 * i) for i in range(100)}
+    a.client.edit("".join(with_counts(kernel_session(port, "merge"), c)
+                          for port, c in counts.items()))
+    assert kernel_counts(a) == counts  # no traffic: the kernel has counted nothing since
+
+
+def test_a_bulk_edit_whose_entry_takes_another_ones_port_changes_nothing(nats):
+    a, _ = nats
+    entries = [kernel_session(26000 + i, "merge") for i in range(100)]
+    # The last session translates to the first one's port towards the same server: the
+    # reply tuples clash, which the kernel refuses.
+    entries[-1] = entries[-1].replace("<translated_port>26099<", "<translated_port>26000<")
+    with pytest.raises(RPCError) as taken:
+        a.client.edit("".join(entries))
+    assert "port taken" in str(taken.value)
+    assert "[src_port='26099']" in taken.value.path  # the entry the kernel refused
+    assert kernel_timeouts(a) == {}
