@@ -201,26 +201,24 @@ def by_columns(batch: list[CtEntry]) -> list[list]:
     return list(map(list, zip(*batch, strict=True)))
 
 
-@pytest.mark.parametrize("kind", sorted(ENTRIES))
-def test_a_batch_given_by_columns_comes_back_from_a_dump_as_it_went_in(conntrack, kind):
-    batch = many(ENTRIES[kind], 40, 51000)
+def assert_written_by_columns_as_they_are(conntrack, batch: list[CtEntry]) -> None:
     assert not any(conntrack.create_columns(by_columns(batch), len(batch)))
     try:
         dumped = {e.key: e for e in conntrack.dump()}
         assert [stable(dumped[e.key]) for e in batch] == [stable(e) for e in batch]
     finally:
         assert not any(conntrack.delete(batch))
+
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_a_batch_given_by_columns_comes_back_from_a_dump_as_it_went_in(conntrack, kind):
+    assert_written_by_columns_as_they_are(conntrack, many(ENTRIES[kind], 40, 51000))
 
 
 def test_a_batch_given_by_columns_of_several_shapes_comes_back_as_it_went_in(conntrack):
-    batch = [*many(ENTRIES["tcp ipv4 source nat"], 20, 52000),
-             *many(ENTRIES["tcp ipv6 source nat"], 20, 52100)]  # no one message layout
-    assert not any(conntrack.create_columns(by_columns(batch), len(batch)))
-    try:
-        dumped = {e.key: e for e in conntrack.dump()}
-        assert [stable(dumped[e.key]) for e in batch] == [stable(e) for e in batch]
-    finally:
-        assert not any(conntrack.delete(batch))
+    assert_written_by_columns_as_they_are(conntrack, [
+        *many(ENTRIES["tcp ipv4 source nat"], 20, 52000),
+        *many(ENTRIES["tcp ipv6 source nat"], 20, 52100)])  # no one message layout
 
 
 def test_a_batch_given_by_columns_reports_each_refused_entry_at_its_own_index(conntrack):
