@@ -91,8 +91,11 @@ class _BulkSSHSession(nc_ssh.SSHSession):
     def _auth(self, *args, **kwargs):
         transport = self._transport
         # A request's last bytes would wait for the acknowledgement of its earlier ones
-        # (Nagle), which the server may delay by 40 ms.
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (Nagle), which the server may delay by 40 ms. (Not for a proxy command's pipe.)
+        sock = transport.sock
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
+                                                                socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.default_window_size = WINDOW
         transport.default_max_packet_size = MAX_PACKET
         _prefer_gcm(transport)
