@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice, repeat
@@ -185,7 +185,7 @@ class Transaction:
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self.backend.lookup(keys)
 
-    def presume_absent(self, keys: list[SessionKey]) -> bool:
+    def presume_absent(self, keys: Collection[SessionKey]) -> bool:
         """Whether the plan may take ``keys`` as absent without a lookup, apply() raising
         PresumedWrongly (having changed nothing) when one of them exists after all. For a
         bulk of new sessions a lookup finds nothing, and can cost as much as the writes."""

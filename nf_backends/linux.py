@@ -14,7 +14,7 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import chain, repeat
 from operator import add, itemgetter
 from typing import Any
@@ -622,7 +622,7 @@ class _KernelTransaction(Transaction):
         self._entries.update(found)
         return self.backend._sessions_of(found)
 
-    def presume_absent(self, keys: list[SessionKey]) -> bool:
+    def presume_absent(self, keys: Collection[SessionKey]) -> bool:
         if len(keys) < PRESUME_ABSENT_FROM:
             return False
         self._keys.update(keys)

@@ -301,9 +301,9 @@ class Datastores:
         if not set(bulk.operations) <= _ADDING:
             return False
         new = bulk.new_sessions()
-        keys = new.keys()
+        keys = set(new.keys())  # one set for both: the check and what the backend records
         tx = self.backend.transaction()
-        if len(set(keys)) != len(keys) or not tx.presume_absent(keys):
+        if len(keys) != new.count or not tx.presume_absent(keys):
             return False
         try:
             tx.write_new(new)
