@@ -180,6 +180,11 @@ class Connection:
     def connected(self) -> bool:
         return self.m.connected and not self.broken
 
+    @property
+    def session_id(self) -> str | None:
+        """The server's id of this NETCONF session (for kill-session)."""
+        return self.m.session_id
+
     def rpc(self, operation: str) -> str:
         """Send one operation (XML text); its reply as text. Raises ncclient's RPCError."""
         if not self.connected:

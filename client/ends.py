@@ -10,13 +10,17 @@ from .endpoints import Connection, Credentials, Endpoint
 from .negotiate import Facts
 from .report import EndpointReport
 from .selection import Entry, Selection
+from .switchover import GatewayAddress
 
 
 @dataclass
 class Options:
     """How a migration runs; the defaults suit a live migration."""
 
-    keep_source: bool = False  # copy: the sources keep the sessions
+    keep_source: bool = False  # copy: the sources keep the sessions, nothing is switched
+    finish: bool = False  # after keep_source and a switch of one's own: delete on the sources
+    # what moves the traffic: "gateway" (the gateway-address entries), "none", or a command
+    switchover: str = "gateway"
     dry_run: bool = False  # everything up to validate on the targets, then discard
     freeze: bool = True  # hold the selection's new sessions on the sources (rpc freeze)
     freeze_timeout: int = 60  # seconds after which a source thaws by itself
@@ -64,7 +68,9 @@ class SourceEnd(End):
 
     entries: list[Entry] = field(default_factory=list)  # selected, as read
     frozen: bool = False
-    delete: str = "none"  # none | unknown | done
+    delete: str = "none"  # none | done
+    gateways: list[GatewayAddress] = field(default_factory=list)  # to move to the target
+    switched: bool = False  # its gateway addresses were taken off
 
 
 @dataclass(eq=False)
@@ -75,4 +81,6 @@ class TargetEnd(End):
     entries: list[tuple[Entry, SourceEnd]] = field(default_factory=list)  # to write, by source
     before: dict[tuple, Entry] = field(default_factory=dict)  # held before, by key
     staged: bool = False  # candidate holds our edit
-    commit: str = "none"  # none | unknown | pending (confirmed, not yet confirmed) | done
+    # none | unknown | pending (confirmed, not yet confirmed) | done
+    commit: str = "none"
+    gateways: list[GatewayAddress] = field(default_factory=list)  # written by the switchover

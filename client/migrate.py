@@ -1,19 +1,25 @@
 """The migrator: moves a selection of NAT sessions from source NF instances to target ones
-through NETCONF, with the coordination of the "Policies Migration" deck.
+through NETCONF, live: the connections keep flowing while their state moves.
 
-Phases, each timed, logged and reported: connect; negotiate (hello + yang-library of every
-end); announce (rpc announce-migration, started); lock (targets' candidate and running, the
-sources' running); freeze (rpc freeze on the sources); read (get-data, operational);
-check (conflicts between sources); prepare (what the targets hold under the moved keys);
-edit (candidate); validate; commit (confirmed when the target can); verify (read back);
-confirm; delete (from the sources); then, on every way out, unlock, thaw and announce
-finished or failed.
+Phases, each timed, logged and reported:
 
-A failure rolls back: staged changes are discarded, a pending confirmed commit is
-cancelled, a finished commit is undone by restoring what the target held before, and the
-sources keep their sessions. Running the same migration again after any failure completes
-it: writes are merges, deletes are removes, so sessions a previous run left on a target do
-not stand in the way.
+- connect; negotiate (hello + yang-library of every end); announce (rpc
+  announce-migration, started); lock (targets' candidate and running, sources' running);
+- the copy, while traffic flows: read (get-data, operational); check (conflicts between
+  sources); prepare (what the targets hold under the moved keys, the gateway addresses to
+  move); edit (candidate); validate; commit (confirmed, with the migration's persist-id);
+  verify (read back);
+- the window: freeze (new sessions of the selection held on the sources); delta (read
+  again, write what was opened, changed or ended since the copy, commit); confirm (the
+  commit point); switchover (gateway addresses onto the targets, then off the sources, or
+  the switchover command); thaw;
+- delete (on the sources, only now that no traffic reaches them there);
+- on every way out: unlock, thaw, and announce finished or failed.
+
+Before the commit point a failure rolls back (discard, cancel-commit, or a restore of
+what a target held before) and the sources keep every session; after it nothing is taken
+off a target again (recovery.py). Running the same migration again after any failure
+completes it: writes are merges, deletes are removes.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from datetime import UTC, datetime
 
 from ncclient.operations.rpc import RPCError
 
+from . import switchover
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd
 from .negotiate import problems, read_facts
+from .recovery import Recovery, failure_after_commit
 from .report import EndpointReport, PhaseRecord, Report
 from .restconf import open_connection
 from .selection import (
@@ -39,9 +47,9 @@ from .selection import (
     Selection,
     Split,
     entries_xml,
+    followed_state,
     parse_entries,
     removal_xml,
-    replacement_xml,
 )
 
 # The API in one import: Migration(sources, targets, selection, options).run() -> Report
@@ -49,10 +57,9 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
            "Selection", "Split"]
 
 log = logging.getLogger(__name__)
-_RESTORE_TRIES = 25
 
 
-class Migration:
+class Migration(Recovery):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -105,6 +112,9 @@ class Migration:
                                 selection=self.split.selection_for(e) if self.split
                                 else self.selection) for e in target_eps]
         self._freeze_t0: float | None = None
+        self.committed = False  # every target confirmed: from here on only forward
+        # names the targets' confirmed commits: only this migration confirms or cancels them
+        self.persist_id = f"{self.migration_id}-{secrets.token_hex(4)}"
 
     @property
     def ends(self) -> list[End]:
@@ -145,13 +155,16 @@ class Migration:
         return await asyncio.to_thread(self.run)
 
     def _steps(self) -> None:
-        dry = self.options.dry_run
         self._connect()
         self._negotiate()
+        if self.options.finish:
+            self._finish_copy()
+            return
+        dry = self.options.dry_run
         if not dry:
             self._announce("started")
         self._lock()
-        self._freeze()
+        # The copy, while traffic flows.
         self._read()
         self._check()
         self._prepare()
@@ -167,7 +180,13 @@ class Migration:
             return
         self._commit()
         self._verify()
+        # The short window: what changed since the copy, then the traffic moves.
+        self._freeze()
+        self._delta()
         self._confirm()
+        self.committed = True
+        self._switchover()
+        self._thaw()
         self._delete()
         self.report.sessions_moved = sum(len(t.entries) for t in self.targets)
         self.report.result = "success"
@@ -313,17 +332,29 @@ class Migration:
                 self.report.freeze_start = _now()
 
     def _read(self) -> None:
-        by_target = {t.endpoint: t for t in self.targets}
         for s in self.sources:
             with self._phase("read", s) as record:
-                text = s.conn.get_data("operational", self.selection.filter_xml())
-                s.entries = [e for e in parse_entries(text) if self.selection.matches(e)]
+                s.entries = self._read_selection(s)
                 record.detail = f"{len(s.entries)} sessions"
-            s.report.sessions = len(s.entries)
             for entry in s.entries:
-                target = by_target[self.split.target_of(entry)] if self.split else \
-                    self.targets[0]
-                target.entries.append((entry, s))
+                self._target_of(entry).entries.append((entry, s))
+        self._count_selected()
+
+    def _read_selection(self, s: SourceEnd) -> list[Entry]:
+        text = s.conn.get_data("operational", self.selection.filter_xml())
+        return [e for e in parse_entries(text) if self.selection.matches(e)]
+
+    def _target_of(self, entry: Entry) -> TargetEnd:
+        if self.split is None:
+            return self.targets[0]
+        wanted = self.split.target_of(entry)
+        return next(t for t in self.targets if t.endpoint == wanted)
+
+    def _count_selected(self) -> None:
+        for s in self.sources:
+            s.report.sessions = len(s.entries)
+        for t in self.targets:
+            t.report.sessions = len(t.entries)
         self.report.sessions_selected = sum(len(s.entries) for s in self.sources)
 
     def _check(self) -> None:
@@ -360,7 +391,8 @@ class Migration:
                                      f"was moved: {shown}{more}", "refused", conflicts)
 
     def _prepare(self) -> None:
-        """What each target holds under the selection now: a rollback restores it."""
+        """What each target holds under the selection now (a rollback restores it), and
+        which gateway addresses the switchover moves."""
         for t in self.targets:
             if not t.entries:
                 continue
@@ -369,6 +401,39 @@ class Migration:
                 held = {e.key: e for e in parse_entries(text)}
                 t.before = {e.key: held[e.key] for e, _ in t.entries if e.key in held}
             t.report.already_present = len(t.before)
+        self._plan_switchover()
+
+    def _plan_switchover(self) -> None:
+        how = self.options.switchover
+        if self.options.keep_source or self.options.dry_run:
+            self.report.switchover = "not switched (the sources keep their sessions)"
+            return
+        if how == switchover.NONE:
+            self.report.switchover = "none"
+            return
+        if how != switchover.GATEWAY:
+            self.report.switchover = "command"
+            return
+        if self.split is not None or self.selection.kind != "all":
+            self.report.switchover = "none"
+            self.report.warnings.append(
+                "the gateway addresses move only with whole NATs (selection all, one "
+                "target): the traffic of this selection is not switched; give "
+                "--switchover CMD to steer it")
+            return
+        for s in self.sources:
+            with self._phase("prepare", s):
+                s.gateways = switchover.parse_gateways(
+                    s.conn.get_data("running", switchover.gateway_filter()))
+        moving = [g for s in self.sources for g in s.gateways]
+        self.targets[0].gateways = moving
+        self.report.switchover = "gateway " + (
+            ", ".join(f"{g.address}/{g.prefix_length} ({g.interface})" for g in moving)
+            if moving else "(no gateway-address configured on the sources: nothing "
+                           "switched)")
+        if not moving:
+            self.report.warnings.append("the sources configure no gateway-address: the "
+                                        "migration switches no traffic")
 
     def _edit(self) -> None:
         for t in self.targets:
@@ -379,7 +444,6 @@ class Migration:
                 size = t.conn.edit_config(entries_xml(e for e, _ in t.entries), "candidate")
                 record.detail = f"{len(t.entries)} sessions, {size} bytes"
             self.report.state_bytes += size
-            t.report.sessions = len(t.entries)
 
     def _validate(self) -> None:
         for t in self.targets:
@@ -388,21 +452,26 @@ class Migration:
                     t.conn.simple("validate", "<source><candidate/></source>")
 
     def _commit(self) -> None:
+        """Candidate into running, as a confirmed commit with the migration's persist-id:
+        a confirmation that comes too late then fails instead of committing nothing."""
         for t in self.targets:
             if not t.staged:
                 continue
             with self._phase("commit", t):
-                t.commit = "unknown"  # until a reply says what happened
+                before, t.commit = t.commit, "unknown"  # until a reply says what happened
                 try:
                     if t.facts.confirmed_commit:
+                        extend = (f"<persist-id>{self.persist_id}</persist-id>"
+                                  if before == "pending" else "")
                         t.conn.simple("commit", "<confirmed/><confirm-timeout>"
-                                      f"{self.options.confirm_timeout}</confirm-timeout>")
+                                      f"{self.options.confirm_timeout}</confirm-timeout>"
+                                      f"<persist>{self.persist_id}</persist>{extend}")
                         t.commit = "pending"
                     else:
                         t.conn.simple("commit")
                         t.commit = "done"
                 except RPCError:
-                    t.commit = "none"  # an answered commit that failed applied nothing
+                    t.commit = before  # an answered commit that failed applied nothing
                     raise
                 t.staged = False
 
@@ -424,28 +493,142 @@ class Migration:
                         f"and {len(changed)} with another translated endpoint after the commit"
                         f" (first: {first})")
 
+    def _delta(self) -> None:
+        """Under the freeze: read the selection again and bring the copies up to date with
+        what the sources opened, changed (translation, TCP state) or ended since the copy."""
+        added: list[tuple[Entry, SourceEnd]] = []
+        changed: list[tuple[Entry, SourceEnd]] = []
+        ended: list[tuple[Entry, SourceEnd]] = []
+        for s in self.sources:
+            copied = {e.key: e for e in s.entries}
+            with self._phase("delta", s) as record:
+                now = self._read_selection(s)
+                for e in now:
+                    old = copied.pop(e.key, None)
+                    if old is None:
+                        added.append((e, s))
+                    elif followed_state(old) != followed_state(e):
+                        changed.append((e, s))
+                ended += [(e, s) for e in copied.values()]
+                record.detail = (f"{len(now)} sessions: {len(added)} new, {len(changed)} "
+                                 f"changed, {len(ended)} ended since the copy")
+            s.entries = now
+        self.report.delta = {"new": len(added), "changed": len(changed), "ended": len(ended)}
+        for t in self.targets:
+            t.entries = []
+        for s in self.sources:
+            for entry in s.entries:
+                self._target_of(entry).entries.append((entry, s))
+        self._count_selected()
+        for t in self.targets:
+            write = [e for e, _ in (*added, *changed) if self._target_of(e) is t]
+            gone = [e for e, _ in ended if self._target_of(e) is t]
+            if write or gone:
+                self._write_delta(t, write, gone)
+
+    def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry]) -> None:
+        with self._phase("delta", t) as record:
+            t.staged = True
+            size = t.conn.edit_config(entries_xml(write) + removal_xml(gone), "candidate")
+            record.detail = f"{len(write)} sessions written, {len(gone)} removed"
+        self.report.state_bytes += size
+        self._commit()
+
     def _confirm(self) -> None:
+        """The commit point: once every target has confirmed, the sessions are theirs."""
         for t in self.targets:
             if t.commit == "pending":
                 with self._phase("confirm", t):
-                    t.conn.simple("commit")
+                    t.commit = "confirming"  # a lost reply leaves it unknown
+                    try:
+                        t.conn.simple("commit", f"<persist-id>{self.persist_id}</persist-id>")
+                    except RPCError as exc:
+                        # answered: not confirmed; the confirmed commit may have timed out
+                        t.commit = "unknown"
+                        raise MigrationError(
+                            f"confirm on {t}: {describe(exc)} (the confirmed commit was "
+                            f"rolled back by the target: --confirm-timeout "
+                            f"{self.options.confirm_timeout} s passed before the "
+                            "confirmation?)") from exc
                     t.commit = "done"
+
+    def _switchover(self) -> None:
+        """Traffic to the targets: gateway addresses on the targets first, then off the
+        sources (in-flight packets still find the source's sessions), or the command."""
+        how = self.options.switchover
+        if self.options.keep_source or how == switchover.NONE:
+            return
+        started = time.perf_counter()
+        if how != switchover.GATEWAY:
+            with self._phase("switchover"):
+                try:
+                    switchover.run_hook(how, self._hook_environment())
+                except switchover.SwitchoverError as exc:
+                    raise failure_after_commit(f"switchover: {exc}") from None
+        else:
+            for t in self.targets:
+                if t.gateways:
+                    with self._phase("switchover", t, fatal=False) as record:
+                        t.conn.edit_config(switchover.activation_xml(t.gateways), "running")
+                    if not record.ok:
+                        raise failure_after_commit(f"switchover on {t}: {record.detail}; the "
+                                                   "sources still carry the traffic")
+            for s in self.sources:
+                if s.gateways:
+                    with self._phase("switchover", s, fatal=False) as record:
+                        s.conn.edit_config(switchover.deactivation_xml(s.gateways),
+                                           "running")
+                        s.switched = True
+                    if not record.ok:
+                        raise failure_after_commit(
+                            f"switchover on {s}: {record.detail}; it and the target both "
+                            "answer for the gateway addresses")
+        self.report.switchover_seconds = round(time.perf_counter() - started, 6)
+
+    def _hook_environment(self) -> dict[str, str]:
+        return {"NFMIG_MIGRATION_ID": self.migration_id,
+                "NFMIG_SOURCES": " ".join(str(s.endpoint) for s in self.sources),
+                "NFMIG_TARGETS": " ".join(str(t.endpoint) for t in self.targets),
+                "NFMIG_SELECTION": self.report.selection,
+                "NFMIG_SESSIONS": str(sum(len(t.entries) for t in self.targets))}
 
     def _delete(self) -> None:
         if self.options.keep_source:
             return
+        left = [s for s in self.sources if s.entries and not self._delete_forward(s)]
         for s in self.sources:
-            if not s.entries:
-                continue
-            with self._phase("delete", s):
-                s.delete = "unknown"
-                try:
-                    s.conn.edit_config(removal_xml(s.entries), "running")
-                except RPCError:
-                    s.delete = "none"  # answered: an edit that fails changes nothing
-                    raise
-                s.delete = "done"
-            s.report.deleted = len(s.entries)
+            s.report.deleted = len(s.entries) if s.delete == "done" else 0
+        if left:
+            for s in left:
+                self.report.warnings.append(f"{len(s.entries)} sessions are still on {s} "
+                                            "(and on their target)")
+            raise failure_after_commit(f"delete on {left[0]} failed")
+
+    def _finish_copy(self) -> None:
+        """The second step of a copy (--keep-source) once the traffic has been switched by
+        other means: each selected session the targets hold, with the same translation, is
+        deleted from its source; the others stay, and the report names how many."""
+        for s in self.sources:
+            with self._phase("lock", s):
+                s.conn.lock("running")
+                s.locked.append("running")
+        self._read()
+        held: dict[tuple, tuple | None] = {}
+        for t in self.targets:
+            with self._phase("read", t):
+                text = t.conn.get_data("running", t.selection.filter_xml())
+                held.update((e.key, e.endpoint) for e in parse_entries(text))
+        for s in self.sources:
+            copied = [e for e in s.entries if e.key in held and held[e.key] == e.endpoint]
+            if len(copied) < len(s.entries):
+                self.report.warnings.append(
+                    f"{len(s.entries) - len(copied)} sessions stay on {s}: no target holds "
+                    "them (with the same translation)")
+            s.entries = copied
+        self.committed = True
+        self._delete()
+        self.report.sessions_moved = sum(len(s.entries) for s in self.sources)
+        self.report.result = "success"
 
     # -- every way out -----------------------------------------------------------------
     def _finish(self, failure: MigrationError | None) -> None:
@@ -455,9 +638,14 @@ class Migration:
             self.report.conflicts = failure.conflicts
             log.warning("migration %s %s: %s", self.migration_id, failure.result,
                         failure.reason)
-            self._rollback()
+            if self.committed:
+                self.report.cleanup_complete = False
+            else:
+                self._rollback()
         self._unlock()
         self._thaw()
+        if failure is not None and any(p.name == "edit" for p in self.report.phases):
+            self._account()
         if not self.options.dry_run and any(e.conn for e in self.ends):
             self._announce("failed" if failure else "finished",
                            failure.reason if failure else None)
@@ -468,141 +656,17 @@ class Migration:
                 end.conn.close()
         self.report.endpoints = [e.report for e in self.ends]
 
-    def _rollback(self) -> None:
-        for s in self.sources:
-            if s.delete == "unknown":
-                self._settle_delete(s)
-        for t in self.targets:
-            # Only sessions their source still holds come off a target: none is ever lost.
-            undo = [e for e, src in t.entries if src.delete != "done"]
-            kept = len(t.entries) - len(undo)
-            if kept:
-                self.report.warnings.append(f"{kept} sessions stay on {t}: their source "
-                                            "deleted them before the failure")
-            try:
-                self._undo(t, undo)
-            except Exception as exc:
-                self.report.cleanup_complete = False
-                self.report.warnings.append(
-                    f"rollback on {t} failed ({describe(exc)}): the {len(undo)} sessions "
-                    "written there may still be there and on their source too; run the same "
-                    "migration again once it is reachable to complete the move")
-
-    def _settle_delete(self, s: SourceEnd) -> None:
-        """The delete's reply was lost: look whether the sessions are still on the source.
-        If that cannot be known, they count as deleted, so their copy stays on the target:
-        a session on both ends is repaired by the next run, a session on neither is lost."""
-        conn = self._reconnect(s)
-        try:
-            if conn is None:
-                raise EndpointError(f"{s.endpoint} is unreachable")
-            with self._phase("settle", s):
-                text = conn.get_data("running", self.selection.filter_xml())
-        except Exception as exc:
-            s.delete = "done"
-            self.report.cleanup_complete = False
+    def _close_window(self) -> None:
+        if self._freeze_t0 is None or self.report.freeze_seconds is not None:
+            return
+        seconds = time.perf_counter() - self._freeze_t0
+        self.report.freeze_end = _now()
+        self.report.freeze_seconds = round(seconds, 6)
+        if seconds > self.options.freeze_timeout:
             self.report.warnings.append(
-                f"{s}: whether it deleted the moved sessions is unknown ({describe(exc)}); "
-                "they stay on the target too; run the same migration again to finish")
-            return
-        held = {e.key for e in parse_entries(text)}
-        s.delete = "none" if any(e.key in held for e in s.entries) else "done"
-
-    def _undo(self, t: TargetEnd, undo: list[Entry]) -> None:
-        if t.commit == "none":
-            if t.staged and t.conn and t.conn.connected:
-                with self._phase("discard", t, fatal=False):
-                    t.conn.simple("discard-changes")
-            # a lost session's candidate goes with its lock (RFC 6241 §8.3.5.2)
-            t.staged = False
-            return
-        conn = t.conn if t.conn and t.conn.connected else None
-        if t.commit == "pending" and conn is not None:
-            with self._phase("cancel-commit", t, fatal=False):
-                conn.simple("cancel-commit")
-                t.commit = "none"
-                return
-        # Done, or unknown: put back what the target held (a confirmed commit whose session
-        # died is reverted by the server itself; restoring again changes nothing).
-        conn = conn or self._reconnect(t)
-        if conn is None:
-            raise EndpointError(f"{t.endpoint} is unreachable")
-        new = [e for e in undo if e.key not in t.before]
-        old = [t.before[e.key] for e in undo if e.key in t.before]
-        if not new and not old:
-            return
-        with self._phase("restore", t):
-            for attempt in range(_RESTORE_TRIES):
-                try:
-                    conn.edit_config(removal_xml(new) + replacement_xml(old), "candidate")
-                    conn.simple("commit")
-                    break
-                except RPCError as exc:
-                    # A lost session's locks are released when the server notices the loss,
-                    # which may be a moment after we reconnected.
-                    if exc.tag not in ("in-use", "lock-denied") or \
-                            attempt == _RESTORE_TRIES - 1:
-                        raise
-                    time.sleep(0.2)
-            t.commit = "none"
-
-    def _reconnect(self, end: End) -> Connection | None:
-        if end.conn is not None and end.conn.connected:
-            return end.conn
-        if end.unreachable:
-            return None
-        with self._phase("reconnect", end, fatal=False):
-            try:
-                conn = end.conn.reopen(min(self.options.connect_timeout, 10)) if end.conn \
-                    else open_connection(end.endpoint, self.options.credentials,
-                                         self.options.rpc_timeout,
-                                         min(self.options.connect_timeout, 10))
-            except Exception:
-                end.unreachable = True
-                raise
-            if end.conn is not None:
-                end.report.bytes_sent += end.conn.bytes_sent
-                end.report.bytes_received += end.conn.bytes_received
-                end.conn.close()
-            end.conn = conn
-            end.locked = []  # the old session's locks went with it
-            return conn
-        return None
-
-    def _unlock(self) -> None:
-        for end in self.ends:
-            conn = end.conn
-            for datastore in reversed(end.locked):
-                if conn is None or not conn.connected:
-                    break  # the server released them with the session
-                with self._phase("unlock", end, fatal=False):
-                    conn.unlock(datastore)
-            end.locked = []
-
-    def _thaw(self) -> None:
-        frozen = [s for s in self.sources if s.frozen]
-        for s in frozen:
-            conn = self._reconnect(s)
-            if conn is None:
-                self.report.warnings.append(f"{s} not thawed (unreachable): its window "
-                                            f"closes by itself within "
-                                            f"{self.options.freeze_timeout} s")
-                continue
-            with self._phase("thaw", s, fatal=False) as record:
-                conn.nat_rpc("thaw", **{"migration-id": self.migration_id})
-                s.frozen = False
-            if not record.ok:
-                self.report.warnings.append(f"{s} not thawed ({record.detail}): its window "
-                                            "closes by itself")
-        if self._freeze_t0 is not None:
-            seconds = time.perf_counter() - self._freeze_t0
-            self.report.freeze_end = _now()
-            self.report.freeze_seconds = round(seconds, 6)
-            if seconds > self.options.freeze_timeout:
-                self.report.warnings.append(
-                    f"the migration took {seconds:.1f} s, longer than the freeze timeout "
-                    f"({self.options.freeze_timeout} s): sessions opened after the window "
-                    "closed stay on the sources; raise --freeze-timeout")
+                f"the window took {seconds:.1f} s, longer than the freeze timeout "
+                f"({self.options.freeze_timeout} s): sessions opened after it closed stay "
+                "on the sources; raise --freeze-timeout")
 
 
 def _endpoint(value: Endpoint | str) -> Endpoint:

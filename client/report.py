@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-PHASES = ("connect", "negotiate", "announce", "lock", "freeze", "read", "check", "prepare",
-          "edit", "validate", "commit", "verify", "confirm", "delete", "unlock", "thaw",
-          "finish")
+PHASES = ("connect", "negotiate", "announce", "lock", "read", "check", "prepare", "edit",
+          "validate", "commit", "verify", "freeze", "delta", "confirm", "switchover", "thaw",
+          "delete", "unlock", "finish")
 
 
 @dataclass
@@ -55,6 +55,14 @@ class Report:
     freeze_start: str | None = None
     freeze_end: str | None = None
     freeze_seconds: float | None = None
+    # how the traffic was switched ("gateway", "none", "command", "not switched") and when
+    switchover: str | None = None
+    switchover_seconds: float | None = None
+    # sessions the sources opened, changed or ended between the copy and the freeze
+    delta: dict[str, int] = field(default_factory=dict)
+    # after a failure, where the selected sessions are, as read from the ends: counts of
+    # source_only, target_only, both, neither (ended meanwhile, or lost), unknown
+    placement: dict[str, int] | None = None
     conflicts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     vm_image_bytes: int | None = None
@@ -132,7 +140,8 @@ class Report:
             lines.append(f"    {t.endpoint}: {t.sessions} sessions"
                          + (f" ({t.already_present} already there)" if t.already_present
                             else "")
-                         + (", confirmed commit" if t.confirmed_commit else ""))
+                         + (", confirmed commit" if t.confirmed_commit and self.ok
+                            and not self.dry_run else ""))
         lines.append("  phase        seconds")
         for name, seconds in self.phase_seconds().items():
             lines.append(f"    {name:<10} {seconds:8.3f}")
@@ -140,6 +149,16 @@ class Report:
         if self.freeze_seconds is not None:
             lines.append(f"  freeze window {self.freeze_seconds:.3f} s "
                          f"({self.freeze_start} .. {self.freeze_end})")
+        if self.delta:
+            lines.append("  since the copy: " + ", ".join(f"{n} {what}" for what, n
+                                                         in self.delta.items()))
+        if self.switchover is not None:
+            lines.append(f"  switchover: {self.switchover}" + (
+                f" in {self.switchover_seconds:.3f} s" if self.switchover_seconds is not None
+                else ""))
+        if self.placement is not None:
+            lines.append("  where the selected sessions are now: " + ", ".join(
+                f"{n} {where.replace('_', ' ')}" for where, n in self.placement.items()))
         lines.append(f"  bytes on the wire: {human_bytes(self.bytes_sent)} sent, "
                      f"{human_bytes(self.bytes_received)} received; state moved "
                      f"{human_bytes(self.state_bytes)}")

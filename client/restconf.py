@@ -204,6 +204,8 @@ class RestconfConnection:
         body = f'<input xmlns="{ns or NC_NS}">{inner}</input>' if inner else None
         self._call("POST", f"/restconf/operations/{module}:{name}", body)
 
+    session_id = None  # RESTCONF has no sessions to end
+
     def lock(self, datastore: str) -> None:
         """RESTCONF has no locks; see the module's description."""
 

@@ -309,6 +309,16 @@ def _parse_tree(data_text: str) -> list[Entry]:
     return entries
 
 
+_FOLLOWED = re.compile(r"<(tcp_state|translated_dst_address|translated_dst_port)>\s*([^<]*?)\s*<")
+
+
+def followed_state(entry: Entry) -> tuple:
+    """What a copy of a session must follow when it changes on the source: its translation
+    and TCP state. Counters and the remaining timeout change with every packet; the target
+    counts on from the copy's and keeps its own timer."""
+    return entry.endpoint, tuple(_FOLLOWED.findall(entry.xml))
+
+
 def entries_xml(entries: Iterable[Entry]) -> str:
     return "".join(e.xml for e in entries)
 

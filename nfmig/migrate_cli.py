@@ -18,9 +18,20 @@ forms:
   nfmig migrate SOURCE [SOURCE ...] --to TARGET     many to one
   nfmig migrate SOURCE --split PREFIX=TARGET ...    one to many, by subscriber prefix
 
+order: the sessions are copied while traffic flows; then, under a short freeze of new
+sessions, what changed since the copy is written and the targets confirm; then the
+traffic is switched (--switchover) and only then are the sessions deleted on the sources.
+
+switchover: "gateway" (default) moves the nat-policy/gateway-address entries of the
+sources to the target (whole NATs only); "none" switches nothing; anything else is a
+shell command run once the targets hold every session, with NFMIG_MIGRATION_ID,
+NFMIG_SOURCES, NFMIG_TARGETS, NFMIG_SELECTION and NFMIG_SESSIONS set; it exits 0 once
+the traffic goes to the targets. Or copy with --keep-source, switch by your own means,
+then run the same command with --finish to delete what the targets hold.
+
 exit status: 0 moved (or the dry run passed); 1 refused or failed, and every session is
-where it was; 2 bad command line; 3 failed and the rollback could not finish (the report
-says where; running the same command again completes the migration).
+where it was; 2 bad command line; 3 failed with sessions on both sides, or the rollback
+could not finish (the report says where; running the same command again completes it).
 """
 
 
@@ -50,10 +61,11 @@ def add_parsers(sub) -> None:
         "migrate", help="move NAT sessions between NF instances over NETCONF or RESTCONF",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Move the selected sessions from the source NF instances to the target\n"
-        "ones: negotiate capabilities, announce the migration, lock the targets, freeze\n"
-        "the selection on the sources, read it, write it into the targets' candidate,\n"
-        "validate, commit (confirmed when a target supports it), verify, delete it from\n"
-        "the sources, unlock, thaw. Any failure rolls everything back.")
+        "ones while their connections keep flowing: negotiate capabilities, announce the\n"
+        "migration, lock, copy the selection into the targets' candidate, validate, commit\n"
+        "(confirmed), verify; freeze new sessions on the sources, write what changed since\n"
+        "the copy, confirm, switch the traffic over, thaw; then delete on the sources.\n"
+        "A failure before the targets confirm rolls everything back.")
     migrate.add_argument("endpoints", nargs="+", metavar="ENDPOINT",
                          help="SOURCE TARGET, or the sources when --to or --split is given; "
                               "each netconf://user@host[:port] (SSH, port 830) or "
@@ -71,7 +83,14 @@ def add_parsers(sub) -> None:
                             "\"xpath=/nfnat:nat-session[nfnat:dst_port=443]\"")
     how = migrate.add_argument_group("how")
     how.add_argument("--keep-source", action="store_true",
-                     help="copy: leave the sessions on the sources")
+                     help="copy: leave the sessions on the sources and switch nothing")
+    how.add_argument("--finish", action="store_true",
+                     help="the second step after --keep-source and a switch of your own: "
+                          "delete from the sources the selected sessions the targets hold")
+    how.add_argument("--switchover", default="gateway", metavar="HOW",
+                     help="how the traffic moves once the targets hold the sessions: "
+                          "gateway (default: the gateway-address entries move), none, or a "
+                          "shell command (see below)")
     how.add_argument("--dry-run", action="store_true",
                      help="do everything up to validating the targets' candidate, then "
                           "discard: nothing moves, no migration is announced")
@@ -153,7 +172,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
             known_hosts=args.known_hosts, ca_file=args.ca_file,
             verify_host_keys=not args.insecure_no_host_key_check)
+        if args.finish and (args.keep_source or args.dry_run):
+            raise ValueError("--finish deletes what an earlier --keep-source copied; it "
+                             "cannot be combined with --keep-source or --dry-run")
+        if not args.switchover.strip():
+            raise ValueError("--switchover needs gateway, none or a command")
         options = Options(keep_source=args.keep_source, dry_run=args.dry_run,
+                          finish=args.finish, switchover=args.switchover.strip(),
                           freeze=not args.no_freeze, freeze_timeout=args.freeze_timeout,
                           confirm_timeout=args.confirm_timeout,
                           migration_id=args.migration_id,
