@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .endpoints import Connection, Credentials, Endpoint
 from .negotiate import Facts
 from .report import EndpointReport
 from .selection import Entry, Selection
-from .switchover import GatewayAddress
+
+if TYPE_CHECKING:  # switchover.py needs this module's errors
+    from .switchover import GatewayAddress
 
 
 @dataclass
@@ -84,3 +87,10 @@ class TargetEnd(End):
     # none | unknown | pending (confirmed, not yet confirmed) | done
     commit: str = "none"
     gateways: list[GatewayAddress] = field(default_factory=list)  # written by the switchover
+
+
+def failure_after_commit(what: str) -> MigrationError:
+    """A failure past the commit point: the targets keep every session."""
+    return MigrationError(f"{what}; every session is on its target, and those named in the "
+                          "warnings are on their source too: run the same migration again "
+                          "to finish")

@@ -35,11 +35,10 @@ from datetime import UTC, datetime
 
 from ncclient.operations.rpc import RPCError
 
-from . import switchover
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
-from .ends import End, MigrationError, Options, SourceEnd, TargetEnd
+from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
 from .negotiate import problems, read_facts
-from .recovery import Recovery, failure_after_commit
+from .recovery import Recovery
 from .report import EndpointReport, PhaseRecord, Report
 from .restconf import open_connection
 from .selection import (
@@ -51,6 +50,7 @@ from .selection import (
     parse_entries,
     removal_xml,
 )
+from .switchover import Switching
 
 # The API in one import: Migration(sources, targets, selection, options).run() -> Report
 __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", "Report",
@@ -59,7 +59,7 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
 log = logging.getLogger(__name__)
 
 
-class Migration(Recovery):
+class Migration(Recovery, Switching):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -403,38 +403,6 @@ class Migration(Recovery):
             t.report.already_present = len(t.before)
         self._plan_switchover()
 
-    def _plan_switchover(self) -> None:
-        how = self.options.switchover
-        if self.options.keep_source or self.options.dry_run:
-            self.report.switchover = "not switched (the sources keep their sessions)"
-            return
-        if how == switchover.NONE:
-            self.report.switchover = "none"
-            return
-        if how != switchover.GATEWAY:
-            self.report.switchover = "command"
-            return
-        if self.split is not None or self.selection.kind != "all":
-            self.report.switchover = "none"
-            self.report.warnings.append(
-                "the gateway addresses move only with whole NATs (selection all, one "
-                "target): the traffic of this selection is not switched; give "
-                "--switchover CMD to steer it")
-            return
-        for s in self.sources:
-            with self._phase("prepare", s):
-                s.gateways = switchover.parse_gateways(
-                    s.conn.get_data("running", switchover.gateway_filter()))
-        moving = [g for s in self.sources for g in s.gateways]
-        self.targets[0].gateways = moving
-        self.report.switchover = "gateway " + (
-            ", ".join(f"{g.address}/{g.prefix_length} ({g.interface})" for g in moving)
-            if moving else "(no gateway-address configured on the sources: nothing "
-                           "switched)")
-        if not moving:
-            self.report.warnings.append("the sources configure no gateway-address: the "
-                                        "migration switches no traffic")
-
     def _edit(self) -> None:
         for t in self.targets:
             if not t.entries:
@@ -551,46 +519,6 @@ class Migration(Recovery):
                             f"{self.options.confirm_timeout} s passed before the "
                             "confirmation?)") from exc
                     t.commit = "done"
-
-    def _switchover(self) -> None:
-        """Traffic to the targets: gateway addresses on the targets first, then off the
-        sources (in-flight packets still find the source's sessions), or the command."""
-        how = self.options.switchover
-        if self.options.keep_source or how == switchover.NONE:
-            return
-        started = time.perf_counter()
-        if how != switchover.GATEWAY:
-            with self._phase("switchover"):
-                try:
-                    switchover.run_hook(how, self._hook_environment())
-                except switchover.SwitchoverError as exc:
-                    raise failure_after_commit(f"switchover: {exc}") from None
-        else:
-            for t in self.targets:
-                if t.gateways:
-                    with self._phase("switchover", t, fatal=False) as record:
-                        t.conn.edit_config(switchover.activation_xml(t.gateways), "running")
-                    if not record.ok:
-                        raise failure_after_commit(f"switchover on {t}: {record.detail}; the "
-                                                   "sources still carry the traffic")
-            for s in self.sources:
-                if s.gateways:
-                    with self._phase("switchover", s, fatal=False) as record:
-                        s.conn.edit_config(switchover.deactivation_xml(s.gateways),
-                                           "running")
-                        s.switched = True
-                    if not record.ok:
-                        raise failure_after_commit(
-                            f"switchover on {s}: {record.detail}; it and the target both "
-                            "answer for the gateway addresses")
-        self.report.switchover_seconds = round(time.perf_counter() - started, 6)
-
-    def _hook_environment(self) -> dict[str, str]:
-        return {"NFMIG_MIGRATION_ID": self.migration_id,
-                "NFMIG_SOURCES": " ".join(str(s.endpoint) for s in self.sources),
-                "NFMIG_TARGETS": " ".join(str(t.endpoint) for t in self.targets),
-                "NFMIG_SELECTION": self.report.selection,
-                "NFMIG_SESSIONS": str(sum(len(t.entries) for t in self.targets))}
 
     def _delete(self) -> None:
         if self.options.keep_source:

@@ -17,7 +17,7 @@ import time
 from ncclient.operations.rpc import RPCError
 
 from .endpoints import Connection, EndpointError, describe
-from .ends import End, MigrationError, SourceEnd, TargetEnd
+from .ends import End, SourceEnd, TargetEnd
 from .restconf import open_connection
 from .selection import Entry, parse_entries, removal_xml, replacement_xml
 from .switchover import deactivation_xml
@@ -234,10 +234,3 @@ class Recovery:
                 self.report.warnings.append(f"{s} not thawed ({record.detail}): its NAT ends "
                                             "the window by itself")
         self._close_window()
-
-
-def failure_after_commit(what: str) -> MigrationError:
-    """A failure past the commit point: the targets keep every session."""
-    return MigrationError(f"{what}; every session is on its target, and those named in the "
-                          "warnings are on their source too: run the same migration again "
-                          "to finish")

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 from lxml import etree
 
+from .ends import failure_after_commit
 from .netconf import NAT_NS, NC_NS
 
 GATEWAY = "gateway"
@@ -78,6 +80,82 @@ def deactivation_xml(gateways: list[GatewayAddress]) -> str:
     """The edit that takes these gateway addresses off a source (absent ones are fine)."""
     return (f'<nat-policy xmlns="{NAT_NS}">{"".join(g.xml("remove") for g in gateways)}'
             "</nat-policy>")
+
+
+class Switching:
+    """The switchover's part of :class:`~nfmig.client.migrate.Migration`."""
+
+    def _plan_switchover(self) -> None:
+        how = self.options.switchover
+        if self.options.keep_source or self.options.dry_run:
+            self.report.switchover = "not switched (the sources keep their sessions)"
+            return
+        if how == NONE:
+            self.report.switchover = "none"
+            return
+        if how != GATEWAY:
+            self.report.switchover = "command"
+            return
+        if self.split is not None or self.selection.kind != "all":
+            self.report.switchover = "none"
+            self.report.warnings.append(
+                "the gateway addresses move only with whole NATs (selection all, one "
+                "target): the traffic of this selection is not switched; give "
+                "--switchover CMD to steer it")
+            return
+        for s in self.sources:
+            with self._phase("prepare", s):
+                s.gateways = parse_gateways(
+                    s.conn.get_data("running", gateway_filter()))
+        moving = [g for s in self.sources for g in s.gateways]
+        self.targets[0].gateways = moving
+        self.report.switchover = "gateway " + (
+            ", ".join(f"{g.address}/{g.prefix_length} ({g.interface})" for g in moving)
+            if moving else "(no gateway-address configured on the sources: nothing "
+                           "switched)")
+        if not moving:
+            self.report.warnings.append("the sources configure no gateway-address: the "
+                                        "migration switches no traffic")
+
+    def _switchover(self) -> None:
+        """Traffic to the targets: gateway addresses on the targets first, then off the
+        sources (in-flight packets still find the source's sessions), or the command."""
+        how = self.options.switchover
+        if self.options.keep_source or how == NONE:
+            return
+        started = time.perf_counter()
+        if how != GATEWAY:
+            with self._phase("switchover"):
+                try:
+                    run_hook(how, self._hook_environment())
+                except SwitchoverError as exc:
+                    raise failure_after_commit(f"switchover: {exc}") from None
+        else:
+            for t in self.targets:
+                if t.gateways:
+                    with self._phase("switchover", t, fatal=False) as record:
+                        t.conn.edit_config(activation_xml(t.gateways), "running")
+                    if not record.ok:
+                        raise failure_after_commit(f"switchover on {t}: {record.detail}; the "
+                                                   "sources still carry the traffic")
+            for s in self.sources:
+                if s.gateways:
+                    with self._phase("switchover", s, fatal=False) as record:
+                        s.conn.edit_config(deactivation_xml(s.gateways),
+                                           "running")
+                        s.switched = True
+                    if not record.ok:
+                        raise failure_after_commit(
+                            f"switchover on {s}: {record.detail}; it and the target both "
+                            "answer for the gateway addresses")
+        self.report.switchover_seconds = round(time.perf_counter() - started, 6)
+
+    def _hook_environment(self) -> dict[str, str]:
+        return {"NFMIG_MIGRATION_ID": self.migration_id,
+                "NFMIG_SOURCES": " ".join(str(s.endpoint) for s in self.sources),
+                "NFMIG_TARGETS": " ".join(str(t.endpoint) for t in self.targets),
+                "NFMIG_SELECTION": self.report.selection,
+                "NFMIG_SESSIONS": str(sum(len(t.entries) for t in self.targets))}
 
 
 def run_hook(command: str, environment: dict[str, str]) -> None:

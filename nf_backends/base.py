@@ -84,6 +84,23 @@ class AddressMapping:
     external_address: str
 
 
+@dataclass(frozen=True)
+class GatewayAddress:
+    """One gateway-address entry: an address the instance answers for on one interface."""
+
+    address: str
+    interface: str  # "inside" | "outside"
+    prefix_length: int
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    @property
+    def with_prefixlen(self) -> str:
+        return f"{self.address}/{self.prefix_length}"
+
+
 @dataclass
 class NatPolicy:
     """The nat-policy container in Python terms (defaults as in the model)."""
@@ -93,6 +110,7 @@ class NatPolicy:
     inside_prefix: list[str] = field(default_factory=list)
     external_address: list[str] = field(default_factory=list)
     address_mapping: list[AddressMapping] = field(default_factory=list)
+    gateway_address: list[GatewayAddress] = field(default_factory=list)
     port_min: int = 1024
     port_max: int = 65535
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -223,10 +241,13 @@ class Backend(ABC):
             listener(events)
 
     @abstractmethod
-    def hold_new_sessions(self, prefixes: list[str]) -> None:
+    def hold_new_sessions(self, prefixes: list[str], timeout: float | None = None) -> None:
         """Create no new session for sources in ``prefixes`` (an empty list releases
         them); existing sessions keep flowing. This is the migration window: a session
-        opened during a move would otherwise be left behind."""
+        opened during a move would otherwise be left behind.
+
+        ``timeout``: seconds after which the hold ends by itself even if nobody releases
+        it (the server that set it may be gone by then); None holds until released."""
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Begin serving (threads, daemons). Called once by the server."""

@@ -120,6 +120,7 @@ class SimulatedBackend(Backend):
         self._mappings: list[tuple[bool, int, int, int]] = []
         # (is IPv6, network, netmask) per held prefix: no new sessions from there
         self._held: list[tuple[bool, int, int]] = []
+        self._held_until: float | None = None  # time.monotonic() when the hold ends
         self._traffic_rate = traffic_rate
         self._tick = tick
         self._rng = random.Random(rng_seed)
@@ -193,7 +194,7 @@ class SimulatedBackend(Backend):
             self._policy = policy
             self._mappings = mappings
 
-    def hold_new_sessions(self, prefixes: list[str]) -> None:
+    def hold_new_sessions(self, prefixes: list[str], timeout: float | None = None) -> None:
         held = []
         for prefix in prefixes:
             network = ipaddress.ip_network(prefix, strict=False)
@@ -201,6 +202,12 @@ class SimulatedBackend(Backend):
                          int(network.netmask)))
         with self._lock:
             self._held = held
+            self._held_until = None if timeout is None else time.monotonic() + timeout
+
+    def _is_held(self, src: int, v6: bool, now: float) -> bool:
+        if not self._held or (self._held_until is not None and now >= self._held_until):
+            return False
+        return any(is_v6 == v6 and src & mask == net for is_v6, net, mask in self._held)
 
     def stats(self) -> BackendStats:
         with self._lock:
@@ -263,8 +270,7 @@ class SimulatedBackend(Backend):
         sport = 1024 + index % 60000
         dst = (198 << 24) | (51 << 16) | (100 << 8) | (1 + index % 250)
         nkey = (6, src, sport, dst, 443, False)
-        if nkey in self._table or any(not v6 and src & mask == net
-                                      for v6, net, mask in self._held):
+        if nkey in self._table or self._is_held(src, False, now):
             return None
         for nat_ip in self._externals(src, False):
             port = self._allocate_port(6, nat_ip)

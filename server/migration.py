@@ -2,13 +2,17 @@
 and rpc announce-migration (migration events for every subscriber).
 
 A window holds new sessions of its selection in the backend until thawed or timed out; the
-timeout is the server's, so a migrator that vanishes never leaves the NAT frozen.
+timeout is the server's, so a migrator that vanishes never leaves the NAT frozen, and the
+backend's too (the hold is set to end when the longest open window does), so a server that
+dies with a window open does not either.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from lxml import etree
@@ -25,6 +29,12 @@ EVERY_SOURCE = ["0.0.0.0/0", "::/0"]
 DEFAULT_WINDOW = 60  # seconds, as the model's default for freeze/timeout
 
 
+class _Window(NamedTuple):
+    prefixes: list[str]
+    timer: threading.Timer
+    deadline: float  # time.monotonic() when it times out
+
+
 class MigrationWindows:
     """Open freeze windows by migration-id, and what the backend holds because of them."""
 
@@ -33,7 +43,7 @@ class MigrationWindows:
         self.hub = hub
         self.schema = schema
         self.namespace = namespace
-        self._windows: dict[str, tuple[list[str], threading.Timer]] = {}
+        self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
     # -- operations --------------------------------------------------------------------
@@ -42,11 +52,12 @@ class MigrationWindows:
         migration_id = request["migration-id"]
         prefixes = request.get("source-prefix") or EVERY_SOURCE
         timeout = int(request.get("timeout", DEFAULT_WINDOW))
+        deadline = time.monotonic() + timeout
         timer = threading.Timer(timeout, self._expire, args=(migration_id,))
         timer.daemon = True
         with self._lock:
             previous = self._windows.get(migration_id)
-            self._windows[migration_id] = (prefixes, timer)
+            self._windows[migration_id] = _Window(prefixes, timer, deadline)
             try:
                 self._hold()
             except BackendError as exc:
@@ -54,7 +65,7 @@ class MigrationWindows:
                 raise errors.operation_failed(f"the NAT cannot hold new sessions: {exc}") \
                     from None
             if previous is not None:
-                previous[1].cancel()
+                previous.timer.cancel()
             timer.start()
         log.info("migration %s: new sessions from %s held for at most %d s", migration_id,
                  ", ".join(prefixes), timeout)
@@ -79,8 +90,8 @@ class MigrationWindows:
     # -- windows -----------------------------------------------------------------------
     def close_all(self) -> None:
         with self._lock:
-            for _prefixes, timer in self._windows.values():
-                timer.cancel()
+            for window in self._windows.values():
+                window.timer.cancel()
             self._windows.clear()
 
     def _expire(self, migration_id: str) -> None:
@@ -99,7 +110,7 @@ class MigrationWindows:
             window = self._windows.pop(migration_id, None)
             if window is None:
                 return  # thawing a closed window is fine: migrators thaw on every way out
-            window[1].cancel()
+            window.timer.cancel()
             try:
                 self._hold()
             except BackendError as exc:
@@ -109,15 +120,20 @@ class MigrationWindows:
                     from None
         log.info("migration %s: window %s", migration_id, how)
 
-    def _restore(self, migration_id: str, previous: tuple | None) -> None:
+    def _restore(self, migration_id: str, previous: _Window | None) -> None:
         if previous is None:
             self._windows.pop(migration_id, None)
         else:
             self._windows[migration_id] = previous
 
     def _hold(self) -> None:
-        held = sorted({p for prefixes, _ in self._windows.values() for p in prefixes})
-        self.backend.hold_new_sessions(held)
+        """Hold what the open windows select, until the last of them times out: should
+        this server die meanwhile, the backend ends the hold by itself then."""
+        windows = self._windows.values()
+        held = sorted({p for window in windows for p in window.prefixes})
+        last = max((window.deadline for window in windows), default=None)
+        timeout = None if last is None else max(0.0, last - time.monotonic())
+        self.backend.hold_new_sessions(held, timeout)
 
     # -- input -------------------------------------------------------------------------
     def _input(self, op: etree._Element) -> dict:
