@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
+from .endpoints import Credentials, Endpoint
 from .local import LocalServer, start_local_server
-from .netconf import NatClient, timed
+from .migrate import Migration, Options
+from .netconf import NatClient
+from .report import Report
 
 
 def run_demo(sessions: int) -> int:
@@ -20,9 +24,11 @@ def run_demo(sessions: int) -> int:
     with tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
         servers: list[LocalServer] = []
         try:
-            a = start_local_server(Path(tmp) / "nat-a", "--sessions", str(sessions))
+            password = secrets.token_urlsafe(16)
+            a = start_local_server(Path(tmp) / "nat-a", "--sessions", str(sessions),
+                                   password=password)
             servers.append(a)
-            b = start_local_server(Path(tmp) / "nat-b")
+            b = start_local_server(Path(tmp) / "nat-b", password=password)
             servers.append(b)
             print(f"NAT A: simulated, {sessions} sessions, NETCONF on 127.0.0.1:{a.port}")
             print(f"NAT B: simulated, empty, NETCONF on 127.0.0.1:{b.port}")
@@ -33,22 +39,25 @@ def run_demo(sessions: int) -> int:
 
 
 def _migrate(a: LocalServer, b: LocalServer, expected: int) -> int:
+    report = migrate_between(a, b)
+    print(report.summary())
     src = NatClient("127.0.0.1", a.port, a.user, a.password, hostkey_verify=False)
     dst = NatClient("127.0.0.1", b.port, b.user, b.password, hostkey_verify=False)
     try:
-        (body, reply_bytes), t_get = timed(src.get_sessions)
-        moved = body.count("<nat-session")
-        request_bytes, t_edit = timed(dst.edit, body)
-        _, t_del = timed(src.delete_sessions, body)
         left_on_a = src.get_sessions()[0].count("<nat-session")
         on_b = dst.get_sessions()[0].count("<nat-session")
     finally:
         src.close()
         dst.close()
-    print(f"get-data on A      {t_get:7.3f} s  {reply_bytes:>10,} bytes  {moved} sessions")
-    print(f"edit-config on B   {t_edit:7.3f} s  {request_bytes:>10,} bytes")
-    print(f"delete on A        {t_del:7.3f} s")
     print(f"after: A has {left_on_a} sessions, B has {on_b}")
-    ok = moved == expected and on_b == expected and left_on_a == 0
+    ok = report.ok and on_b == expected and left_on_a == 0
     print("migration complete" if ok else "migration INCOMPLETE")
     return 0 if ok else 1
+
+
+def migrate_between(a: LocalServer, b: LocalServer, **options) -> Report:
+    """What `nfmig migrate` does, from A's server to B's (both started with one password)."""
+    credentials = Credentials(password=a.password, verify_host_keys=False)
+    return Migration([Endpoint("127.0.0.1", a.port, a.user)],
+                     Endpoint("127.0.0.1", b.port, b.user), None,
+                     Options(credentials=credentials, **options)).run()

@@ -8,13 +8,14 @@ removed afterwards, as is NAT B's private Open vSwitch.
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from pathlib import Path
 
 from nfmig.testbed import TestBed
 from nfmig.testbed_ovs import without_checksum_offload
 
-from .demo_linux import POLICY, move_live_stream
+from .demo_linux import gateway_policy, move_live_stream
 from .local import LocalServer, start_local_server
 from .netconf import NatClient
 
@@ -25,21 +26,21 @@ def run_hetero_demo() -> int:
     with TestBed() as bed, tempfile.TemporaryDirectory(prefix="nfmig-demo-") as tmp:
         without_checksum_offload(bed)
         servers: list[LocalServer] = []
-        clients: list[NatClient] = []
+        password = secrets.token_urlsafe(16)
         try:
             for name, backend, ns in (("a", "linux", bed.nat_a), ("b", "openflow", bed.nat_b)):
                 servers.append(start_local_server(Path(tmp) / name, "--backend", backend,
-                                                  "--netns", ns))
+                                                  "--netns", ns, password=password))
                 server = servers[-1]
-                clients.append(NatClient("127.0.0.1", server.port, server.user,
-                                         server.password, hostkey_verify=False))
-                clients[-1].edit(POLICY)
+                client = NatClient("127.0.0.1", server.port, server.user, server.password,
+                                   hostkey_verify=False)
+                try:
+                    client.edit(gateway_policy(gateways=name == "a"))
+                finally:
+                    client.close()
                 print(f"NAT {name.upper()}: {backend} in namespace {ns}, NETCONF on "
                       f"127.0.0.1:{server.port}")
-            bed.activate(bed.nat_a)
-            return move_live_stream(bed, *clients)
+            return move_live_stream(bed, *servers)
         finally:
-            for client in clients:
-                client.close()
             for server in servers:
                 server.stop()

@@ -3,10 +3,10 @@ NAT B while it runs (demo_hetero.py serves a Linux kernel NAT as A and the SDN N
 
 Hosts live in network namespaces of a test bed built for the demo and removed afterwards:
 a client, NAT A, NAT B and a server. A stream runs from client to server and back the whole
-time; the demo moves the NAT sessions with the NETCONF servers of the two NATs (get-data on
-A, edit-config on B, delete on A), switches the gateway to B, and reports what the stream saw.
+time; the demo runs the migrator (what `nfmig migrate` runs) from A's NETCONF server to
+B's: it copies the session, confirms, moves the gateway addresses and deletes on A; then
+it reports what the stream saw.
 """
-
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +15,9 @@ import time
 
 from nfmig.testbed import TestBed
 
-from .netconf import NAT_NS, NatClient, timed
+from .demo import migrate_between
+from .local import LocalServer
+from .netconf import NAT_NS, NatClient
 
 PORT = 5000
 # Echoes what it receives; says which address:port the connection came from (the NAT's).
@@ -40,7 +42,21 @@ POLICY = (f'<nat-policy xmlns="{NAT_NS}"><inside-interface>inside</inside-interf
           "<port-min>20000</port-min><port-max>29999</port-max></nat-policy>")
 
 
-def move_live_stream(bed: TestBed, a: NatClient, b: NatClient) -> int:
+def gateway_policy(gateways: bool) -> str:
+    """The demo NATs' policy; the active one also answers for the gateway addresses."""
+    if not gateways:
+        return POLICY
+    entries = "".join(
+        f"<gateway-address><address>{address}</address><interface>{side}</interface>"
+        "<prefix-length>24</prefix-length></gateway-address>"
+        for address, side in ((TestBed.INSIDE_GATEWAY, "inside"),
+                              (TestBed.EXTERNAL, "outside")))
+    return POLICY.replace("</nat-policy>", entries + "</nat-policy>")
+
+
+def move_live_stream(bed: TestBed, a: LocalServer, b: LocalServer) -> int:
+    """A stream through A; then the migrator moves its session and the gateway addresses
+    to B while it runs."""
     echo = bed.popen(bed.server, sys.executable, "-c", ECHO, stdout=subprocess.PIPE, text=True)
     _expect(echo, "listening")
     stream = bed.popen(bed.client, sys.executable, "-c", STREAM, TestBed.SERVER,
@@ -50,28 +66,27 @@ def move_live_stream(bed: TestBed, a: NatClient, b: NatClient) -> int:
     print(f"stream {TestBed.CLIENT} -> {TestBed.SERVER}:{PORT} runs through NAT A; the "
           f"server sees it from {peer[0]}:{peer[1]}")
     time.sleep(1)
-    # A keeps forwarding until the gateway moves, so the stream never meets a NAT without
-    # its session: copy to B, switch, and only then delete on A.
-    (body, reply_bytes), t_get = timed(a.get_sessions)
-    request_bytes, t_edit = timed(b.edit, body)
-    t_switch = bed.switch_over(bed.nat_a, bed.nat_b)
-    _, t_delete = timed(a.delete_sessions, body)
-    moved = body.count("<nat-session")
-    print(f"get-data on A      {t_get:7.3f} s  {reply_bytes:>9,} bytes  {moved} session(s)")
-    print(f"edit-config on B   {t_edit:7.3f} s  {request_bytes:>9,} bytes")
-    print(f"gateway A -> B     {t_switch:7.3f} s")
-    print(f"delete on A        {t_delete:7.3f} s")
+    report = migrate_between(a, b)
+    print(report.summary())
     time.sleep(2)
     stream.stdin.write("stop\n")
     stream.stdin.flush()
     total, worst = _expect(stream, "done")
-    left_on_a = a.get_sessions()[0].count("<nat-session")
-    on_b = b.get_sessions()[0].count("<nat-session")
+    left_on_a, on_b = (_session_count(s) for s in (a, b))
     print(f"the stream moved {int(total):,} bytes each way; longest wait for an echo "
           f"{worst} ms; NAT A now holds {left_on_a} session(s), NAT B {on_b}")
-    ok = stream.wait(10) == 0 and moved >= 1 and left_on_a == 0 and on_b >= 1
+    ok = stream.wait(10) == 0 and report.ok and left_on_a == 0 and on_b >= 1
     print("the connection kept flowing through NAT B" if ok else "migration FAILED")
     return 0 if ok else 1
+
+
+def _session_count(server: LocalServer) -> int:
+    client = NatClient("127.0.0.1", server.port, server.user, server.password,
+                       hostkey_verify=False)
+    try:
+        return client.get_sessions()[0].count("<nat-session")
+    finally:
+        client.close()
 
 
 def _expect(proc: subprocess.Popen, word: str) -> list[str]:
