@@ -172,9 +172,17 @@ class RestconfConnection:
             module = _MODULES.get(qname.namespace) if qname.namespace != NC_NS else None
             module = module or self._module_of(qname.namespace)
             path += f"/{module}:{qname.localname}"
+            try:
+                text = _resource_text(self._call("GET", path))
+            except RPCError as exc:
+                # get-data of a node that does not exist selects nothing; RESTCONF says 404
+                if exc.tag not in ("invalid-value", "data-missing"):
+                    raise
+                return ""
             if all(len(c) == 0 for c in tops):
-                return _resource_text(self._call("GET", path))
-        text = _resource_text(self._call("GET", path))
+                return text
+        else:
+            text = _resource_text(self._call("GET", path))
         if wanted is None:
             return text
         data = etree.fromstring(f"<data>{text}</data>".encode(), parser=_PARSER)
@@ -269,22 +277,52 @@ def _session_edits(body: str) -> list[str] | None:
     return edits
 
 
+# Keys of the lists inside nat-policy: an entry edited with its own operation (a gateway
+# address a switchover removes) becomes an edit of its own, as YANG Patch values carry none.
+_POLICY_LIST_KEYS = {"gateway-address": "address", "address-mapping": "inside-prefix"}
+
+
 def _tree_edits(body: str) -> list[str]:
     root = etree.fromstring(f'<x xmlns="{NAT_NS}" xmlns:nc="{NC_NS}">{body}</x>'.encode(),
                             parser=_PARSER)
     edits = []
-    for number, node in enumerate((c for c in root if isinstance(c.tag, str)), 1):
+    for node in (c for c in root if isinstance(c.tag, str)):
         operation = node.attrib.pop(f"{{{NC_NS}}}operation", "merge")
         qname = etree.QName(node)
         target = f"/{_MODULES.get(qname.namespace, 'nfmig-nat')}:{qname.localname}"
         if qname.localname == "nat-session":
             target += "=" + ",".join(quote((node.findtext(f"{{{NAT_NS}}}{k}") or "").strip(),
                                            safe="") for k in KEY_LEAVES)
+        own = _entries_with_operations(node, target)
         etree.cleanup_namespaces(node)
+        if not own or len(node):
+            value = None if operation in ("delete", "remove") else \
+                etree.tostring(node, encoding="unicode", with_tail=False)
+            edits.append((operation, target, value))
+        edits += own
+    return [_edit(number, *edit) for number, edit in enumerate(edits, 1)]
+
+
+def _entries_with_operations(node: etree._Element, parent: str
+                             ) -> list[tuple[str, str, str | None]]:
+    """Take the list entries that carry nc:operation out of ``node``: (operation, target,
+    value) of each."""
+    found = []
+    for child in list(node):
+        operation = child.attrib.get(f"{{{NC_NS}}}operation") if isinstance(child.tag, str) \
+            else None
+        key = _POLICY_LIST_KEYS.get(etree.QName(child).localname) if operation else None
+        if key is None:
+            continue
+        del child.attrib[f"{{{NC_NS}}}operation"]
+        node.remove(child)
+        value_of_key = (child.findtext(f"{{{NAT_NS}}}{key}") or "").strip()
+        target = f"{parent}/{etree.QName(child).localname}={quote(value_of_key, safe='')}"
+        etree.cleanup_namespaces(child)
         value = None if operation in ("delete", "remove") else \
-            etree.tostring(node, encoding="unicode", with_tail=False)
-        edits.append(_edit(number, operation, target, value))
-    return edits
+            etree.tostring(child, encoding="unicode", with_tail=False)
+        found.append((operation, target, value))
+    return found
 
 
 def _resource_text(text: str) -> str:

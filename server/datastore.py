@@ -27,6 +27,7 @@ from nfmig.nf_backends.base import (
     AddressMapping,
     Backend,
     BackendError,
+    GatewayAddress,
     NatPolicy,
     PresumedWrongly,
     Session,
@@ -37,6 +38,7 @@ from nfmig.nf_backends.base import (
 )
 
 from . import errors
+from .confirmed_commit import ConfirmedCommit, PendingConfirm
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
 from .gc_pause import collector_paused
@@ -98,19 +100,6 @@ class Candidate:
         return self.policy_changed or bool(self.sessions)
 
 
-@dataclass
-class PendingConfirm:
-    """A confirmed commit awaiting its confirming commit (RFC 6241 §8.4): who may confirm
-    or cancel it, and how to put running back as it was."""
-
-    session_id: int
-    persist: str | None
-    undo_policy: etree._Element | None
-    undo_sessions: dict[tuple, Session | None]  # None: the session did not exist before
-    timer: threading.Timer
-    policy_changed: bool = False
-
-
 class Datastores:
     def __init__(self, schema: Schema, backend: Backend, state_dir: Path):
         self.schema = schema
@@ -122,23 +111,26 @@ class Datastores:
         self._lock = threading.RLock()
         self._policy: etree._Element | None = None
         self._candidate: Candidate | None = None
-        self._pending: PendingConfirm | None = None
+        self._confirmed = ConfirmedCommit(self.state_dir, self._undo, self._expire)
         self.locks: dict[str, int] = {}
         self.startup_path = self.state_dir / "startup.xml"
 
     # -- start-up ----------------------------------------------------------------------
     def load_startup(self) -> None:
-        """Make running what startup holds, if the state directory has one."""
-        if not self.startup_path.exists():
-            return
-        text = self.startup_path.read_text()
-        try:
-            config = etree.fromstring(f"<config>{text}</config>".encode())
-            self._replace_running(config)
-        except (etree.XMLSyntaxError, RpcError) as exc:
-            raise RuntimeError(f"{self.startup_path}: not a valid startup configuration: "
-                               f"{exc}") from None
-        log.info("running loaded from %s", self.startup_path)
+        """Make running what startup holds, if the state directory has one; then roll back
+        a confirmed commit that an earlier run left pending (RFC 6241 §8.4: one never
+        confirmed is undone, and a kernel NAT still holds what it wrote)."""
+        if self.startup_path.exists():
+            text = self.startup_path.read_text()
+            try:
+                config = etree.fromstring(f"<config>{text}</config>".encode())
+                self._replace_running(config)
+            except (etree.XMLSyntaxError, RpcError) as exc:
+                raise RuntimeError(f"{self.startup_path}: not a valid startup configuration: "
+                                   f"{exc}") from None
+            log.info("running loaded from %s", self.startup_path)
+        with self._lock, collector_paused():
+            self._confirmed.roll_back_recorded()
 
     # -- reads -------------------------------------------------------------------------
     def config_nodes(self, datastore: str) -> list[TopNode]:
@@ -395,6 +387,9 @@ class Datastores:
             external_address=list(p.get("external-address", [])),
             address_mapping=[AddressMapping(m["inside-prefix"], m["external-address"])
                              for m in p.get("address-mapping", [])],
+            gateway_address=[GatewayAddress(g["address"], g["interface"],
+                                            g["prefix-length"])
+                             for g in p.get("gateway-address", [])],
             port_min=p.get("port-min", 1024), port_max=p.get("port-max", 65535),
             timeouts=Timeouts(t.get("tcp-established", 432000), t.get("tcp-transitory", 120),
                               t.get("udp", 120), t.get("icmp", 30)),
@@ -465,7 +460,10 @@ class Datastores:
         (through ``tx`` when the sessions were just looked up in it)."""
         old_policy = self._policy
         if policy_changed:
-            self.backend.apply_policy(self._policy_from_xml(policy))
+            try:
+                self.backend.apply_policy(self._policy_from_xml(policy))
+            except BackendError as exc:  # the backend undid its part; nothing changed
+                raise _backend_error(exc, self.decoder) from None
             self._policy = policy
         batch = SessionChanges(
             upserts=[s for s in sessions.values() if s is not None],
@@ -525,12 +523,7 @@ class Datastores:
         plain commit of the same session, or one naming its persist id) within timeout."""
         with self._lock, collector_paused():
             self.check_writable("running", session_id)
-            pending = self._pending
-            if pending is not None:
-                self._check_confirmer(pending, session_id, persist_id)
-            elif persist_id is not None:
-                raise errors.invalid_value("no confirmed commit is pending, so persist-id "
-                                           "names nothing", info={"bad-element": "persist-id"})
+            pending = self._confirmed.check(session_id, persist_id)
             candidate = self._candidate
             changes: dict[tuple, Session | None] = {}
             live: dict[tuple, Session] = {}
@@ -541,94 +534,42 @@ class Datastores:
                                   if confirmed or v is None])
                 changes = {k: v for k, v in candidate.sessions.items()
                            if v is not None or k in live}
-            if confirmed:
-                self._remember_for_undo(session_id, persist, timeout, candidate, changes, live)
+            if confirmed:  # recorded (on disk too) before the backend changes
+                self._confirmed.remember(session_id, persist, timeout, self._policy,
+                                         candidate is not None and candidate.policy_changed,
+                                         changes, live)
             if candidate is not None and candidate.modified:
                 try:
                     self._commit_changes(candidate.policy, candidate.policy_changed, changes,
                                          tx)
                 except RpcError:
                     if pending is None and confirmed:
-                        self._drop_pending()
+                        self._confirmed.settle()
                     raise
                 self._candidate = None
             if not confirmed and pending is not None:
-                self._drop_pending()
+                self._confirmed.settle()
                 log.info("confirmed commit confirmed by session %s", session_id)
 
     def cancel_commit(self, session_id: int, persist_id: str | None) -> None:
         with self._lock, collector_paused():
-            pending = self._pending
-            if pending is None:
-                raise errors.operation_failed("no confirmed commit is pending",
-                                              type="protocol")
-            self._check_confirmer(pending, session_id, persist_id)
-            self._roll_back("cancelled")
+            self._confirmed.cancel(session_id, persist_id)
 
     def session_ended(self, session_id: int) -> None:
         """A confirmed commit without persist ends with its session (RFC 6241 §8.4.1)."""
         with self._lock, collector_paused():
-            pending = self._pending
-            if pending is not None and pending.persist is None \
-                    and pending.session_id == session_id:
-                self._roll_back(f"session {session_id} closed before confirming")
-
-    def _check_confirmer(self, pending: PendingConfirm, session_id: int,
-                         persist_id: str | None) -> None:
-        if pending.persist is not None:
-            if persist_id != pending.persist:
-                raise errors.invalid_value("persist-id does not match the pending confirmed "
-                                           "commit's persist", info={"bad-element":
-                                                                     "persist-id"})
-        elif session_id != pending.session_id:
-            raise errors.in_use(f"a confirmed commit of session {pending.session_id} is "
-                                "pending; only that session may confirm or cancel it")
-
-    def _remember_for_undo(self, session_id: int, persist: str | None, timeout: int,
-                           candidate: Candidate | None, changes: dict,
-                           before: dict[tuple, Session]) -> None:
-        """Record what running was before this commit (``before``: what it holds under the
-        changed keys; the first of a series keeps its policy, later ones add the sessions
-        they touch) and (re)start the timer."""
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = PendingConfirm(session_id, persist, self._policy, {},
-                                                     threading.Timer(0, lambda: None))
-        else:
-            pending.timer.cancel()
-            pending.persist = persist
-        for key in changes:
-            pending.undo_sessions.setdefault(key, before.get(key))
-        if candidate is not None and candidate.policy_changed:
-            pending.policy_changed = True
-        pending.timer = threading.Timer(timeout, self._expire, args=(pending,))
-        pending.timer.daemon = True
-        pending.timer.start()
-        log.info("confirmed commit by session %s: rolled back unless confirmed within %d s",
-                 session_id, timeout)
+            self._confirmed.session_ended(session_id)
 
     def _expire(self, pending: PendingConfirm) -> None:
         with self._lock, collector_paused():
-            if self._pending is pending:
-                self._roll_back("its confirm timeout expired")
+            if self._confirmed.pending is pending:  # not confirmed or extended meanwhile
+                self._confirmed.roll_back("its confirm timeout expired")
 
-    def _roll_back(self, why: str) -> None:
-        pending = self._pending
-        assert pending is not None
-        self._drop_pending()
-        exists = self.backend.lookup([k for k, v in pending.undo_sessions.items() if v is None])
-        undo = {k: v for k, v in pending.undo_sessions.items() if v is not None or k in exists}
-        try:
-            self._commit_changes(pending.undo_policy, pending.policy_changed, undo)
-        except RpcError as exc:
-            log.error("rolling back the confirmed commit (%s) failed: %s", why, exc.message)
-            return
-        log.warning("confirmed commit rolled back: %s (%d sessions restored)", why, len(undo))
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None:
-            self._pending.timer.cancel()
-            self._pending = None
+    def _undo(self, pending: PendingConfirm) -> int:
+        """Put running back as a confirmed commit found it; the sessions written."""
+        undo = pending.undo_changes(self.backend.lookup)
+        self._commit_changes(pending.undo_policy, pending.policy_changed, undo)
+        return len(undo)
 
     def discard_changes(self, session_id: int) -> None:
         with self._lock:

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -299,18 +298,19 @@ def test_a_required_feature_the_ends_lack_is_refused(nats):
 
 
 # -- failures in flight: rolled back ------------------------------------------------------
-def kill_soon(nat: Nat, phase: str, delay: float = 0.02):
-    """An on_phase hook that kills ``nat`` ``delay`` s after ``phase`` starts on it."""
+def kill_at(nat: Nat, phase: str):
+    """An on_phase hook that kills ``nat`` as ``phase`` starts on it: the phase's request
+    meets a dead server (a delay would race the phase's own end on a fast machine)."""
     def hook(name: str, endpoint: str | None) -> None:
-        if name == phase and endpoint == nat.url:
-            threading.Timer(delay, nat.kill).start()
+        if name == phase and endpoint == nat.url and nat.server.alive():
+            nat.kill()
     return hook
 
 
 def test_target_killed_mid_edit_leaves_every_session_on_the_source(nats):
     a, b = nats(3000, 0)
     before = a.sessions()
-    report = migrate([a], b, on_phase=kill_soon(b, "edit"))
+    report = migrate([a], b, on_phase=kill_at(b, "edit"))
     assert report.result == "failed"
     assert f"edit on target {b.url}" in report.reason
     assert not b.server.alive()
@@ -322,7 +322,7 @@ def test_target_killed_mid_edit_leaves_every_session_on_the_source(nats):
 def test_source_killed_mid_read_leaves_the_target_unchanged(nats):
     a, b = nats(3000, 0)
     b.plant(session("10.9.9.1", 7000))
-    report = migrate([a], b, on_phase=kill_soon(a, "read"))
+    report = migrate([a], b, on_phase=kill_at(a, "read"))
     assert report.result == "failed"
     assert f"read on source {a.url}" in report.reason
     assert not a.server.alive()

@@ -121,3 +121,30 @@ def test_command_checks_certificates_against_the_ca_file(pair, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["sessions_moved"] == 30
     assert b.sessions() == before and a.sessions() == set()
+
+
+def test_gateway_addresses_move_between_restconf_ends(pair):
+    (a, b), credentials = pair
+    conn = Connection(a.endpoint("netconf"), Credentials(verify_host_keys=False))
+    try:
+        conn.edit_config(GATEWAY, "running")
+    finally:
+        conn.close()
+    report = run(a.endpoint("restconf"), b.endpoint("restconf"), credentials)
+    assert report.result == "success", report.reason
+    assert gateways(a) == set() and gateways(b) == {"192.0.2.1"}
+
+
+GATEWAY = ('<nat-policy xmlns="urn:nfmig:params:xml:ns:yang:nfmig-nat"><gateway-address>'
+           "<address>192.0.2.1</address><interface>outside</interface>"
+           "<prefix-length>24</prefix-length></gateway-address></nat-policy>")
+
+
+def gateways(nat: Both) -> set[str]:
+    conn = Connection(nat.endpoint("netconf"), Credentials(verify_host_keys=False))
+    try:
+        text = conn.get_data("running", '<subtree-filter><nat-policy xmlns="urn:nfmig:params'
+                             ':xml:ns:yang:nfmig-nat"/></subtree-filter>')
+    finally:
+        conn.close()
+    return {part.split("</address>")[0] for part in text.split("<address>")[1:]}
