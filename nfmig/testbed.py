@@ -18,6 +18,7 @@ subscriber needs an external address of its own, which moves from NAT to NAT wit
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -78,6 +79,7 @@ class TestBed:
         self._procs: list[subprocess.Popen] = []
         self._announcers: list[subprocess.Popen] = []
         self._steered: set[str] = set()  # client addresses with a route of their own
+        self._macs: dict[tuple[str, str], str] = {}  # (NAT namespace, interface) -> MAC
 
     @staticmethod
     def _free_prefix() -> str:
@@ -99,6 +101,7 @@ class TestBed:
             self._set_sysctls()
             self._wire_switch()
             self._configure_hosts()
+            self._read_macs()
         except BaseException:
             self.destroy()
             raise
@@ -134,6 +137,18 @@ class TestBed:
                                  f"route add default via {self.INSIDE_GATEWAY}"]
         batches[self.server].append(f"addr add {self.SERVER}/24 dev eth0")
         _parallel([_ip_argv(ns) for ns in batches], ["\n".join(b) + "\n" for b in batches.values()])
+
+    def _read_macs(self) -> None:
+        """The NATs' interface MACs, read once: a switch-over points the hosts at them
+        without starting a process to look them up in the middle of the move."""
+        def links(ns: str) -> list[tuple[tuple[str, str], str]]:
+            out = _run(["ip", "-j", "-n", ns, "link", "show"], input=None,
+                       timeout=IP_TIMEOUT).stdout
+            return [((ns, link["ifname"]), link["address"]) for link in json.loads(out)
+                    if link["ifname"] in ("inside", "outside")]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for found in pool.map(links, (self.nat_a, self.nat_b)):
+                self._macs.update(found)
 
     def destroy(self) -> None:
         """Kill what popen() started, then delete this bed's namespaces; never raises."""
@@ -190,8 +205,11 @@ class TestBed:
         """Give nat_ns these addresses (/24) on its inside and outside interfaces, and point
         client and server at it for them.
 
-        The gratuitous ARP runs in the background (arping lingers a second after sending);
-        flushing the neighbour entries is what makes the move independent of ARP timing.
+        Another NAT may still hold the same addresses (make before break, see
+        switch_over): the client's and server's neighbour entries are therefore set to
+        nat_ns's MAC, which is what the gratuitous ARP would do, but at once and without
+        an ARP exchange that both NATs would answer. The gratuitous ARP still goes out, in
+        the background (arping lingers a second after sending), for any other listener.
         """
         self._check_nat(nat_ns)
         moves = self._moves(inside, outside)
@@ -204,11 +222,18 @@ class TestBed:
                 ["ip", "netns", "exec", nat_ns, "arping", "-U", "-c", "1", "-I", dev, address],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
-        flushes: dict[str, list[str]] = {}
-        for _, address, peer in moves:
-            flushes.setdefault(peer, []).append(f"neigh flush to {address} dev eth0")
-        _parallel([_ip_argv(ns) for ns in flushes],
-                  ["\n".join(lines) + "\n" for lines in flushes.values()])
+        entries: dict[str, list[str]] = {}
+        for dev, address, peer in moves:
+            entries.setdefault(peer, []).append(
+                f"neigh replace {address} lladdr {self._mac(nat_ns, dev)} dev eth0 "
+                "nud reachable")
+        _parallel([_ip_argv(ns) for ns in entries],
+                  ["\n".join(lines) + "\n" for lines in entries.values()])
+
+    def _mac(self, nat_ns: str, dev: str) -> str:
+        if (nat_ns, dev) not in self._macs:  # a bed built before the MACs were read
+            self._read_macs()
+        return self._macs[(nat_ns, dev)]
 
     def deactivate_addresses(self, nat_ns: str, inside: Iterable[str] = (),
                              outside: Iterable[str] = ()) -> None:
@@ -261,17 +286,28 @@ class TestBed:
         self._checked(via, self.INSIDE_PREFIX)
         self._checked(external, self.OUTSIDE_PREFIX)
         started = time.perf_counter()
-        # The external address first: new needs it to route towards the server at all.
-        self.deactivate_addresses(old, outside=[external])
+        # Make before break, as in switch_over. The external address first: new needs it
+        # to route towards the server at all, and the server's replies go to new from then
+        # on; old keeps translating what the client still sends its way until the route
+        # moves, and only then gives the address up.
         self.activate_addresses(new, outside=[external])
         self.route_client(address, via)
+        self.deactivate_addresses(old, outside=[external])
         return time.perf_counter() - started
 
     def switch_over(self, old: str, new: str) -> float:
-        """Move the gateway from old to new; returns the seconds it took."""
+        """Move the gateway from old to new; returns the seconds it took.
+
+        Make before break: new gets the addresses and the hosts are pointed at it while
+        old still holds them, and only then does old give them up. The other way round,
+        every packet already on its way to old in between (a few ms: process starts) was
+        dropped there, since old's connected routes go with its addresses: a lost segment
+        per direction that TCP recovers by fast retransmit at best and by its
+        retransmission timer (>= 200 ms) when nothing followed it.
+        """
         started = time.perf_counter()
-        self.deactivate(old)
         self.activate(new)
+        self.deactivate(old)
         return time.perf_counter() - started
 
     def add_client_addresses(self, addresses: list[str]) -> None:
