@@ -45,7 +45,7 @@ MAX_IDLE = 65535
 NAT_TABLE, NEXT_HOP_TABLE = 0, 1
 L4 = {"TCP": "tcp", "UDP": "udp"}
 # ICMP echo: OpenFlow can neither match nor rewrite the echo identifier, so an echo session
-# keeps its identifier and is told apart by its addresses alone (see ofnat_app's claims).
+# keeps its identifier and is told apart by its addresses alone (see ofnat_state.claims).
 ECHO_REQUEST, ECHO_REPLY = 8, 0
 
 

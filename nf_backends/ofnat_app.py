@@ -1,24 +1,35 @@
 """The OpenFlow NAT application (os-ken), run as its own process by the openflow backend.
 
-    python -m nfmig.nf_backends.ofnat_app  (configured through NFMIG_OFNAT as JSON)
+    python -m nfmig.nf_backends.ofnat_app  (configured through NFMIG_OFNAT as JSON, or the
+                                            JSON file its "file" names)
 
 It runs in the NAT's network namespace next to its Open vSwitch and:
 - answers ARP for the gateway addresses the namespace's inside/outside interfaces carry (the
-  kernel there is silenced, so an address there means "this NAT owns it now"), with the
-  interface's own MAC address, which gratuitous ARP from that interface announces;
+  kernel there is silenced, so an address there means "this NAT owns it now") and for those
+  the backend gives it ("gateways", the policy's gateway-address list), with the interface's
+  own MAC address; it announces a newly given one with a gratuitous ARP out of its port (one
+  put on an interface by hand is announced by whoever put it there);
 - resolves next hops by ARP and installs their flows in table 1 (MAC rewrite, TTL, output);
 - on a table-miss packet-in of a new TCP or UDP connection from the inside, allocates a
   translated port (never one in use, imported sessions included) from the address mapping or
   the external addresses and installs the session's flow pair (see flows.py); an ICMP echo
   request gets a pair that keeps its identifier, if no other echo session holds its addresses;
 - learns window scales from the handshakes it sees, releases a session's port when its flows
-  expire or are deleted, and reports created/deleted sessions to watchers.
+  expire or are deleted, and reports created/deleted sessions to watchers;
+- holds new sessions of the prefixes it is told to ("hold"; IPv6 ones are ignored: this NAT
+  translates IPv4 only).
+
+It starts with the policy, holds, gateways, window scales and counters the backend gives it
+in its configuration (a restart after a crash carries on from there), and makes no session
+of its own until the backend has told it every session the switch holds ("resume"). That
+state lives in ofnat_state.py.
 
 The backend talks to it over a unix socket with line-delimited JSON (one request, one reply;
 "watch" turns the connection into an event stream). Bulk imports do not pass through here:
 the backend reserves their ports here ("reserve"), installs the flows itself in one bundle,
 then says whether the switch took them ("settle"). Only expiries are reported to the app by
-the switch, not the backend's deletes: thousands of those at once would keep it busy.
+the switch, not the backend's deletes: thousands of those at once would keep it busy. A
+request it cannot handle is answered with an error; it never ends the app.
 """
 
 from __future__ import annotations
@@ -27,7 +38,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import socket
 import subprocess
 import threading
@@ -40,143 +50,19 @@ from os_ken.lib.packet import arp, ethernet, icmp, ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
 from . import flows
+from .ofnat_state import NatState
 
 log = logging.getLogger("nfmig.ofnat")
 CONFIG = json.loads(os.environ.get("NFMIG_OFNAT", "{}"))
+if "file" in CONFIG:  # the state to start from can be larger than an environment allows
+    CONFIG.update(json.loads(Path(CONFIG["file"]).read_text()))
 HOLD_COOKIE = 0x6E67 << flows.COOKIE_SHIFT
 NO_SCALE = None
 MAX_PENDING = 64  # packets waiting for one next hop's ARP reply
 
 
-class NatState:
-    """Sessions, ports in use, policy and holds; shared by the OpenFlow and control threads."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.sessions: dict[int, list] = {}  # sid -> [proto, src, sport, dst, dport, ext, port]
-        self.replies: dict[tuple, int] = {}  # claim (see claims()) -> sid
-        self.ports: dict[tuple, int] = {}  # (proto, ext, port) -> sessions using it
-        self.scales: dict[int, list] = {}  # sid -> [orig, reply] window scales seen
-        self.prefixes: list = []
-        self.externals: list[str] = []
-        self.mappings: list[tuple] = []  # (network, external), longest prefix first
-        self.port_min, self.port_max = 1024, 65535
-        self.timeouts = {"TCP": 65535, "UDP": 120, "ICMP": 30}
-        self.held: list = []
-        self.created = self.expired = 0
-        self.batch = 0
-        self.pending: dict[int, tuple[dict, set]] = {}  # batch -> (old entries, dropped)
-
-    def reserve(self, entries: list[list], drop: list[int]) -> str:
-        """Claim these sessions' translated endpoints, all or none, for a batch that also
-        deletes the sessions ``drop`` (their endpoints are free for the batch to claim, not
-        yet for new connections). The reply names the batch and the sessions that were new,
-        or the entry that collided. Entries are [*key, address, port] or [..., session id]."""
-        with self.lock:
-            dropped = set(drop)
-            claimed: dict[tuple, int] = {}
-            sids = []
-            for index, e in enumerate(entries):
-                sid = e[7] if len(e) > 7 else flows.session_id(tuple(e[:5]))
-                for claim in claims(e):
-                    owner = claimed.get(claim, self.replies.get(claim, sid))
-                    if owner != sid and owner not in dropped:
-                        return json.dumps({"error": "port taken", "index": index})
-                    claimed[claim] = sid
-                sids.append(sid)
-            undo: dict[int, list | None] = {}
-            for sid, e in zip(sids, entries, strict=True):
-                undo.setdefault(sid, self.sessions.get(sid))
-                self.add(sid, e[:7])
-            self.batch += 1
-            self.pending[self.batch] = (undo, dropped)
-        return json.dumps({"ok": True, "batch": self.batch,
-                           "new": [sid for sid, old in undo.items() if old is None]})
-
-    def settle(self, batch: int, ok: bool) -> None:
-        """The switch took the batch (ok: its deleted sessions free their endpoints) or
-        refused it (every session it touched gets its reservation from before back)."""
-        with self.lock:
-            undo, dropped = self.pending.pop(batch)
-            if ok:
-                for sid in dropped:
-                    self.remove(sid)
-                return
-            for sid, old in undo.items():
-                self.remove(sid)
-                if old is not None:
-                    self.add(sid, old)
-            for sid in dropped:  # a claim of the batch may have shadowed theirs
-                e = self.sessions.get(sid)
-                if e is not None:
-                    self.replies.update(dict.fromkeys(claims(e), sid))
-
-    def free(self, e: list, sid: int) -> bool:
-        """Whether no other session claims what this entry would."""
-        return all(self.replies.get(claim, sid) == sid for claim in claims(e))
-
-    def add(self, sid: int, e: list) -> None:
-        if sid in self.sessions:
-            self.remove(sid)
-        self.sessions[sid] = list(e)
-        self.replies.update(dict.fromkeys(claims(e), sid))
-        endpoint = (e[0], e[5], e[6])
-        self.ports[endpoint] = self.ports.get(endpoint, 0) + 1
-
-    def remove(self, sid: int) -> list | None:
-        e = self.sessions.pop(sid, None)
-        if e is None:
-            return None
-        for claim in claims(e):
-            if self.replies.get(claim) == sid:
-                del self.replies[claim]
-        endpoint = (e[0], e[5], e[6])
-        left = self.ports.get(endpoint, 1) - 1
-        if left:
-            self.ports[endpoint] = left
-        else:
-            self.ports.pop(endpoint, None)
-        self.scales.pop(sid, None)
-        return e
-
-    def external_for(self, src: str) -> str | None:
-        address = ipaddress.ip_address(src)
-        for network, external in self.mappings:
-            if address in network:
-                return external
-        if self.prefixes and not any(address in p for p in self.prefixes):
-            return None
-        return self.externals[0] if self.externals else None
-
-    def allocate(self, proto: str, external: str) -> int | None:
-        span = self.port_max - self.port_min + 1
-        start = random.randrange(span)
-        for i in range(span):
-            port = self.port_min + (start + i) % span
-            if (proto, external, port) not in self.ports:
-                return port
-        return None
-
-    def set_policy(self, p: dict) -> None:
-        with self.lock:
-            self.prefixes = [ipaddress.ip_network(x, strict=False) for x in p["prefixes"]]
-            self.externals = list(p["externals"])
-            self.mappings = [(ipaddress.ip_network(n, strict=False), e)
-                             for n, e in p["mappings"]]
-            self.port_min, self.port_max = p["port_min"], p["port_max"]
-            self.timeouts = {"TCP": p["tcp"], "UDP": p["udp"], "ICMP": p.get("icmp", 30)}
-
-
-def claims(e: list) -> list[tuple]:
-    """What a session [proto, src, sport, dst, dport, ext, port] holds that no other may:
-    its reply tuple. An echo session's flows cannot match its identifier, so it holds its
-    address pairs on both sides instead: one echo session per peer and address."""
-    if e[0] == "ICMP":
-        return [("ICMP", e[5], e[3]), ("ICMP-out", e[1], e[3])]
-    return [(e[0], e[5], e[6], e[3], e[4])]
-
-
 STATE = NatState()
+STATE.load(CONFIG)
 
 
 class OfNat(app_manager.OSKenApp):
@@ -194,6 +80,7 @@ class OfNat(app_manager.OSKenApp):
         self.pending: dict[str, list] = {}  # ip -> packets waiting for its MAC
         self.dp = None
         self.watchers: list[socket.socket] = []
+        self.unannounced: list[tuple[str, str]] = []  # (side, address) given before the switch
         self.ready = threading.Event()
         control = CONFIG.get("socket")
         if control:
@@ -216,6 +103,9 @@ class OfNat(app_manager.OSKenApp):
         dp.send_msg(parser.OFPSetAsync(dp, [packet_in, 0], [7, 7], [removed, 0]))
         self.dp = dp
         self._apply_holds()
+        for side, address in self.unannounced:
+            self._announce(side, address)
+        self.unannounced = []
         self.ready.set()
         log.info("switch %016x connected", dp.id)
 
@@ -284,10 +174,29 @@ class OfNat(app_manager.OSKenApp):
             self._send(dp, in_port, reply)
 
     def _addresses(self, port: int) -> set[str]:
-        """The gateway addresses this NAT owns now on that side: the interface's own."""
+        """The gateway addresses this NAT owns now on that side: the interface's own and
+        those the backend gave us."""
         out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", self.ifnames[port]],
                              capture_output=True, text=True, timeout=5).stdout
-        return {line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line}
+        given = STATE.gateways["inside" if port == self.inside else "outside"]
+        return given | {line.split()[3].split("/")[0] for line in out.splitlines()
+                        if " inet " in line}
+
+    def _announce(self, side: str, address: str) -> None:
+        """A gratuitous ARP (an ARP announcement) for a gateway address we own now, out of
+        its side's port: neighbours point their entry for it at our MAC at once."""
+        dp = self.dp
+        if dp is None:
+            self.unannounced.append((side, address))
+            return
+        port = self.inside if side == "inside" else self.outside
+        mac = self.macs[port]
+        announcement = packet.Packet()
+        announcement.add_protocol(ethernet.ethernet("ff:ff:ff:ff:ff:ff", mac, 0x0806))
+        announcement.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=mac, src_ip=address,
+                                          dst_mac="00:00:00:00:00:00", dst_ip=address))
+        self._send(dp, port, announcement)
+        log.info("announced %s on %s", address, self.ifnames[port])
 
     def _send(self, dp, port: int, pkt_or_data, actions=None, in_port=None) -> None:
         ofp, parser = dp.ofproto, dp.ofproto_parser
@@ -346,7 +255,8 @@ class OfNat(app_manager.OSKenApp):
             return  # other protocols: not translated by this NAT
         sid = flows.session_id(key)
         with STATE.lock:
-            if any(ipaddress.ip_address(ip.src) in n for n in STATE.held):
+            if not STATE.accepting or any(ipaddress.ip_address(ip.src) in n
+                                          for n in STATE.held):
                 return
             if sid not in STATE.sessions:
                 external = STATE.external_for(ip.src)
@@ -399,7 +309,7 @@ class OfNat(app_manager.OSKenApp):
 
     def _install_echo(self, dp, e: list, sid: int) -> None:
         """An echo session's pair: OpenFlow has no field for the identifier, which passes
-        unchanged (see claims())."""
+        unchanged (see ofnat_state.claims)."""
         parser = dp.ofproto_parser
         _proto, src, _id, dst, _dport, ext, _port = e
         idle = min(flows.MAX_IDLE, STATE.timeouts["ICMP"])
@@ -472,12 +382,22 @@ class OfNat(app_manager.OSKenApp):
     def _client(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as lines:
             for line in lines:
-                request = json.loads(line)
-                if request["op"] == "watch":
-                    self.watchers.append(conn)
-                    conn.sendall(b'{"ok": true}\n')
-                    continue
-                conn.sendall((self._answer(request) + "\n").encode())
+                try:
+                    request = json.loads(line)
+                    if request["op"] == "watch":
+                        self.watchers.append(conn)
+                        conn.sendall(b'{"ok": true}\n')
+                        continue
+                    answer = self._answer(request)
+                except OSError:
+                    return
+                except Exception as exc:  # a request fails, never the app
+                    log.exception("control request failed: %.200s", line)
+                    answer = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+                try:
+                    conn.sendall((answer + "\n").encode())
+                except OSError:
+                    return
 
     def _answer(self, r: dict) -> str:
         op = r["op"]
@@ -486,11 +406,17 @@ class OfNat(app_manager.OSKenApp):
         if op == "policy":
             STATE.set_policy(r)
         elif op == "hold":
-            with STATE.lock:
-                STATE.held = [ipaddress.ip_network(p, strict=False) for p in r["prefixes"]]
+            STATE.hold(r["prefixes"])
             self._apply_holds()
             if self.dp is not None:  # the hold is in place when we answer
                 self.dp.send_barrier()
+        elif op == "gateways":
+            with STATE.lock:
+                STATE.gateways = {side: set(r[side]) for side in ("inside", "outside")}
+            for side, address in r.get("announce", []):
+                self._announce(side, address)
+        elif op == "resume":
+            STATE.accepting = True
         elif op == "reserve":
             return STATE.reserve(r["sessions"], r.get("drop", []))
         elif op == "settle":

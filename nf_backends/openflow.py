@@ -3,33 +3,28 @@ application (ofnat_app, os-ken) in a process of its own; sessions are flow pairs
 
 The NAT's namespace keeps its inside and outside interfaces for the switch: the kernel there
 is silenced (no forwarding, no ARP answers, nothing in or out but loopback), so the addresses
-a test bed or operator puts on those interfaces only say which gateway addresses this NAT
-owns now, and the application answers ARP for them.
+on those interfaces only say which gateway addresses this NAT owns now, and the application
+answers ARP for them. They are put there by hand (a test bed's switch-over) or from the
+policy's gateway-address list (IPv4 only), whose new entries the app also announces with a
+gratuitous ARP.
 
 Bulk work goes straight to the switch in OpenFlow 1.5 (one atomic bundle per batch, dumps,
 deletes by cookie); the app is told first, over its control socket, which translated ports
 imported sessions use, so it never allocates one of them, and after the bundle whether the
 switch took it (deleted sessions free their ports) or refused it (every reservation the batch
 touched is put back as it was).
+
+The switch's daemons and the app live and die with the server, and an app that ends on its
+own is started again (ofnat_life.py, ofnat_procs.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import os
-import random
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import flows
@@ -37,240 +32,64 @@ from .base import (
     Backend,
     BackendError,
     BackendStats,
+    GatewayAddress,
     NatPolicy,
     Session,
     SessionChanges,
     SessionKey,
     Transaction,
 )
+from .ofnat_life import PORTS, NatProcesses, exit_server, policy_request, reservation
+from .ofnat_procs import Control, Keeper, Record
 from .ovs import Bundle, Ovs, OvsError
 
 log = logging.getLogger(__name__)
 
-PORTS = flows.Ports(inside=1, outside=2)
-SILENCE_TABLE = "nfmig_ovs"
-# The kernel of the namespace must not answer for the NAT: the switch owns these interfaces.
-SILENCE = f"""table inet {SILENCE_TABLE}
-delete table inet {SILENCE_TABLE}
-table inet {SILENCE_TABLE} {{
-  chain pre {{ type filter hook prerouting priority raw - 10; policy drop; iifname "lo" accept; }}
-  chain out {{ type filter hook output priority raw - 10; policy drop; oifname "lo" accept; }}
-}}
-"""
-SYSCTLS = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.arp_ignore": "8"}
-APP_WAIT = 30.0
 DIRECT_LOOKUPS = 16
 SEND_CHUNK = 2000  # sessions per send: the switch reads one while the next is packed
 
 
-class Control:
-    """The app's control socket: one JSON request per line, one JSON reply per line."""
-
-    def __init__(self, path: Path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(str(path))
-        self.lines = self.sock.makefile("rb")
-        self.lock = threading.Lock()
-
-    def ask(self, op: str, **args) -> dict:
-        with self.asking(op, **args) as reply:
-            return reply()
-
-    @contextmanager
-    def asking(self, op: str, **args) -> Iterator[Callable[[], dict]]:
-        """Send a request now and read its reply when called for (the app works on it in
-        the meantime); the connection is ours until the block ends."""
-        with self.lock:
-            self.sock.sendall((json.dumps({"op": op, **args}) + "\n").encode())
-            answer: list[dict] = []
-
-            def reply() -> dict:
-                if not answer:
-                    line = self.lines.readline()
-                    if not line:
-                        raise BackendError("the OpenFlow NAT application is gone", None,
-                                           "failed")
-                    answer.append(json.loads(line))
-                return answer[0]
-
-            try:
-                yield reply
-            finally:
-                if not answer:
-                    reply()  # the next request must not read this one's reply
-
-    def close(self) -> None:
-        self.lines.close()
-        self.sock.close()
-
-
-class OpenflowBackend(Backend):
+class OpenflowBackend(NatProcesses, Backend):
     name = "openflow"
 
-    def __init__(self, netns: str, inside: str = "inside", outside: str = "outside"):
+    def __init__(self, netns: str, inside: str = "inside", outside: str = "outside",
+                 on_fatal: Callable[[], None] = exit_server):
+        """``on_fatal``: called (after stopping everything) when the NAT cannot go on: its
+        app keeps ending, or its switch ended (and every session with it); by default the
+        server process exits with status 1."""
         self.netns = netns
         self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self.ifnames = (inside, outside)
+        self._on_fatal = on_fatal
         self._dir: Path | None = None
         self._ovs: Ovs | None = None
         self._app: subprocess.Popen | None = None
         self._ctl: Control | None = None
         self._watch: Control | None = None
+        self._keeper: Keeper | None = None
+        self._record: Record | None = None
+        self._of_port = 0
         self._sysctls: dict[str, str] = {}
         self._policy = NatPolicy()
+        self._held: list[str] = []
+        self._gateways: list[GatewayAddress] = []  # those of the policy, on the interfaces
+        # The app's last word on window scales and counters: what a restarted app starts from.
+        self._app_scales: dict = {}
+        self._app_counts = {"created": 0, "expired": 0}
+        self._restarts: list[float] = []
         # What flows cannot hold, for sessions given to us: session id -> (tcp_state,
         # window scales, base counters), see flows.read_sessions.
         self._extras: dict[int, tuple] = {}
         self._imported = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch at a time; none while the app restarts
+        self._life = threading.RLock()  # start, restart and stop of the app
+        self._app_up = threading.Event()
+        self._running = threading.Event()
 
-    # -- life cycle ----------------------------------------------------------------------
-    def start(self) -> None:
-        if not Path(self.netns_path).exists():
-            raise BackendError(f"network namespace {self.netns} does not exist", None, "failed")
-        try:
-            self._silence_kernel()
-            self._dir = Path(tempfile.mkdtemp(prefix="nfmig-of-"))
-            of_port = random.randrange(20000, 60000)
-            self._start_app(of_port)
-            self._ovs = Ovs(self.netns, dict(zip(self.ifnames, PORTS, strict=True)),
-                            f"tcp:127.0.0.1:{of_port}", rundir=self._dir / "ovs")
-            self._ovs.dir.mkdir()
-            self._ovs.start()
-            if not self.ctl.ask("ready", timeout=APP_WAIT).get("ok"):
-                raise BackendError("the switch did not connect to the NAT application",
-                                   None, "failed")
-            self._adopt_existing()
-        except OvsError as exc:
-            self.stop()
-            raise BackendError(str(exc), None, "failed") from None
-        except BaseException:
-            self.stop()
-            raise
-        log.info("OpenFlow NAT in network namespace %s (switch in %s)", self.netns,
-                 self._dir)
-
-    def stop(self) -> None:
-        self.watch(None)
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
-        if self._app is not None:
-            if self._app.poll() is None:
-                os.killpg(self._app.pid, signal.SIGTERM)
-                try:
-                    self._app.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self._app.pid, signal.SIGKILL)
-                    self._app.wait(timeout=5)
-            self._app = None
-        if self._ovs is not None:
-            self._ovs.stop()
-            self._ovs = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-        self._restore_kernel()
-
-    def _ns(self, *cmd: str, stdin: str | None = None) -> str:
-        done = subprocess.run(["ip", "netns", "exec", self.netns, *cmd], input=stdin,
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode:
-            raise BackendError(f"{cmd[0]} in namespace {self.netns} failed: "
-                               f"{done.stderr.strip()}", None, "failed")
-        return done.stdout
-
-    def _silence_kernel(self) -> None:
-        for key in SYSCTLS:
-            self._sysctls[key] = self._ns("sysctl", "-n", key).strip()
-        self._ns("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in SYSCTLS.items()))
-        self._ns("nft", "-f", "-", stdin=SILENCE)
-        for dev in self.ifnames:
-            # Checksums must be complete in every frame the switch rewrites.
-            self._ns("ethtool", "-K", dev, "tx", "off", "rx", "off")
-
-    def _restore_kernel(self) -> None:
-        if not self._sysctls or not Path(self.netns_path).exists():
-            return
-        try:
-            self._ns("nft", "delete", "table", "inet", SILENCE_TABLE)
-            self._ns("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in self._sysctls.items()))
-        except BackendError as exc:
-            log.warning("could not restore namespace %s: %s", self.netns, exc)
-        self._sysctls = {}
-
-    def _start_app(self, of_port: int) -> None:
-        assert self._dir is not None
-        control = self._dir / "app.sock"
-        config = {"socket": str(control), "of_port": of_port, "inside": self.ifnames[0],
-                  "outside": self.ifnames[1], "inside_port": PORTS.inside,
-                  "outside_port": PORTS.outside}
-        env = {**os.environ, "NFMIG_OFNAT": json.dumps(config)}
-        with open(self._dir / "app.log", "w") as out:
-            self._app = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-m",
-                 "nfmig.nf_backends.ofnat_app"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + APP_WAIT
-        while not control.exists():
-            if self._app.poll() is not None or time.monotonic() > deadline:
-                tail = (self._dir / "app.log").read_text(errors="replace")[-2000:]
-                raise BackendError(f"the OpenFlow NAT application did not start: {tail}",
-                                   None, "failed")
-            time.sleep(0.05)
-        self._ctl = Control(control)
-
-    def _adopt_existing(self) -> None:
-        """Sessions already in the switch keep their ports (an attached, not fresh, switch)."""
-        existing = list(self.sessions())
-        if existing:
-            reply = self.ctl.ask("reserve", sessions=[_reservation(s) for s in existing])
-            if "error" in reply:
-                raise BackendError("the switch holds sessions with one translated endpoint",
-                                   None, "failed")
-            self.ctl.ask("settle", batch=reply["batch"], ok=True)
-
-    @property
-    def ctl(self) -> Control:
-        if self._ctl is None:
-            raise RuntimeError("the openflow backend is not started")
-        return self._ctl
-
-    @property
-    def ovs(self) -> Ovs:
-        if self._ovs is None:
-            raise RuntimeError("the openflow backend is not started")
-        return self._ovs
-
-    # -- events and holds ----------------------------------------------------------------
-    def watch(self, listener) -> None:
-        self._listener = listener
-        if listener is not None and self._watch is None and self._dir is not None:
-            self._watch = Control(self._dir / "app.sock")
-            self._watch.sock.settimeout(None)
-            self._watch.ask("watch")
-            threading.Thread(target=self._follow, args=(self._watch,), daemon=True,
-                             name=f"ofnat-events-{self.netns}").start()
-        elif listener is None and self._watch is not None:
-            watch, self._watch = self._watch, None
-            try:
-                watch.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            watch.close()
-
-    def _follow(self, watch: Control) -> None:
-        try:
-            for line in watch.lines:
-                event = json.loads(line)
-                p, src, sport, dst, dport, ext, port = event["session"]
-                self._report([(event["event"], Session(p, src, sport, dst, dport, ext, port))])
-        except (OSError, ValueError):
-            pass  # closed by watch(None)
-
-    def hold_new_sessions(self, prefixes: list[str]) -> None:
-        self.ctl.ask("hold", prefixes=prefixes)
+    def hold_new_sessions(self, prefixes: list[str], timeout: float | None = None) -> None:
+        # timeout: not passed on; the server's own timer releases the hold.
+        self._held = [p for p in prefixes if ipaddress.ip_network(p, strict=False).version == 4]
+        self.ctl.ask("hold", prefixes=self._held)
 
     # -- policy --------------------------------------------------------------------------
     def apply_policy(self, policy: NatPolicy) -> None:
@@ -279,15 +98,42 @@ class OpenflowBackend(Backend):
             if ipaddress.ip_address(address).version != 4:
                 raise BackendError("the OpenFlow NAT translates IPv4 only", None,
                                    "not supported")
-        t = policy.timeouts
-        self.ctl.ask("policy", prefixes=policy.inside_prefix,
-                     externals=policy.external_address,
-                     mappings=[[m.inside_prefix, m.external_address]
-                               for m in policy.mappings_most_specific_first()],
-                     port_min=policy.port_min, port_max=policy.port_max,
-                     tcp=min(flows.MAX_IDLE, t.tcp_established), udp=min(flows.MAX_IDLE, t.udp),
-                     icmp=min(flows.MAX_IDLE, t.icmp))
+        for g in policy.gateway_address:
+            if g.version != 4:
+                raise BackendError(f"gateway-address {g.address}: the OpenFlow NAT is "
+                                   "IPv4-only, it cannot answer for an IPv6 address", None,
+                                   "not supported")
+        old = self._policy
+        self.ctl.ask("policy", **policy_request(policy))
+        try:
+            self._set_gateways(policy.gateway_address)
+        except BackendError:  # all or nothing: the app gets the old policy back
+            self._quietly("restore the policy", lambda: self.ctl.ask(
+                "policy", **policy_request(old)))
+            raise
         self._policy = policy
+
+    def _set_gateways(self, wanted: list[GatewayAddress]) -> None:
+        """Put the policy's gateway addresses on their interfaces and give them to the app,
+        which announces the new ones; those no longer in the policy go away. If that
+        fails, the interfaces get their addresses from before back."""
+        self._record_gateways([*self._gateways, *wanted])  # whatever happens next
+        try:
+            added = self._put_gateways(self._gateways, wanted)
+            self.ctl.ask("gateways", **self._gateway_sides(wanted),
+                         announce=[[g.interface, g.address] for g in added])
+        except BackendError:
+            self._quietly("put the gateway addresses back", self._put_gateways, wanted,
+                          self._gateways)
+            self._record_gateways(self._gateways)
+            raise
+        self._gateways = list(wanted)
+        self._record_gateways(wanted)
+
+    def _record_gateways(self, gateways: list[GatewayAddress]) -> None:
+        if self._record is not None:
+            self._record.update(gateways=[[g.with_prefixlen, self._ifname(g)]
+                                          for g in gateways])
 
     # -- reads ---------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
@@ -300,6 +146,7 @@ class OpenflowBackend(Backend):
     def _extras_with(self, reply: dict) -> dict[int, tuple]:
         """What flows cannot hold (see flows.read_sessions): the app's window scales of
         sessions it made, overridden by what sessions given to us came with."""
+        self._app_scales = reply["scales"]  # what a restarted app starts from
         extras = {int(sid): (None, o, r, 0, 0, 0, 0) for sid, (o, r) in reply["scales"].items()}
         extras.update(self._extras)
         return extras
@@ -333,6 +180,7 @@ class OpenflowBackend(Backend):
         out = self.ovs.ofctl("dump-aggregate", f"table=0,{flows.COOKIE_MATCH}")
         count = int(out.split("flow_count=")[1].split()[0]) if "flow_count=" in out else 0
         app = self.ctl.ask("stats")
+        self._app_counts = {"created": app["created"], "expired": app["expired"]}
         return BackendStats("openflow", (count + 1) // 2, app["created"], app["expired"],
                             self._imported)
 
@@ -349,21 +197,26 @@ class OpenflowBackend(Backend):
         deleted = [ids.get(k) or sid(k) for k in changes.deletes if k not in upserts]
         if not given and not deleted:
             return
+        ctl = self.ctl  # waited for outside the lock: a restarting app needs it
         with self._lock:
             try:
                 with self.ovs.bundle() as bundle:
-                    reply = self._reserve_while_sending(bundle, given, deleted)
+                    reply = self._reserve_while_sending(ctl, bundle, given, deleted)
                     if "error" in reply:
                         raise self._taken(reply, changes)
                     try:
                         bundle.commit()
                     except OvsError as exc:
-                        self.ctl.ask("settle", batch=reply["batch"], ok=False)
+                        ctl.ask("settle", batch=reply["batch"], ok=False)
                         raise self._refused(exc, len(deleted), given) from None
             except OvsError as exc:  # the connection failed; any reservation is undone
                 raise BackendError(f"the switch could not take the batch, nothing applied: "
                                    f"{exc}", None, "failed") from None
-            self.ctl.ask("settle", batch=reply["batch"], ok=True)
+            try:
+                ctl.ask("settle", batch=reply["batch"], ok=True)
+            except BackendError as exc:
+                # The batch is in the switch: a restarted app reads it back from there.
+                log.warning("batch applied, but the app did not hear of it: %s", exc)
             for i in deleted:
                 self._extras.pop(i, None)
             for i, s in given:
@@ -375,13 +228,13 @@ class OpenflowBackend(Backend):
             self._report([("deleted", Session(*k)) for k in changes.deletes
                           if k not in upserts] + [("created", s) for s in upserts.values()])
 
-    def _reserve_while_sending(self, bundle: Bundle, given: list[tuple[int, Session]],
-                               deleted: list[int]) -> dict:
+    def _reserve_while_sending(self, ctl: Control, bundle: Bundle,
+                               given: list[tuple[int, Session]], deleted: list[int]) -> dict:
         """The app's reservation of the batch's ports, asked for while the switch takes
         the batch's flows (which go in only at the commit, after the reply)."""
         failure = None
-        with self.ctl.asking("reserve", sessions=[_reservation(s, i) for i, s in given],
-                             drop=deleted) as reserved:
+        with ctl.asking("reserve", sessions=[reservation(s, i) for i, s in given],
+                        drop=deleted) as reserved:
             try:
                 bundle.add(flows.delete_messages(deleted))
                 idle, limit = self._idle, flows.MAX_IDLE
@@ -394,7 +247,7 @@ class OpenflowBackend(Backend):
             reply = reserved()
         if failure is not None:
             if "error" not in reply:
-                self.ctl.ask("settle", batch=reply["batch"], ok=False)
+                ctl.ask("settle", batch=reply["batch"], ok=False)
             raise failure
         return reply
 
@@ -453,9 +306,3 @@ def _check(s: Session) -> None:
         if ":" in address:
             raise BackendError("the OpenFlow NAT translates IPv4 only", s.key,
                                "not supported")
-
-
-def _reservation(s: Session, sid: int | None = None) -> list:
-    """A session as the app's reserve takes it (with its id, when known, to save a hash)."""
-    entry = [*s.key, s.translated_address, s.translated_port]
-    return entry if sid is None else [*entry, sid]

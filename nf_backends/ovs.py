@@ -47,8 +47,12 @@ class Ovs:
     """ovsdb-server + ovs-vswitchd in ``netns`` (None: the current namespace)."""
 
     def __init__(self, netns: str | None, ports: dict[str, int], controller: str,
-                 rundir: Path | None = None):
+                 rundir: Path | None = None,
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen):
+        """``popen`` starts the daemons (none of them daemonizes: each stays the child
+        that ``popen`` made, e.g. one that dies with the thread that started it)."""
         self.netns = netns
+        self._popen = popen
         self.ports = ports  # interface name -> OpenFlow port number
         self.controller = controller
         self._own_dir = rundir is None
@@ -57,6 +61,7 @@ class Ovs:
         self.db_sock = self.dir / "db.sock"
         self.mgmt = f"unix:{self.dir / (BRIDGE + '.mgmt')}"
         self._procs: list[subprocess.Popen] = []
+        self._names: dict[int, str] = {}  # pid -> daemon
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -79,9 +84,14 @@ class Ovs:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
-        self._procs = []
+        self._procs, self._names = [], {}
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def ended(self) -> list[str]:
+        """The daemons that have ended (each as "name (pid N) with status S")."""
+        return [f"{self._names[p.pid]} (pid {p.pid}) with status {p.returncode}"
+                for p in self._procs if p.poll() is not None]
 
     def _env(self) -> dict[str, str]:
         d = str(self.dir)
@@ -94,11 +104,12 @@ class Ovs:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log_file = open(self.dir / f"{name}.out", "w")  # noqa: SIM115 - owned by the child
         try:
-            proc = subprocess.Popen(self._in_ns(argv), env=self._env(), stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = self._popen(self._in_ns(argv), env=self._env(), stdout=log_file,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log_file.close()
         self._procs.append(proc)
+        self._names[proc.pid] = name
 
     def _wait_for(self, path: Path, name: str) -> None:
         deadline = time.monotonic() + START_WAIT

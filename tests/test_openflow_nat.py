@@ -4,8 +4,10 @@ and the OpenFlow NAT application, driven through the backend interface."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,15 @@ if os.geteuid() != 0:
         pytest.fail("CI runs as root: the Open vSwitch NAT tests must not skip", pytrace=False)
     pytest.skip("network namespaces and Open vSwitch need root", allow_module_level=True)
 
-from nfmig.nf_backends.base import BackendError, NatPolicy, Session, SessionChanges  # noqa: E402
+from nfmig.nf_backends import ofnat_life  # noqa: E402
+from nfmig.nf_backends.base import (  # noqa: E402
+    BackendError,
+    GatewayAddress,
+    NatPolicy,
+    Session,
+    SessionChanges,
+)
+from nfmig.nf_backends.ofnat_procs import record_path  # noqa: E402
 from nfmig.nf_backends.openflow import OpenflowBackend  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
@@ -65,6 +75,89 @@ def test_start_runs_private_daemons_and_stop_ends_exactly_them(bed):
     time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert not rundir.exists()
+
+
+def test_a_request_the_app_cannot_handle_fails_alone(nat):
+    app = nat._app.pid
+    with pytest.raises(BackendError, match="unknown operation"):
+        nat.ctl.ask("no-such-operation")
+    with pytest.raises(BackendError, match="could not settle"):
+        nat.ctl.ask("settle", batch=12345, ok=True)
+    nat.hold_new_sessions(["0.0.0.0/0", "::/0"])  # IPv6 sources never reach this NAT
+    nat.hold_new_sessions([])
+    nat.apply(SessionChanges(upserts=[session(30000, 20000)]))
+    assert [s.key for s in nat.sessions()] == [session(30000, 20000).key]
+    assert nat._app.pid == app and nat._app.poll() is None
+
+
+def test_an_app_that_keeps_ending_stops_everything_then_gives_up(bed, monkeypatch):
+    monkeypatch.setattr(ofnat_life, "MAX_RESTARTS", 1)
+    gave_up = threading.Event()
+    backend = OpenflowBackend(bed.nat_b, on_fatal=gave_up.set)
+    backend.start()
+    try:
+        daemons = [p.pid for p in backend.ovs._procs]
+        first = backend._app.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (backend._app is None or backend._app.pid == first
+               or not backend._app_up.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = backend._app.pid
+        assert second != first and backend.stats().session_count == 0  # back, serving
+        os.kill(second, signal.SIGKILL)
+        assert gave_up.wait(10)
+        time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in [*daemons, second])
+        assert not record_path(bed.nat_b).exists()
+    finally:
+        backend.stop()
+
+
+def test_a_switch_daemon_that_ends_stops_everything_then_gives_up(bed):
+    gave_up = threading.Event()
+    backend = OpenflowBackend(bed.nat_b, on_fatal=gave_up.set)
+    backend.start()
+    try:
+        pids = [p.pid for p in backend.ovs._procs] + [backend._app.pid]
+        os.kill(pids[1], signal.SIGKILL)  # ovs-vswitchd: the flows are gone
+        assert gave_up.wait(10)
+        time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+        assert not record_path(bed.nat_b).exists()
+    finally:
+        backend.stop()
+
+
+def test_gateway_addresses_follow_the_policy_all_or_nothing(bed, nat, monkeypatch):
+    def addresses() -> str:
+        return bed.run(bed.nat_b, "ip", "-4", "-o", "addr", "show").stdout
+
+    inside = GatewayAddress(TestBed.INSIDE_GATEWAY, "inside", 24)
+    nat.apply_policy(NatPolicy(**{**POLICY.__dict__, "gateway_address": [inside]}))
+    assert f"inside    inet {TestBed.INSIDE_GATEWAY}/24" in addresses()
+    with pytest.raises(BackendError, match="2001:db8::1"):
+        nat.apply_policy(NatPolicy(**{**POLICY.__dict__, "gateway_address": [
+            GatewayAddress("2001:db8::1", "outside", 64)]}))
+    real, failed = nat._ns, []
+
+    def failing(*cmd, **kw):  # the first batch of addresses fails, once in
+        if "-batch" in cmd and not failed:
+            real(*cmd, **kw)
+            failed.append(cmd)
+            raise BackendError("ip refused it")
+        return real(*cmd, **kw)
+
+    monkeypatch.setattr(nat, "_ns", failing)
+    with pytest.raises(BackendError, match="ip refused it"):
+        nat.apply_policy(NatPolicy(**{**POLICY.__dict__, "gateway_address": [
+            GatewayAddress(TestBed.EXTERNAL, "outside", 24)]}))
+    monkeypatch.undo()
+    assert f"inside    inet {TestBed.INSIDE_GATEWAY}/24" in addresses()  # as before
+    assert TestBed.EXTERNAL not in addresses()
+    assert nat._policy.gateway_address == [inside]
+    nat.apply_policy(POLICY)
+    assert TestBed.INSIDE_GATEWAY not in addresses()
 
 
 def test_imported_sessions_read_back_with_counters_and_delete_by_key(nat):
