@@ -1,5 +1,6 @@
 """The Linux kernel NAT: sessions are conntrack entries of one network namespace, the policy
-is an nftables table in it.
+is an nftables table in it (that side, the namespace's configuration, is
+:mod:`nfmig.nf_backends.linux_config`'s).
 
 A session moves in with the recipe that keeps a live connection working (see
 :mod:`nfmig.nf_backends.ctnetlink`); the NAT rules must be in place before that, which the
@@ -8,19 +9,14 @@ server guarantees by applying the policy before any session of the same edit.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import math
 import os
-import re
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import chain, repeat
 from operator import add, itemgetter
-from typing import Any, NamedTuple
+from typing import Any
 
 from .base import (
     PROTOCOL_NAMES,
@@ -50,18 +46,13 @@ from .ctnetlink import (
     CtEntry,
     EntryCount,
 )
+from .linux_config import NamespaceConfig
 
 log = logging.getLogger(__name__)
 
-TABLE = "nfmig"
 # From this many keys an edit's plan may presume them absent instead of looking them up (a
 # GET costs about what a create does); fewer cost little to look up either way.
 PRESUME_ABSENT_FROM = 64
-HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not drop a hold
-# (version, nftables family, set name, key type) of the held sources' sets
-HOLD_SETS = ((4, "ip", "held4", "ipv4_addr"), (6, "ip6", "held6", "ipv6_addr"))
-_DEVICE_NAME = re.compile(r"[^\s/:]{1,15}")  # what Linux accepts as an interface name
-_BATCH_FAILED = re.compile(r"Command failed -:(\d+)")  # ip -batch names the failed line
 _COUNTS = slice(Session._fields.index("orig_packets"), Session._fields.index("reply_bytes") + 1)
 _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
                       CtEntry._fields.index("reply_bytes") + 1)
@@ -86,15 +77,16 @@ class LinuxBackend(Backend):
         self._imported = 0
         self._text: dict[bytes, str] = {}
         self._packed: dict[str, bytes] = {}
-        self._policy = NatPolicy()
-        self._gateways: list[_Gateway] = []  # addresses this server put on interfaces
+        # The rules, holds and gateway addresses; under the same lock as the session
+        # writes, so that the two never interleave.
+        self._config = NamespaceConfig(netns, self._lock)
         self._events: ConntrackEvents | None = None
         self._watcher: threading.Thread | None = None
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
-        self._nft(self._ruleset(self._policy))  # instantiates conntrack and NAT in the netns
-        self._sysctl({"net.netfilter.nf_conntrack_acct": "1"})
+        self._config.start()  # instantiates conntrack and NAT in the netns
+        self._config.sysctl({"net.netfilter.nf_conntrack_acct": "1"})
         self._ct = Conntrack(self.netns_path)
         self._count = EntryCount(self.netns_path)
         self.hold_new_sessions([])  # a hold left by a server that was killed mid-migration
@@ -144,8 +136,7 @@ class LinuxBackend(Backend):
         The held prefixes are elements of nftables sets, each carrying ``timeout``: the
         kernel drops them by itself when it runs out, so the hold ends on time even if
         the server that set it has died."""
-        with self._lock:
-            self._nft(_hold_ruleset(prefixes, timeout))
+        self._config.hold(prefixes, timeout)
 
     @property
     def ct(self) -> Conntrack:
@@ -153,153 +144,11 @@ class LinuxBackend(Backend):
             raise RuntimeError("the linux backend is not started")
         return self._ct
 
-    # -- commands in the namespace -----------------------------------------------------
-    def _run(self, *cmd: str, stdin: str | None = None) -> None:
-        result = subprocess.run(["ip", "netns", "exec", self.netns, *cmd], input=stdin,
-                                text=True, capture_output=True, timeout=30)
-        if result.returncode:
-            raise BackendError(f"{cmd[0]} in namespace {self.netns} failed: "
-                               f"{result.stderr.strip()}", None, "failed")
-
-    def _nft(self, ruleset: str) -> None:
-        self._run("nft", "-f", "-", stdin=ruleset)
-
-    def _sysctl(self, values: dict[str, str]) -> None:
-        self._run("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items()))
-
     # -- policy ------------------------------------------------------------------------
     def apply_policy(self, policy: NatPolicy) -> None:
-        """The NAT rules and timeouts, then the gateway addresses (the rules first: the
-        traffic an address attracts must find them). All or nothing: when an address
-        cannot be put on its interface, the addresses this call added are taken away
-        again and the previous rules and timeouts come back."""
-        ruleset = self._ruleset(policy)
-        wanted = _gateways_of(policy)
-        with self._lock:
-            previous = self._policy
-            self._nft(ruleset)
-            try:
-                self._sysctl(_timeout_sysctls(policy))
-                self._add_gateways(wanted)
-            except BackendError:
-                self._restore_rules(previous)
-                raise
-            # Only now the addresses of the previous policy that this one lacks go: the
-            # new ones are in place first.
-            kept, had = {g.identity for g in wanted}, {g.identity for g in self._gateways}
-            self._remove_gateways([g for g in self._gateways if g.identity not in kept])
-            new = [g for g in wanted if g.identity not in had]
-            self._gateways = wanted
-            self._policy = policy
-        self._announce(new)
-
-    def _restore_rules(self, policy: NatPolicy) -> None:
-        try:
-            self._nft(self._ruleset(policy))
-            self._sysctl(_timeout_sysctls(policy))
-        except BackendError as exc:
-            log.error("the previous NAT rules could not be restored: %s", exc)
-
-    # -- gateway addresses -------------------------------------------------------------
-    def _add_gateways(self, gateways: list[_Gateway]) -> None:
-        """Put the addresses on their interfaces (in one ip batch); on a failure take away
-        those this call added, and raise BackendError naming the address."""
-        if not gateways:
-            return
-        v6_devices = sorted({g.device for g in gateways if g.version == 6})
-        if v6_devices:
-            # The kernel announces an IPv6 address it adds with an unsolicited Neighbor
-            # Advertisement when ndisc_notify is on, at once when the interface does no
-            # duplicate address detection (which would also fail while the instance the
-            # address moves from still holds it).
-            try:
-                self._sysctl({f"net/ipv6/conf/{device}/{key}": value
-                              for device in v6_devices
-                              for key, value in (("accept_dad", "0"), ("ndisc_notify", "1"))})
-            except BackendError as exc:
-                first = next(g for g in gateways if g.version == 6)
-                raise BackendError(f"gateway-address {first.with_prefixlen}: IPv6 settings of "
-                                   f"{first.device} failed: {exc}", None, "failed") from None
-        present = self._addresses()
-        failed, error = self._ip_batch([f"addr replace {g.with_prefixlen} dev {g.device}"
-                                        for g in gateways])
-        if failed is None:
-            return
-        done = gateways if failed < 0 else gateways[:failed]
-        self._ip_batch([f"addr del {g.with_prefixlen} dev {g.device}" for g in done
-                        if g.identity not in present], force=True)
-        culprit = gateways[max(failed, 0)]
-        raise BackendError(f"gateway-address {culprit.with_prefixlen} cannot be put on "
-                           f"{culprit.device} in namespace {self.netns}: {error}", None,
-                           "failed")
-
-    def _remove_gateways(self, gateways: list[_Gateway]) -> None:
-        """Take away addresses this server put there; one already gone is no error."""
-        if gateways:
-            failed, error = self._ip_batch([f"addr del {g.with_prefixlen} dev {g.device}"
-                                            for g in gateways], force=True)
-            if failed is not None:
-                log.warning("removing gateway addresses in %s: %s", self.netns, error)
-
-    def _announce(self, gateways: list[_Gateway]) -> None:
-        """A gratuitous ARP for each new IPv4 address, in the background: arping lingers
-        a second after sending. (The kernel announced the IPv6 ones as it added them.)"""
-        argvs = [["ip", "netns", "exec", self.netns, "arping", "-U", "-c", "1", "-I", g.device,
-                  g.address] for g in gateways if g.version == 4]
-        if not argvs:
-            return
-        procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for argv in argvs]
-        threading.Thread(target=_reap, args=(procs,), name=f"arping-{self.netns}",
-                         daemon=True).start()
-
-    def _addresses(self) -> set[tuple]:
-        """What is on the namespace's interfaces now, as _Gateway.identity."""
-        result = subprocess.run(["ip", "netns", "exec", self.netns, "ip", "-j", "addr", "show"],
-                                text=True, capture_output=True, timeout=30)
-        if result.returncode:
-            raise BackendError(f"ip addr show in namespace {self.netns} failed: "
-                               f"{result.stderr.strip()}", None, "failed")
-        return {_Gateway(a["local"], a["prefixlen"], link["ifname"]).identity
-                for link in json.loads(result.stdout or "[]")
-                for a in link.get("addr_info", []) if a.get("family") in ("inet", "inet6")}
-
-    def _ip_batch(self, lines: list[str], force: bool = False) -> tuple[int | None, str]:
-        """ip commands in one process: (None, "") when all worked; else the index of the
-        line that failed first (-1: unknown) and what ip said. Without ``force`` ip stops
-        at the first failure, so the lines before it are done and those after it not."""
-        if not lines:
-            return None, ""
-        result = subprocess.run(["ip", "netns", "exec", self.netns, "ip",
-                                 *(["-force"] if force else []), "-batch", "-"],
-                                input="\n".join(lines) + "\n", text=True, capture_output=True,
-                                timeout=30)
-        if not result.returncode:
-            return None, ""
-        error = result.stderr.strip()
-        where = _BATCH_FAILED.search(error)
-        message = " ".join(line for line in error.splitlines()
-                           if not _BATCH_FAILED.search(line))
-        return (int(where.group(1)) - 1 if where else -1), message or error
-
-    @staticmethod
-    def _ruleset(policy: NatPolicy) -> str:
-        """One nftables transaction replacing the table: source NAT from the inside prefixes
-        out of the outside interface, to the external addresses and port range; the address
-        mappings come first, as a NAT rule ends the chain for the packet it matches."""
-        lines = []
-        for family, version in (("ip", 4), ("ip6", 6)):
-            prefixes = [p for p in policy.inside_prefix
-                        if ipaddress.ip_network(p, strict=False).version == version]
-            externals = [a for a in policy.external_address
-                         if ipaddress.ip_address(a).version == version]
-            lines += [f"table {family} {TABLE}", f"delete table {family} {TABLE}"]
-            rules = [*_mapping_rules(family, version, policy),
-                     *_snat_rules(family, policy, prefixes, externals)]
-            lines += [f"table {family} {TABLE} {{", "  chain postrouting {",
-                      "    type nat hook postrouting priority srcnat; policy accept;",
-                      *(f"    {rule}" for rule in rules), "  }", "}"]
-        return "\n".join(lines) + "\n"
+        """The NAT rules and timeouts, then the gateway addresses; all or nothing (see
+        NamespaceConfig.apply)."""
+        self._config.apply(policy)
 
     # -- reads -------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
@@ -604,7 +453,7 @@ class LinuxBackend(Backend):
         """_entries session by session. A loop, names bound once, tuples made in C."""
         packed, pack = self._packed, self._addr_bytes
         numbers, states, timeout_for = PROTOCOL_NUMBERS, TCP_STATE_NUMBERS, \
-            self._policy.timeout_for
+            self._config.policy.timeout_for
         entries = []
         for (protocol, src, sport, dst, dport, nat, nat_port, dnat, dnat_port, state, ws_orig,
              ws_reply, timeout, _op, _ob, _rp, _rb) in sessions:
@@ -647,134 +496,6 @@ class LinuxBackend(Backend):
                 self._packed[text] = packed
         return packed
 
-
-class _Gateway(NamedTuple):
-    """A gateway address as this backend puts it on an interface."""
-
-    address: str
-    prefix_length: int
-    device: str
-
-    @property
-    def version(self) -> int:
-        return 6 if ":" in self.address else 4
-
-    @property
-    def with_prefixlen(self) -> str:
-        return f"{self.address}/{self.prefix_length}"
-
-    @property
-    def identity(self) -> tuple:
-        """What the kernel tells addresses of one interface apart by: the prefix length
-        too for IPv4, the address alone for IPv6."""
-        return (self.address, self.prefix_length if self.version == 4 else None, self.device)
-
-
-def _gateways_of(policy: NatPolicy) -> list[_Gateway]:
-    """The policy's gateway addresses on the namespace's interfaces (named by the policy,
-    else "inside" and "outside")."""
-    devices = {"inside": policy.inside_interface or "inside",
-               "outside": policy.outside_interface or "outside"}
-    gateways = []
-    for g in policy.gateway_address:
-        device = devices.get(g.interface)
-        if device is None or not _DEVICE_NAME.fullmatch(device) or device in (".", ".."):
-            raise BackendError(f"gateway-address {g.with_prefixlen}: no interface "
-                               f"{device or g.interface!r} can carry it", None, "invalid")
-        gateways.append(_Gateway(str(ipaddress.ip_address(g.address)), g.prefix_length,
-                                 device))
-    return gateways
-
-
-def _timeout_sysctls(policy: NatPolicy) -> dict[str, str]:
-    t = policy.timeouts
-    return {"net.netfilter.nf_conntrack_tcp_timeout_established": str(t.tcp_established),
-            "net.netfilter.nf_conntrack_udp_timeout": str(t.udp),
-            "net.netfilter.nf_conntrack_udp_timeout_stream": str(t.udp),
-            "net.netfilter.nf_conntrack_icmp_timeout": str(t.icmp)}
-
-
-def _reap(procs: list[subprocess.Popen]) -> None:
-    """Wait for announcements sent in the background; report the ones that failed."""
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        if proc.returncode:
-            log.warning("%s failed: %s", " ".join(proc.args[4:]), (err or "").strip())
-
-
-def _hold_ruleset(prefixes: list[str], timeout: float | None) -> str:
-    """The hold table in one nftables transaction: new connections from sources in the
-    sets are dropped, and a set element with a timeout ends by itself (none held: no
-    table)."""
-    lines = [f"table inet {HOLD_TABLE}", f"delete table inet {HOLD_TABLE}"]
-    if not prefixes or (timeout is not None and timeout <= 0):
-        return "\n".join(lines) + "\n"
-    # At least a millisecond, the kernel's unit; none: until the table is replaced.
-    expiry = "" if timeout is None else f" timeout {max(1, math.ceil(timeout * 1000))}ms"
-    networks = [ipaddress.ip_network(p, strict=False) for p in prefixes]
-    lines += [f"table inet {HOLD_TABLE} {{"]
-    for version, _family, set_name, key_type in HOLD_SETS:
-        # An interval set refuses overlapping elements: merge them first.
-        held = ipaddress.collapse_addresses(n for n in networks if n.version == version)
-        elements = ", ".join(f"{network}{expiry}" for network in held)
-        lines += [f"  set {set_name} {{", f"    type {key_type}",
-                  "    flags interval, timeout",
-                  *([f"    elements = {{ {elements} }}"] if elements else []), "  }"]
-    lines += ["  chain forward {",
-              "    type filter hook forward priority filter - 10; policy accept;",
-              *(f"    ct state new {family} saddr @{set_name} drop"
-                for _, family, set_name, _ in HOLD_SETS), "  }", "}"]
-    return "\n".join(lines) + "\n"
-
-
-def _outside_match(policy: NatPolicy) -> list[str]:
-    return [f'oifname "{policy.outside_interface}"'] if policy.outside_interface else []
-
-
-def _mapping_rules(family: str, version: int, policy: NatPolicy) -> list[str]:
-    """Each mapped prefix to its own address, longest prefix first so that it wins; TCP and
-    UDP with the policy's port range, other protocols (ICMP) with the address only."""
-    ports = f"{policy.port_min}-{policy.port_max}"
-    rules = []
-    for mapping in policy.mappings_most_specific_first():
-        network = ipaddress.ip_network(mapping.inside_prefix, strict=False)
-        if network.version != version:
-            continue
-        match = [*_outside_match(policy), f"{family} saddr {network}"]
-        target = mapping.external_address if version == 4 else f"[{mapping.external_address}]"
-        rules += [" ".join([*match, "meta l4proto { tcp, udp }",
-                            f"snat {family} to {target}:{ports}"]),
-                  " ".join([*match, f"snat {family} to {target}"])]
-    return rules
-
-
-def _snat_rules(family: str, policy: NatPolicy, prefixes: list[str], externals: list[str]
-                ) -> list[str]:
-    """TCP and UDP get the policy's port range; other protocols (ICMP) only the address."""
-    if policy.external_address and not externals:
-        return []  # this family has no external address: nothing to translate
-    match = _outside_match(policy)
-    if prefixes:
-        match.append(f"{family} saddr {{ {', '.join(prefixes)} }}")
-    ports = f"{policy.port_min}-{policy.port_max}"
-    with_ports = [*match, "meta l4proto { tcp, udp }"]
-    if not externals:
-        return [" ".join([*with_ports, f"masquerade to :{ports}"]),
-                " ".join([*match, "masquerade"])]
-    ordered = sorted(ipaddress.ip_address(a) for a in externals)
-    first, last = ordered[0], ordered[-1]
-    if len(externals) > 1 and int(last) - int(first) != len(externals) - 1:
-        raise BackendError("the Linux NAT translates to one external address or one "
-                           "contiguous range of them", None, "not supported")
-    target = str(first) if len(externals) == 1 else f"{first}-{last}"
-    if family == "ip6":
-        target = f"[{first}]" if len(externals) == 1 else f"[{first}]-[{last}]"
-    return [" ".join([*with_ports, f"snat {family} to {target}:{ports}"]),
-            " ".join([*match, f"snat {family} to {target}"])]
 
 
 def _each_once(convert: Callable[[Any], Any], values: tuple) -> list:

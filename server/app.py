@@ -56,14 +56,20 @@ class Server:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        """Start the backend, then serve; a failure on the way stops what had started (the
+        backend's daemons and kernel state must not outlive a server that never ran)."""
         self.backend.start()
-        self.datastores.load_startup()
-        self.backend.apply_policy(self.datastores.policy)
-        self.listener = NetconfListener(self.operations, self._auth, self._host_key,
-                                        self.config.listen, self.config.netconf_port,
-                                        self.config.max_message_size)
-        if self.config.restconf_port is not None:
-            self.restconf = self._start_restconf()
+        try:
+            self.datastores.load_startup()
+            self.backend.apply_policy(self.datastores.policy)
+            self.listener = NetconfListener(self.operations, self._auth, self._host_key,
+                                            self.config.listen, self.config.netconf_port,
+                                            self.config.max_message_size)
+            if self.config.restconf_port is not None:
+                self.restconf = self._start_restconf()
+        except BaseException:
+            self.stop()
+            raise
 
     def _start_restconf(self) -> RestconfListener:
         config = self.config
@@ -86,9 +92,11 @@ class Server:
         if self.listener is not None:
             self.listener.close()
         self.windows.close_all()
-        self.backend.hold_new_sessions([])  # a window open at shutdown must not outlive us
-        self.backend.stop()
-        self._stopped.set()
+        try:
+            self.backend.hold_new_sessions([])  # a window open at shutdown must not outlive us
+        finally:
+            self.backend.stop()
+            self._stopped.set()
 
     def run_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,7 +12,6 @@ all-or-nothing: the backend takes the whole session batch or none of it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
@@ -24,15 +23,12 @@ from pathlib import Path
 
 from lxml import etree
 from nfmig.nf_backends.base import (
-    AddressMapping,
     Backend,
     BackendError,
-    GatewayAddress,
     NatPolicy,
     PresumedWrongly,
     Session,
     SessionChanges,
-    Timeouts,
     Transaction,
     session_key,
 )
@@ -42,6 +38,7 @@ from .confirmed_commit import ConfirmedCommit, PendingConfirm
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
 from .gc_pause import collector_paused
+from .policy import PolicyModel
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import (
     OPERATION_ATTR,
@@ -53,7 +50,7 @@ from .session_codec import (
     as_edits,
     session_batches_to_xml,
 )
-from .tree_edit import edit_node, strip_operations
+from .tree_edit import strip_operations
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +104,7 @@ class Datastores:
         self.state_dir = Path(state_dir)
         self.ns = schema.nat_ns
         self.decoder = SessionDecoder(ListEntryChecker(schema, "/nfmig-nat:nat-session"), self.ns)
-        self._policy_schema = schema.find("/nfmig-nat:nat-policy")
+        self._policy_model = PolicyModel(schema)
         self._lock = threading.RLock()
         self._policy: etree._Element | None = None
         self._candidate: Candidate | None = None
@@ -194,7 +191,7 @@ class Datastores:
     @property
     def policy(self) -> NatPolicy:
         with self._lock:
-            return self._policy_from_xml(self._policy)
+            return self._policy_model.to_backend(self._policy)
 
     # -- locks -------------------------------------------------------------------------
     def lock(self, datastore: str, session_id: int) -> None:
@@ -253,7 +250,7 @@ class Datastores:
             policy_edits, bulk = self._split(config, options.default_operation, source,
                                              keep_columns=True)
             base = self._base_for(datastore)
-            new_policy = self._plan_policy(base.policy, policy_edits)
+            new_policy = self._policy_model.plan(base.policy, policy_edits)
             # Straight into running, sessions only: the backend may check for itself that
             # new sessions are new, instead of the plan looking each one up first.
             presume = datastore == "running" and not policy_edits and \
@@ -344,57 +341,6 @@ class Datastores:
         return errors.invalid_value(f"{qname.localname} is state data and cannot be edited",
                                     path=f"/{qname.localname}")
 
-    # The policy: small, edited as a tree and validated whole by libyang.
-    def _plan_policy(self, current: etree._Element | None,
-                     edits: list[etree._Element]) -> etree._Element | None:
-        if not edits:
-            return current
-        holder = etree.Element("config")
-        if current is not None:
-            holder.append(copy.deepcopy(current))
-        for edit in edits:
-            if etree.QName(edit).namespace is None:  # lenient: a client that left ns out
-                edit = _with_namespace(edit, self.ns)
-            edit_node(holder, edit, self._policy_schema, edit.get(OPERATION_ATTR, "merge"),
-                      "/nfmig-nat:nat-policy")
-        policy = holder[0] if len(holder) else None
-        if policy is not None:
-            self._validate_policy(policy)
-        return policy
-
-    def _validate_policy(self, policy: etree._Element) -> None:
-        try:
-            tree = self.schema.parse_xml(etree.tostring(policy))
-        except YangError as exc:
-            raise exc.to_rpc_error() from None
-        if tree is not None:
-            tree.free()
-
-    def _policy_from_xml(self, policy: etree._Element | None) -> NatPolicy:
-        if policy is None:
-            return NatPolicy()
-        tree = self.schema.parse_xml(etree.tostring(policy))
-        try:
-            data = tree.print_dict(include_implicit_defaults=True, absolute=False)
-        finally:
-            tree.free()
-        p = data.get("nat-policy", {})
-        t = p.get("timeouts", {})
-        return NatPolicy(
-            inside_interface=p.get("inside-interface"),
-            outside_interface=p.get("outside-interface"),
-            inside_prefix=list(p.get("inside-prefix", [])),
-            external_address=list(p.get("external-address", [])),
-            address_mapping=[AddressMapping(m["inside-prefix"], m["external-address"])
-                             for m in p.get("address-mapping", [])],
-            gateway_address=[GatewayAddress(g["address"], g["interface"],
-                                            g["prefix-length"])
-                             for g in p.get("gateway-address", [])],
-            port_min=p.get("port-min", 1024), port_max=p.get("port-max", 65535),
-            timeouts=Timeouts(t.get("tcp-established", 432000), t.get("tcp-transitory", 120),
-                              t.get("udp", 120), t.get("icmp", 30)),
-        )
-
     # The sessions: checked entry by entry against the view they edit.
     def _plan_sessions(self, overlay: dict, edits: list[SessionEdit], error_option: str,
                        tx: Transaction, presume: bool = False
@@ -461,7 +407,7 @@ class Datastores:
         old_policy = self._policy
         if policy_changed:
             try:
-                self.backend.apply_policy(self._policy_from_xml(policy))
+                self.backend.apply_policy(self._policy_model.to_backend(policy))
             except BackendError as exc:  # the backend undid its part; nothing changed
                 raise _backend_error(exc, self.decoder) from None
             self._policy = policy
@@ -474,7 +420,7 @@ class Datastores:
             (tx or self.backend.transaction()).apply(batch)
         except BackendError as exc:
             if policy_changed:
-                self.backend.apply_policy(self._policy_from_xml(old_policy))
+                self.backend.apply_policy(self._policy_model.to_backend(old_policy))
                 self._policy = old_policy
             raise _backend_error(exc, self.decoder) from None
         log.info("running: %d sessions written, %d removed", len(batch.upserts),
@@ -493,7 +439,7 @@ class Datastores:
     def _plan_replace(self, config: etree._Element
                       ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
         policy_edits, session_edits = self._split(config, "replace")
-        policy = self._plan_policy(None, [strip_operations(e) for e in policy_edits])
+        policy = self._policy_model.plan(None, [strip_operations(e) for e in policy_edits])
         wanted = dict(zip(map(_edit_key, session_edits), map(_edit_session, session_edits),
                           strict=True))
         if len(wanted) != len(session_edits):
@@ -648,11 +594,3 @@ def _backend_error(exc: BackendError, decoder: SessionDecoder) -> RpcError:
                                                                    "operation-failed")
     return RpcError(tag, f"the NAT refused the change, nothing was applied: {exc}", path=path,
                     app_tag=exc.reason.replace(" ", "-"))
-
-
-def _with_namespace(element: etree._Element, ns: str) -> etree._Element:
-    clone = copy.deepcopy(element)
-    for node in clone.iter():
-        if isinstance(node.tag, str) and not node.tag.startswith("{"):
-            node.tag = f"{{{ns}}}{node.tag}"
-    return clone
