@@ -16,6 +16,7 @@ import threading
 from typing import NamedTuple
 
 from .base import BackendError, NatPolicy
+from .netns_worker import NamespaceError, NamespaceWorker
 
 # The backend's logger: what the namespace's configuration reports reads as before it had
 # a module of its own.
@@ -37,9 +38,14 @@ class NamespaceConfig:
         """``lock``: the backend's, so that a change of the rules never interleaves with a
         batch of session writes."""
         self.netns = netns
+        self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self._lock = lock
+        self._worker: NamespaceWorker | None = None
         self._policy = NatPolicy()
         self._gateways: list[_Gateway] = []  # addresses this server put on interfaces
+        # What the kernel was last given, so that a policy edit that changes only the
+        # gateway addresses (a migration's switchover) does not reload rules and timeouts.
+        self._loaded: tuple[str, dict[str, str]] | None = None
 
     @property
     def policy(self) -> NatPolicy:
@@ -49,11 +55,23 @@ class NamespaceConfig:
     def start(self) -> None:
         """Load the current rules: loading a NAT table instantiates conntrack and NAT in
         the namespace, which the session side needs before it opens its sockets."""
+        try:
+            self._worker = NamespaceWorker(self.netns_path)
+        except NamespaceError as exc:
+            raise BackendError(str(exc), None, "failed") from None
         self._nft(_ruleset(self._policy))
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def sysctl(self, values: dict[str, str]) -> None:
         """Set kernel parameters of the namespace (name: value)."""
-        self._run("sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items()))
+        try:
+            self._in_namespace().sysctl(values)
+        except NamespaceError as exc:
+            raise BackendError(f"in namespace {self.netns}: {exc}", None, "failed") from None
 
     # -- hold --------------------------------------------------------------------------
     def hold(self, prefixes: list[str], timeout: float | None = None) -> None:
@@ -69,17 +87,24 @@ class NamespaceConfig:
         traffic an address attracts must find them). All or nothing: when an address
         cannot be put on its interface, the addresses this call added are taken away
         again and the previous rules and timeouts come back."""
-        ruleset = _ruleset(policy)
+        loaded = (_ruleset(policy), _timeout_sysctls(policy))
         wanted = _gateways_of(policy)
         with self._lock:
             previous = self._policy
-            self._nft(ruleset)
+            reload = loaded != self._loaded
+            if reload:
+                self._loaded = None  # unknown until both are in
+                self._nft(loaded[0])
             try:
-                self.sysctl(_timeout_sysctls(policy))
-                self._add_gateways(wanted)
+                if reload:
+                    self.sysctl(loaded[1])
+                if {g.identity for g in wanted} != {g.identity for g in self._gateways}:
+                    self._add_gateways(wanted)
             except BackendError:
-                self._restore_rules(previous)
+                if reload:
+                    self._restore_rules(previous)
                 raise
+            self._loaded = loaded
             # Only now the addresses of the previous policy that this one lacks go: the
             # new ones are in place first.
             kept, had = {g.identity for g in wanted}, {g.identity for g in self._gateways}
@@ -93,6 +118,7 @@ class NamespaceConfig:
         try:
             self._nft(_ruleset(policy))
             self.sysctl(_timeout_sysctls(policy))
+            self._loaded = (_ruleset(policy), _timeout_sysctls(policy))
         except BackendError as exc:
             log.error("the previous NAT rules could not be restored: %s", exc)
 
@@ -179,15 +205,17 @@ class NamespaceConfig:
         return (int(where.group(1)) - 1 if where else -1), message or error
 
     # -- commands in the namespace -----------------------------------------------------
-    def _run(self, *cmd: str, stdin: str | None = None) -> None:
-        result = subprocess.run(["ip", "netns", "exec", self.netns, *cmd], input=stdin,
-                                text=True, capture_output=True, timeout=30)
-        if result.returncode:
-            raise BackendError(f"{cmd[0]} in namespace {self.netns} failed: "
-                               f"{result.stderr.strip()}", None, "failed")
-
     def _nft(self, ruleset: str) -> None:
-        self._run("nft", "-f", "-", stdin=ruleset)
+        try:
+            self._in_namespace().nft(ruleset)
+        except NamespaceError as exc:
+            raise BackendError(f"nft in namespace {self.netns} failed: {exc}", None,
+                               "failed") from None
+
+    def _in_namespace(self) -> NamespaceWorker:
+        if self._worker is None:
+            raise BackendError("the linux backend is not started", None, "failed")
+        return self._worker
 
 
 class _Gateway(NamedTuple):

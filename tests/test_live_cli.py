@@ -169,7 +169,10 @@ def check_live_move(a: Nat, b: Nat, code: int, report: dict, result) -> None:
           f"{(report['switchover_seconds'] or 0) * 1000:.1f} ms, longest stream gap "
           f"{result.longest_gap_ms():.1f} ms, retransmissions {result.retransmissions()}, "
           f"RTOs {result.rto_timeouts()}, RST {result.rst_packets}, untranslated "
-          f"{result.untranslated}, total {report['total_seconds']:.2f} s")
+          f"{result.untranslated}, total {report['total_seconds']:.2f} s; window: " +
+          ", ".join(f"{p['name']} {p['seconds'] * 1000:.1f}" for p in report["phases"]
+                    if p["name"] in ("freeze", "delta", "commit", "confirm", "switchover",
+                                     "thaw")))
     assert code == 0, report["reason"]
     assert_streams_did_not_notice(result)
     assert report["switchover"].startswith("gateway 10.0.0.1/24 (inside), 192.0.2.1/24")
