@@ -38,6 +38,7 @@ bench: setup
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/hetero_migration.py; fi
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/kernel_migration.py; \
 	else echo "bench/kernel_migration.py skipped: network namespaces and conntrack need root"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/migrator_linux.py --hetero; fi
 
 lint: setup
 	$(BIN)/ruff check .

@@ -17,6 +17,12 @@ The file, ``pending-commit.json``, is one JSON object::
 
 where each key is the list [protocol, src_address, src_port, dst_address, dst_port], and
 null means the commit created that session (rolling back deletes it).
+
+A follow-up confirmed commit (a migration's delta, moments before it confirms) writes only
+what it adds, to ``pending-commit.1.json``, ``.2.json`` and so on: the same fields, with
+the sessions it touches for the first time; rewriting the whole record would cost as much
+as the first commit's. An extension without its base record is left over from a commit
+settled while the extensions were being removed, and means nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class PendingConfirm:
     policy_changed: bool = False
     deadline: float = 0.0  # time.time() at which it is rolled back unless confirmed
     timer: threading.Timer | None = None
+    extensions: int = 0  # follow-up commits recorded beside the first
 
     def undo_changes(self, lookup: Lookup) -> dict[tuple, Session | None]:
         """The session batch that puts running back: each previous session written again,
@@ -121,16 +128,21 @@ class ConfirmedCommit:
         if old is None:
             undo = {key: before.get(key) for key in changed}
             new = PendingConfirm(session_id, persist, policy, undo, policy_changed)
+            added = undo
         else:
             # A copy, so that a failed write leaves the pending commit as it was.
-            undo = dict(old.undo_sessions)
-            for key in changed:
-                undo.setdefault(key, before.get(key))
+            added = {key: before.get(key) for key in changed if key not in old.undo_sessions}
+            undo = {**old.undo_sessions, **added}
             new = PendingConfirm(old.session_id, persist, old.undo_policy, undo,
-                                 old.policy_changed or policy_changed)
+                                 old.policy_changed or policy_changed,
+                                 extensions=old.extensions + 1)
         new.deadline = time.time() + timeout
         try:
-            write_record(self.path, new)
+            if old is None:
+                self._remove_extensions()  # left by a commit settled mid-removal
+                write_record(self.path, new)
+            else:
+                write_record(self._extension(new.extensions), new, added)
         except OSError as exc:
             raise errors.operation_failed(
                 f"the confirmed commit was not applied: its undo record {self.path} cannot be "
@@ -217,30 +229,61 @@ class ConfirmedCommit:
         return pending
 
     def remove_record(self) -> None:
+        """The base record first: without it the extensions mean nothing."""
         try:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
             # Left behind, the record would roll back a settled commit at the next start.
             log.error("%s: cannot remove the undo record of a settled confirmed commit (%s); "
                       "remove it before the server starts again", self.path, exc)
+            return
+        self._remove_extensions()
 
     def recorded(self) -> PendingConfirm | None:
         """The confirmed commit that an earlier run of the server left pending, if its record
-        is there (RecordError if it cannot be read)."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+        is there, with its extensions (RecordError if it cannot be read)."""
+        data = _read(self.path)
+        if data is None:
             return None
-        except OSError as exc:
-            raise RecordError(str(exc)) from None
-        return parse_record(data)
+        pending = parse_record(data)
+        while (more := _read(self._extension(pending.extensions + 1))) is not None:
+            extension = parse_record(more)
+            for key, previous in extension.undo_sessions.items():
+                pending.undo_sessions.setdefault(key, previous)
+            pending.persist, pending.deadline = extension.persist, extension.deadline
+            pending.policy_changed |= extension.policy_changed
+            pending.extensions += 1
+        return pending
+
+    def _extension(self, number: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.{number}{self.path.suffix}")
+
+    def _remove_extensions(self) -> None:
+        number = 1
+        while (path := self._extension(number)).exists():
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.error("%s: cannot remove a stale undo record extension (%s)", path, exc)
+                return
+            number += 1
 
 
-def write_record(path: Path, pending: PendingConfirm) -> None:
-    """Write ``pending``'s undo record to ``path`` so that a crash at any moment leaves
-    either the old record or the new one: a temporary file, synced, renamed over it (and the
-    directory synced, which makes the rename itself durable). Mode 0600: it holds the
-    addresses of users' connections."""
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RecordError(str(exc)) from None
+
+
+def write_record(path: Path, pending: PendingConfirm,
+                 sessions: Mapping[tuple, Session | None] | None = None) -> None:
+    """Write ``pending``'s undo record (or, for an extension, only ``sessions`` of it) to
+    ``path`` so that a crash at any moment leaves either the old record or the new one: a
+    temporary file, synced, renamed over it (and the directory synced, which makes the
+    rename itself durable). Mode 0600: it holds the addresses of users' connections."""
     policy = pending.undo_policy
     record = {
         "version": RECORD_VERSION,
@@ -253,7 +296,8 @@ def write_record(path: Path, pending: PendingConfirm) -> None:
         # Keys and Sessions are tuples: json writes them as lists as they are, in C, with
         # nothing built per session (100k sessions: 0.08 s when the commit created them all,
         # 0.27 s when it changed them all, 16 MB).
-        "undo_sessions": list(pending.undo_sessions.items()),
+        "undo_sessions": list((pending.undo_sessions if sessions is None
+                               else sessions).items()),
     }
     data = json.dumps(record, separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,20 @@ def restart(server: LocalServer, *serve_args: str) -> RunningServer:
 
 
 def read_record(state_dir: Path) -> dict:
+    """The record with its extensions (a follow-up commit's keys, persist and deadline)."""
     path = state_dir / PENDING
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it names users' connections
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    number = 1
+    while (extension := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+        assert stat.S_IMODE(extension.stat().st_mode) == 0o600
+        more = json.loads(extension.read_text())
+        known = {tuple(key) for key, _ in record["undo_sessions"]}
+        assert all(tuple(key) not in known for key, _ in more["undo_sessions"])  # only new
+        record["undo_sessions"] += more["undo_sessions"]
+        record.update(persist=more["persist"], deadline=more["deadline"])
+        number += 1
+    return record
 
 
 @pytest.fixture
@@ -110,7 +121,8 @@ def test_the_record_is_there_while_the_commit_is_pending_and_gone_once_confirmed
     previous = undo[("TCP", "10.31.0.1", 4000, "198.51.100.9", 80)]  # changed by it
     assert dict(zip(SESSION_FIELDS, previous, strict=True))["translated_port"] == 31000
 
-    # A follow-up confirmed commit extends the record with what it touches, and its timeout.
+    # A follow-up confirmed commit extends the record with what it touches first (in a file
+    # of its own), and its timeout.
     nc.edit_config(target="candidate", config=config(entry("10.31.0.3", 4000)))
     commit(nc, "<confirmed/><confirm-timeout>900</confirm-timeout><persist>p-31b</persist>"
            "<persist-id>p-31</persist-id>")
@@ -182,6 +194,29 @@ def test_a_restarted_server_rolls_back_the_commit_its_predecessor_left_pending(
             {k: v for k, v in before[key].items() if k != "timeout"}
     assert not (second.state_dir / PENDING).exists()
     assert "rolled back at start" in second.log.read_text()
+
+
+def test_a_restart_rolls_back_the_follow_up_commits_of_the_pending_one_too(tmp_path,
+                                                                           servers):
+    first = RunningServer(**vars(start_local_server(tmp_path / "nat", "--sessions", "2")))
+    servers.append(first)
+    with first.connect() as m:
+        before, _ = running(m)
+        m.edit_config(target="candidate", config=config(entry("10.35.0.1", 4000)))
+        commit(m, "<confirmed/><persist>p-35</persist>")
+        m.edit_config(target="candidate", config=config(entry("10.35.0.2", 4000)))
+        commit(m, "<confirmed/><persist>p-35</persist><persist-id>p-35</persist-id>")
+        rpc(m, f'<copy-config xmlns="{NC_NS}"><target><startup/></target>'
+               "<source><running/></source></copy-config>")
+    kill_hard(first)
+    assert (first.state_dir / "pending-commit.1.json").exists()  # the follow-up's own file
+
+    second = restart(first, "--sessions", "2")
+    servers.append(second)
+    with second.connect() as m:
+        after, _ = running(m)
+    assert set(after) == set(before)  # neither commit's session stayed
+    assert not list(second.state_dir.glob("pending-commit*"))
 
 
 BAD_RECORDS = {
