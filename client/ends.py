@@ -22,6 +22,9 @@ class Options:
 
     keep_source: bool = False  # copy: the sources keep the sessions, nothing is switched
     finish: bool = False  # after keep_source and a switch of one's own: delete on the sources
+    partial: bool = False  # sessions a target cannot hold stay on their source; move the rest
+    with_policy: bool = False  # a target whose policy lacks the sessions' addresses gets the
+    # source's (without its gateway addresses) in the same commit
     # what moves the traffic: "gateway" (the gateway-address entries), "none", or a command
     switchover: str = "gateway"
     dry_run: bool = False  # everything up to validate on the targets, then discard

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 
 from ncclient.operations.rpc import RPCError
 
+from .checks import Checks
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
 from .negotiate import problems, read_facts
@@ -59,7 +60,7 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
 log = logging.getLogger(__name__)
 
 
-class Migration(Recovery, Switching):
+class Migration(Checks, Recovery, Switching):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -113,6 +114,7 @@ class Migration(Recovery, Switching):
                                 else self.selection) for e in target_eps]
         self._freeze_t0: float | None = None
         self.committed = False  # every target confirmed: from here on only forward
+        self.left_behind: set[tuple] = set()  # keys a target cannot hold (--partial)
         # names the targets' confirmed commits: only this migration confirms or cancels them
         self.persist_id = f"{self.migration_id}-{secrets.token_hex(4)}"
 
@@ -170,6 +172,7 @@ class Migration(Recovery, Switching):
         self._prepare()
         self._edit()
         self._validate()
+        self._check_policies()
         if dry:
             for t in self.targets:
                 if t.staged:
@@ -357,39 +360,6 @@ class Migration(Recovery, Switching):
             t.report.sessions = len(t.entries)
         self.report.sessions_selected = sum(len(s.entries) for s in self.sources)
 
-    def _check(self) -> None:
-        """Sessions from several sources into one target must not collide: not the same
-        key twice, not one translated endpoint for two sessions."""
-        if len(self.sources) < 2:
-            return
-        conflicts = []
-        with self._phase("check"):
-            for t in self.targets:
-                keys: dict[tuple, SourceEnd] = {}
-                endpoints: dict[tuple, tuple[Entry, SourceEnd]] = {}
-                for entry, src in t.entries:
-                    if entry.key in keys:
-                        conflicts.append(f"session {entry.key_text()} is on both "
-                                         f"{keys[entry.key].endpoint} and {src.endpoint}")
-                        continue
-                    keys[entry.key] = src
-                    if entry.endpoint is None:
-                        continue
-                    other = endpoints.get(entry.endpoint)
-                    if other is not None:
-                        proto, address, port = entry.endpoint
-                        conflicts.append(
-                            f"translated endpoint {proto} {address}:{port} is used by "
-                            f"{other[0].key_text()} on {other[1].endpoint} and by "
-                            f"{entry.key_text()} on {src.endpoint}")
-                    else:
-                        endpoints[entry.endpoint] = (entry, src)
-            if conflicts:
-                shown = "; ".join(conflicts[:3])
-                more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
-                raise MigrationError(f"{len(conflicts)} conflicts between the sources, nothing "
-                                     f"was moved: {shown}{more}", "refused", conflicts)
-
     def _prepare(self) -> None:
         """What each target holds under the selection now (a rollback restores it), and
         which gateway addresses the switchover moves."""
@@ -412,12 +382,6 @@ class Migration(Recovery, Switching):
                 size = t.conn.edit_config(entries_xml(e for e, _ in t.entries), "candidate")
                 record.detail = f"{len(t.entries)} sessions, {size} bytes"
             self.report.state_bytes += size
-
-    def _validate(self) -> None:
-        for t in self.targets:
-            if t.staged:
-                with self._phase("validate", t):
-                    t.conn.simple("validate", "<source><candidate/></source>")
 
     def _commit(self) -> None:
         """Candidate into running, as a confirmed commit with the migration's persist-id:
@@ -470,7 +434,7 @@ class Migration(Recovery, Switching):
         for s in self.sources:
             copied = {e.key: e for e in s.entries}
             with self._phase("delta", s) as record:
-                now = self._read_selection(s)
+                now = [e for e in self._read_selection(s) if e.key not in self.left_behind]
                 for e in now:
                     old = copied.pop(e.key, None)
                     if old is None:
@@ -500,6 +464,8 @@ class Migration(Recovery, Switching):
             size = t.conn.edit_config(entries_xml(write) + removal_xml(gone), "candidate")
             record.detail = f"{len(write)} sessions written, {len(gone)} removed"
         self.report.state_bytes += size
+        if write:
+            self._validate()
         self._commit()
 
     def _confirm(self) -> None:

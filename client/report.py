@@ -47,6 +47,7 @@ class Report:
     keep_source: bool = False
     sessions_selected: int = 0
     sessions_moved: int = 0
+    stayed: int = 0  # selected, but left on their source: a target cannot hold them
     state_bytes: int = 0  # the sessions as written to the targets
     endpoints: list[EndpointReport] = field(default_factory=list)
     phases: list[PhaseRecord] = field(default_factory=list)

@@ -319,6 +319,27 @@ def followed_state(entry: Entry) -> tuple:
     return entry.endpoint, tuple(_FOLLOWED.findall(entry.xml))
 
 
+_PATH_KEY = re.compile(r"\[(?:[\w.-]+:)?(protocol|src_address|src_port|dst_address|dst_port)"
+                       r"""=(?:'([^']*)'|"([^"]*)")\]""")
+
+
+def refused_sessions(error: Any) -> dict[tuple, str] | None:
+    """The sessions a target said it cannot hold, from a validate's rpc-errors (each one's
+    error-path names an entry, app-tag not-supported): key -> why. None when some error
+    is about anything else."""
+    errors = getattr(error, "errlist", None) or [error]
+    refused = {}
+    for e in errors:
+        if e.app_tag != "not-supported" or not e.path or "nat-session" not in e.path:
+            return None
+        values = {name: a or b for name, a, b in _PATH_KEY.findall(e.path)}
+        key = tuple(values.get(k) for k in KEY_LEAVES)
+        if None in key:
+            return None
+        refused[key] = (e.message or "").strip()
+    return refused
+
+
 def entries_xml(entries: Iterable[Entry]) -> str:
     return "".join(e.xml for e in entries)
 

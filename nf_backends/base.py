@@ -186,9 +186,14 @@ class PresumedWrongly(Exception):
     absent; it changed nothing. Plan again with a real lookup."""
 
 
-# A change of the session table: ("created" | "deleted", the session).
+# A change of the session table: ("created" | "updated" | "deleted", the session), in the
+# order the NF made them. "updated": the session's TCP state or translation changed, or it
+# was written over (counters and the remaining lifetime change with every packet and are
+# not reported). A backend that missed changes (its NF's report overflowed) says so with
+# CHANGES_LOST, whose session is None: whoever records changes must then read everything.
 SessionEvent = tuple[str, Session]
 EventListener = Callable[[list[SessionEvent]], None]
+CHANGES_LOST = ("lost", None)
 
 
 class Transaction:
@@ -232,8 +237,16 @@ class Backend(ABC):
     def watch(self, listener: EventListener | None) -> None:
         """From now on report every change of the session table to ``listener``, in batches
         and from any thread; None stops the reports. Watching costs, so the server only
-        watches while someone subscribes."""
+        watches while someone needs the changes (a subscriber, a change record). The
+        listener must not call the backend: it may be called under the backend's locks."""
         self._listener = listener
+
+    def flush_changes(self) -> None:  # noqa: B027 - optional hook
+        """A barrier: report, before returning, every change the NF made up to now (that
+        watch() would report). The default suits a backend whose reports are made
+        synchronously with its changes. One that cannot tell when its NF's reports are in
+        raises NotImplementedError: the server then refuses change tracking, and the
+        migrator reads the selection again instead."""
 
     def _report(self, events: list[SessionEvent]) -> None:
         listener = self._listener
@@ -265,6 +278,16 @@ class Backend(ABC):
         sessions = self.sessions()
         while batch := list(islice(sessions, SESSION_BATCH)):
             yield batch
+
+    def refusal(self, session: Session) -> str | None:
+        """Why this NF cannot hold ``session`` (None: it can). Asked when a candidate is
+        validated, so that a migration learns before anything moves which sessions a
+        target would refuse; apply() refuses the same ones. Every NAT refuses a session
+        whose addresses are not all of one IP version: nothing could translate it."""
+        versions = {":" in a for a in (session.src_address, session.dst_address,
+                                       session.translated_address,
+                                       session.translated_dst_address) if a}
+        return "its addresses are not all of one IP version" if len(versions) > 1 else None
 
     @abstractmethod
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,8 +60,6 @@ from .ctattrs import (
     NETLINK_CAP_ACK,
     NETLINK_EXT_ACK,
     NETLINK_NETFILTER,
-    NFNLGRP_CONNTRACK_DESTROY,
-    NFNLGRP_CONNTRACK_NEW,
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_CREATE,
@@ -609,50 +606,6 @@ class Conntrack:
             yield reply
             if reply[3] == NLMSG_ERROR and reply[4] == last:
                 return
-
-
-class ConntrackEvents:
-    """Entries appearing in and leaving the conntrack table of one namespace, as the kernel
-    announces them (an entry appears once confirmed, its NAT binding set)."""
-
-    def __init__(self, netns: str | None = None):
-        self.sock = _netlink_socket(netns)
-        try:  # a burst (a 100k-entry import) must not overflow the queue
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
-        except OSError:
-            pass
-        groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
-        self.sock.bind((0, groups))
-        self.lost = 0  # times the kernel dropped events because we read too slowly
-        self._buffer = bytearray(1 << 20)  # reused: every event is a read of its own
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def read(self, timeout: float) -> list[tuple[str, CtEntry]]:
-        """The events waiting ("created" | "deleted", entry), after at most ``timeout``
-        seconds of waiting for the first."""
-        events: list[tuple[str, CtEntry]] = []
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return events
-        while True:
-            data = self._buffer
-            try:
-                size = self.sock.recv_into(data, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return events
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                self.lost += 1
-                continue
-            for pos, length, kind, _seq in _messages(data, size):
-                if kind in (CT_NEW, CT_DELETE):
-                    events.append(("created" if kind == CT_NEW else "deleted",
-                                   parse_entry(data, pos + 20, pos + length, data[pos + 16])))
 
 
 def _messages(buf: bytearray, size: int) -> Iterator[tuple[int, int, int, int]]:

@@ -19,6 +19,7 @@ from operator import add, itemgetter
 from typing import Any
 
 from .base import (
+    CHANGES_LOST,
     PROTOCOL_NAMES,
     PROTOCOL_NUMBERS,
     TCP_STATE_NUMBERS,
@@ -37,12 +38,12 @@ from .base import (
     session_key,
 )
 from .ctattrs import new_entry
+from .ctevents import ConntrackEvents
 from .ctnetlink import (
     ECHO_REPLY,
     ERRNO_REASONS,
     TCP,
     Conntrack,
-    ConntrackEvents,
     CtEntry,
     EntryCount,
 )
@@ -82,11 +83,18 @@ class LinuxBackend(Backend):
         self._config = NamespaceConfig(netns, self._lock)
         self._events: ConntrackEvents | None = None
         self._watcher: threading.Thread | None = None
+        # Held while events are read and reported, so that flush_changes() can report
+        # every event queued now before it returns, however far the watcher has got.
+        self._reporting = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
         self._config.start()  # instantiates conntrack and NAT in the netns
-        self._config.sysctl({"net.netfilter.nf_conntrack_acct": "1"})
+        # Every entry from now on with its counters and its events: in the kernel's default
+        # (events 2, "auto") an entry made while nobody listened never reports a change or
+        # its end, so sessions that predate a watch() would change unseen.
+        self._config.sysctl({"net.netfilter.nf_conntrack_acct": "1",
+                             "net.netfilter.nf_conntrack_events": "1"})
         self._ct = Conntrack(self.netns_path)
         self._count = EntryCount(self.netns_path)
         self.hold_new_sessions([])  # a hold left by a server that was killed mid-migration
@@ -94,6 +102,8 @@ class LinuxBackend(Backend):
 
     def stop(self) -> None:
         self.watch(None)
+        if self._watcher is not None:
+            self._watcher.join(timeout=1)  # it notices within one wait
         if self._ct is not None:
             self._ct.close()
             self._ct = None
@@ -103,31 +113,63 @@ class LinuxBackend(Backend):
 
     # -- events and holds --------------------------------------------------------------
     def watch(self, listener) -> None:
-        """Follow the kernel's conntrack events while someone listens."""
-        self._listener = listener
-        if listener is not None and self._events is None:
-            self._events = ConntrackEvents(self.netns_path)
-            self._watcher = threading.Thread(target=self._follow, args=(self._events,),
-                                             name=f"conntrack-events-{self.netns}",
-                                             daemon=True)
-            self._watcher.start()
-        elif listener is None and self._events is not None:
-            events, self._events = self._events, None
-            if self._watcher is not None:
-                self._watcher.join(timeout=5)  # it notices within one read timeout
-            events.close()
+        """Follow the kernel's conntrack events while someone listens. Stopping does not
+        wait for the watcher thread: it closes its socket itself within one wait, and
+        reports nothing more from the moment it is no longer the one followed."""
+        with self._reporting:
+            self._listener = listener
+            if listener is not None and self._events is None:
+                self._events = ConntrackEvents(self.netns_path)
+                self._watcher = threading.Thread(target=self._follow, args=(self._events,),
+                                                 name=f"conntrack-events-{self.netns}",
+                                                 daemon=True)
+                self._watcher.start()
+            elif listener is None:
+                self._events = None
+
+    def flush_changes(self) -> None:
+        """Report every conntrack event the kernel has queued for us: each was queued as
+        the kernel made its change, so none made before this call is left out."""
+        with self._reporting:
+            events = self._events
+            if events is None:
+                if self._listener is not None:  # the watcher failed: nothing is followed
+                    self._report([CHANGES_LOST])  # type: ignore[list-item]
+                return
+            try:
+                self._report_waiting(events)
+            except OSError as exc:  # the watcher meets it too, and stops following
+                log.error("reading the conntrack events of %s failed: %s", self.netns, exc)
+                self._report([CHANGES_LOST])  # type: ignore[list-item]
 
     def _follow(self, events: ConntrackEvents) -> None:
-        lost = 0
-        while self._events is events:
-            batch = events.read(0.25)
-            if events.lost != lost:
-                log.warning("conntrack events of %s were lost (%d overflows): the change "
-                            "feed missed some sessions", self.netns, events.lost - lost)
-                lost = events.lost
-            changes = [(what, s) for what, s in
-                       ((what, self._session(e)) for what, e in batch) if s is not None]
-            self._report(changes)
+        try:
+            while self._events is events:
+                if events.wait(0.25):
+                    with self._reporting:
+                        if self._events is events:
+                            self._report_waiting(events)
+        except Exception:  # whoever records changes must know they are no longer followed
+            log.exception("following the conntrack events of %s failed", self.netns)
+            with self._reporting:
+                if self._events is events:
+                    self._events = None
+                    self._report([CHANGES_LOST])  # type: ignore[list-item]
+        finally:
+            with self._reporting:
+                events.close()
+
+    def _report_waiting(self, events: ConntrackEvents) -> None:
+        """Read and report what ``events`` holds now (with the reporting lock held)."""
+        lost = events.lost
+        batch = events.read()
+        changes = [(what, s) for what, s in
+                   ((what, self._session(e)) for what, e in batch) if s is not None]
+        if events.lost != lost:
+            log.warning("conntrack events of %s were lost (%d overflows): the change feed "
+                        "missed some sessions", self.netns, events.lost - lost)
+            changes.append(CHANGES_LOST)  # type: ignore[arg-type]
+        self._report(changes)
 
     def hold_new_sessions(self, prefixes: list[str], timeout: float | None = None) -> None:
         """Drop the first packet of new connections from the held sources (the peers

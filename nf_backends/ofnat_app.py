@@ -5,11 +5,19 @@
 
 It runs in the NAT's network namespace next to its Open vSwitch and:
 - answers ARP for the gateway addresses the namespace's inside/outside interfaces carry (the
-  kernel there is silenced, so an address there means "this NAT owns it now") and for those
-  the backend gives it ("gateways", the policy's gateway-address list), with the interface's
-  own MAC address; it announces a newly given one with a gratuitous ARP out of its port (one
-  put on an interface by hand is announced by whoever put it there);
-- resolves next hops by ARP and installs their flows in table 1 (MAC rewrite, TTL, output);
+  kernel there is silenced, so an address there means "this NAT owns it now"; it keeps them
+  in memory from netlink, see ofnat_state.InterfaceAddresses) and for those the backend
+  gives it ("gateways", the policy's gateway-address list), with the interface's own MAC
+  address; it announces a newly given one with a gratuitous ARP out of its port (one put on
+  an interface by hand is announced by whoever put it there);
+- resolves next hops by ARP and installs their flows in table 1 (MAC rewrite, TTL, output):
+  those of its sessions ahead of their first packet, as soon as it owns a gateway address
+  they are on-link peers of (it gets one, or sessions are imported while it has one: the
+  first packets after a switch-over are forwarded at once, not queued behind an ARP
+  exchange), by ARP probes (sender 0.0.0.0: a request from the gateway address would point
+  the peer at us before the announcement does, and one direction of its connections
+  would move before the other); any other when a packet needs it (one request per
+  ASK_AGAIN, from the gateway address);
 - on a table-miss packet-in of a new TCP or UDP connection from the inside, allocates a
   translated port (never one in use, imported sessions included) from the address mapping or
   the external addresses and installs the session's flow pair (see flows.py); an ICMP echo
@@ -39,8 +47,9 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from os_ken.base import app_manager
@@ -50,7 +59,7 @@ from os_ken.lib.packet import arp, ethernet, icmp, ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
 from . import flows
-from .ofnat_state import NatState
+from .ofnat_state import InterfaceAddresses, NatState
 
 log = logging.getLogger("nfmig.ofnat")
 CONFIG = json.loads(os.environ.get("NFMIG_OFNAT", "{}"))
@@ -59,6 +68,8 @@ if "file" in CONFIG:  # the state to start from can be larger than an environmen
 HOLD_COOKIE = 0x6E67 << flows.COOKIE_SHIFT
 NO_SCALE = None
 MAX_PENDING = 64  # packets waiting for one next hop's ARP reply
+ASK_AGAIN = 0.1  # seconds before an unresolved next hop is asked for again
+MAX_AHEAD = 1024  # next hops resolved ahead of their first packet at once
 
 
 STATE = NatState()
@@ -76,12 +87,19 @@ class OfNat(app_manager.OSKenApp):
                         self.outside: CONFIG.get("outside", "outside")}
         self.macs = {port: Path(f"/sys/class/net/{name}/address").read_text().strip()
                      for port, name in self.ifnames.items()}
+        # Next hops, shared by the event loop, the control thread and the address watcher.
+        self.hops = threading.Lock()
         self.neighbours: dict[str, tuple[str, int]] = {}  # ip -> (mac, port)
         self.pending: dict[str, list] = {}  # ip -> packets waiting for its MAC
+        self.asked: dict[str, float] = {}  # ip -> when we last sent an ARP request for it
+        self.routed: dict[str, tuple[str, int]] = {}  # ip -> (mac, port) of its table-1 flow
+        self.wanted: set[str] = set()  # ips whose table-1 flow goes in once resolved
+        self.addrs = InterfaceAddresses(self.ifnames.values())
         self.dp = None
         self.watchers: list[socket.socket] = []
         self.unannounced: list[tuple[str, str]] = []  # (side, address) given before the switch
         self.ready = threading.Event()
+        self.addrs.watch(lambda _ifname: self._resolve_ahead())  # an address: we own it
         control = CONFIG.get("socket")
         if control:
             threading.Thread(target=self._serve_control, args=(control,), daemon=True).start()
@@ -156,15 +174,13 @@ class OfNat(app_manager.OSKenApp):
             self._forward(msg.datapath, ip.dst, msg.data)
         elif in_port == self.inside:
             if ip.src not in self.neighbours:
-                self.neighbours[ip.src] = (eth.src, in_port)
+                self._learn(msg.datapath, ip.src, eth.src, in_port)
             self._new_session(msg, pkt, ip)
 
     def _arp(self, dp, in_port: int, a) -> None:
         owned = self._addresses(in_port)
         if a.src_ip not in owned and a.src_ip != "0.0.0.0":
-            self.neighbours[a.src_ip] = (a.src_mac, in_port)
-            for data in self.pending.pop(a.src_ip, []):
-                self._forward(dp, a.src_ip, data)
+            self._learn(dp, a.src_ip, a.src_mac, in_port)
         if a.opcode == arp.ARP_REQUEST and a.dst_ip in owned:
             mac = self.macs[in_port]
             reply = packet.Packet()
@@ -173,14 +189,77 @@ class OfNat(app_manager.OSKenApp):
                                        dst_mac=a.src_mac, dst_ip=a.src_ip))
             self._send(dp, in_port, reply)
 
+    def _learn(self, dp, address: str, mac: str, port: int) -> None:
+        """A neighbour's MAC: the packets waiting for it go, and its table-1 flow goes in
+        if it is wanted ahead or was installed with another MAC."""
+        hop = (mac, port)
+        with self.hops:
+            self.neighbours[address] = hop
+            self.asked.pop(address, None)
+            waiting = self.pending.pop(address, [])
+            route = address in self.wanted or self.routed.get(address, hop) != hop
+            self.wanted.discard(address)
+        for data in waiting:  # before the flow: nothing overtakes them through it
+            self._send(dp, port, data, self._actions(dp, mac, port))
+        if waiting or route:
+            self._route(dp, address, mac, port)
+
     def _addresses(self, port: int) -> set[str]:
         """The gateway addresses this NAT owns now on that side: the interface's own and
         those the backend gave us."""
-        out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", self.ifnames[port]],
-                             capture_output=True, text=True, timeout=5).stdout
         given = STATE.gateways["inside" if port == self.inside else "outside"]
-        return given | {line.split()[3].split("/")[0] for line in out.splitlines()
-                        if " inet " in line}
+        return given | {str(i.ip) for i in self.addrs.on(self.ifnames[port])}
+
+    def _owns_any(self) -> bool:
+        """Whether an address is on our interfaces (the backend's gateways go there too)."""
+        return any(self.addrs.on(name) for name in self.ifnames.values())
+
+    def _resolve_ahead(self, peers: Iterable[str] | None = None, fresh: bool = False
+                       ) -> None:
+        """Ahead of their first packet, the next hops of the sessions (all of them, or
+        those talking to ``peers``) that are on-link peers of a gateway address we own
+        now: the table-1 flows of those whose MAC we know, and an ARP probe for the others,
+        whose flows go in with the reply (``fresh``: with the
+        interfaces' addresses of this very moment). A failure here only costs their first
+        packets the wait for an ARP reply."""
+        try:
+            if fresh:
+                self.addrs.update()
+            self._resolve(peers)
+        except Exception:
+            log.exception("could not resolve next hops ahead")
+
+    def _resolve(self, peers: Iterable[str] | None) -> None:
+        dp = self.dp
+        nets = {port: [i.network for i in self.addrs.on(name)]
+                for port, name in self.ifnames.items()}
+        if dp is None or not any(nets.values()):
+            return
+        if peers is None:
+            with STATE.lock:
+                peers = list(STATE.peers)
+        owned = self._addresses(self.inside) | self._addresses(self.outside)
+        todo = []
+        for peer in peers:
+            port = self._side(peer)
+            address = ipaddress.ip_address(peer)
+            if peer not in owned and any(address in net for net in nets[port]):
+                todo.append(peer)
+        if len(todo) > MAX_AHEAD:
+            log.warning("%d next hops to resolve ahead; the first %d are", len(todo),
+                        MAX_AHEAD)
+            todo = todo[:MAX_AHEAD]
+        for peer in todo:
+            with self.hops:
+                known = self.neighbours.get(peer)
+                if known is None:
+                    self.wanted.add(peer)
+                elif self.routed.get(peer) == known:
+                    continue
+            if known is None:
+                self._ask(dp, peer, probe=True)
+            else:
+                self._route(dp, peer, *known)
 
     def _announce(self, side: str, address: str) -> None:
         """A gratuitous ARP (an ARP announcement) for a gateway address we own now, out of
@@ -215,25 +294,50 @@ class OfNat(app_manager.OSKenApp):
 
     def _forward(self, dp, dst: str, data: bytes) -> None:
         """Send a translated packet to its next hop (on-link), resolving it first."""
-        known = self.neighbours.get(dst)
+        with self.hops:
+            known = self.neighbours.get(dst)
+            if known is None:
+                queue = self.pending.setdefault(dst, [])
+                if len(queue) < MAX_PENDING:
+                    queue.append(data)
         if known is None:
-            queue = self.pending.setdefault(dst, [])
-            if len(queue) < MAX_PENDING:
-                queue.append(data)
             self._ask(dp, dst)
             return
         mac, port = known
-        parser = dp.ofproto_parser
-        actions = [parser.OFPActionSetField(eth_src=self.macs[port]),
-                   parser.OFPActionSetField(eth_dst=mac), parser.OFPActionDecNwTtl(),
-                   parser.OFPActionOutput(port)]
-        self._flow(dp, flows.NEXT_HOP_TABLE, 10,
-                   parser.OFPMatch(eth_type=0x0800, ipv4_dst=dst), actions)
+        actions = self._route(dp, dst, mac, port)
         self._send(dp, port, data, actions)
 
-    def _ask(self, dp, dst: str) -> None:
+    def _actions(self, dp, mac: str, port: int) -> list:
+        parser = dp.ofproto_parser
+        return [parser.OFPActionSetField(eth_src=self.macs[port]),
+                parser.OFPActionSetField(eth_dst=mac), parser.OFPActionDecNwTtl(),
+                parser.OFPActionOutput(port)]
+
+    def _route(self, dp, dst: str, mac: str, port: int) -> list:
+        """The next hop's flow in table 1; returns its actions."""
+        actions = self._actions(dp, mac, port)
+        self._flow(dp, flows.NEXT_HOP_TABLE, 10,
+                   dp.ofproto_parser.OFPMatch(eth_type=0x0800, ipv4_dst=dst), actions)
+        with self.hops:
+            self.routed[dst] = (mac, port)
+        return actions
+
+    def _ask(self, dp, dst: str, probe: bool = False) -> None:
+        """An ARP request for dst (none if one went out less than ASK_AGAIN ago), from the
+        gateway address whose subnet holds it, else from any we own, else (or if a
+        ``probe``, which changes no neighbour's cache) from 0.0.0.0."""
+        now = time.monotonic()
+        with self.hops:
+            if now - self.asked.get(dst, -ASK_AGAIN) < ASK_AGAIN:
+                return
+            if len(self.asked) > 4096:  # those never answered
+                self.asked = {k: t for k, t in self.asked.items() if now - t < ASK_AGAIN}
+            self.asked[dst] = now
         port = self._side(dst)
-        own = sorted(self._addresses(port))
+        address = ipaddress.ip_address(dst)
+        on_link = sorted(str(i.ip) for i in self.addrs.on(self.ifnames[port])
+                         if address in i.network)
+        own = [] if probe else on_link or sorted(self._addresses(port))
         mac = self.macs[port]
         request = packet.Packet()
         request.add_protocol(ethernet.ethernet("ff:ff:ff:ff:ff:ff", mac, 0x0806))
@@ -413,6 +517,9 @@ class OfNat(app_manager.OSKenApp):
         elif op == "gateways":
             with STATE.lock:
                 STATE.gateways = {side: set(r[side]) for side in ("inside", "outside")}
+            # The backend has just put them on the interfaces: next hops first, so that the
+            # traffic the announcements bring finds them.
+            self._resolve_ahead(fresh=True)
             for side, address in r.get("announce", []):
                 self._announce(side, address)
         elif op == "resume":
@@ -420,7 +527,9 @@ class OfNat(app_manager.OSKenApp):
         elif op == "reserve":
             return STATE.reserve(r["sessions"], r.get("drop", []))
         elif op == "settle":
-            STATE.settle(r["batch"], r["ok"])
+            added = STATE.settle(r["batch"], r["ok"])
+            if added and self.dp is not None and self._owns_any():
+                self._resolve_ahead(STATE.peers_of(added))
         elif op == "scales":
             with STATE.lock:
                 return json.dumps({"scales": {str(k): v for k, v in STATE.scales.items()}})

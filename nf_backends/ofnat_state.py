@@ -1,15 +1,25 @@
 """The OpenFlow NAT application's state (ofnat_app.py): sessions, the translated endpoints
-they hold, the policy, holds and gateway addresses; shared by its OpenFlow and control
-threads, and free of OpenFlow itself."""
+they hold, the peers they talk to, the policy, holds and gateway addresses; shared by its
+OpenFlow and control threads, and free of OpenFlow itself. InterfaceAddresses: the
+addresses on the NAT's interfaces, kept in memory from netlink."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import logging
 import random
+import select
+import socket
+import struct
 import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from . import flows
+
+log = logging.getLogger("nfmig.ofnat")
 
 
 class NatState:
@@ -21,6 +31,9 @@ class NatState:
         self.replies: dict[tuple, int] = {}  # claim (see claims()) -> sid
         self.ports: dict[tuple, int] = {}  # (proto, ext, port) -> sessions using it
         self.scales: dict[int, list] = {}  # sid -> [orig, reply] window scales seen
+        # Source and destination addresses of the sessions -> sessions naming them: the
+        # next hops the sessions' packets need (see the app's resolve_ahead).
+        self.peers: dict[str, int] = {}
         self.prefixes: list = []
         self.externals: list[str] = []
         self.mappings: list[tuple] = []  # (network, external), longest prefix first
@@ -59,15 +72,16 @@ class NatState:
         return json.dumps({"ok": True, "batch": self.batch,
                            "new": [sid for sid, old in undo.items() if old is None]})
 
-    def settle(self, batch: int, ok: bool) -> None:
+    def settle(self, batch: int, ok: bool) -> list[int]:
         """The switch took the batch (ok: its deleted sessions free their endpoints) or
-        refused it (every session it touched gets its reservation from before back)."""
+        refused it (every session it touched gets its reservation from before back).
+        Returns the sessions the batch put in (none if refused)."""
         with self.lock:
             undo, dropped = self.pending.pop(batch)
             if ok:
                 for sid in dropped:
                     self.remove(sid)
-                return
+                return list(undo)
             for sid, old in undo.items():
                 self.remove(sid)
                 if old is not None:
@@ -76,6 +90,7 @@ class NatState:
                 e = self.sessions.get(sid)
                 if e is not None:
                     self.replies.update(dict.fromkeys(claims(e), sid))
+        return []
 
     def free(self, e: list, sid: int) -> bool:
         """Whether no other session claims what this entry would."""
@@ -88,6 +103,9 @@ class NatState:
         self.replies.update(dict.fromkeys(claims(e), sid))
         endpoint = (e[0], e[5], e[6])
         self.ports[endpoint] = self.ports.get(endpoint, 0) + 1
+        peers = self.peers
+        peers[e[1]] = peers.get(e[1], 0) + 1
+        peers[e[3]] = peers.get(e[3], 0) + 1
 
     def remove(self, sid: int) -> list | None:
         e = self.sessions.pop(sid, None)
@@ -102,8 +120,24 @@ class NatState:
             self.ports[endpoint] = left
         else:
             self.ports.pop(endpoint, None)
+        for peer in (e[1], e[3]):
+            left = self.peers.get(peer, 1) - 1
+            if left:
+                self.peers[peer] = left
+            else:
+                self.peers.pop(peer, None)
         self.scales.pop(sid, None)
         return e
+
+    def peers_of(self, sids: Iterable[int]) -> set[str]:
+        """The addresses these sessions talk between (those that exist)."""
+        with self.lock:
+            found = set()
+            for sid in sids:
+                e = self.sessions.get(sid)
+                if e is not None:
+                    found.update((e[1], e[3]))
+            return found
 
     def external_for(self, src: str) -> str | None:
         address = ipaddress.ip_address(src)
@@ -157,3 +191,130 @@ def claims(e: list) -> list[tuple]:
     if e[0] == "ICMP":
         return [("ICMP", e[5], e[3]), ("ICMP-out", e[1], e[3])]
     return [(e[0], e[5], e[6], e[3], e[4])]
+
+
+# -- the interfaces' addresses, from netlink ------------------------------------------------
+RTMGRP_IPV4_IFADDR = 0x10
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
+_RTATTR = struct.Struct("=HH")  # length, type
+
+
+class InterfaceAddresses:
+    """The IPv4 addresses (with their prefix lengths) on some interfaces of this network
+    namespace, in memory: dumped once, then kept current from the kernel's netlink
+    notifications, so a question costs no process and no system call."""
+
+    def __init__(self, ifnames: Iterable[str]) -> None:
+        self.lock = threading.Lock()  # reading the notifications and applying them
+        self.names = {socket.if_nametoindex(name): name for name in ifnames}
+        self.found: dict[str, frozenset[ipaddress.IPv4Interface]] = {
+            name: frozenset() for name in self.names.values()}
+        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.events.bind((0, RTMGRP_IPV4_IFADDR))  # before the dump: nothing falls between
+        with self.lock:
+            self._dump()
+            self._drain()
+
+    def on(self, ifname: str) -> frozenset[ipaddress.IPv4Interface]:
+        return self.found.get(ifname, frozenset())
+
+    def update(self) -> set[str]:
+        """Apply the notifications the kernel has sent by now (a change made before this
+        call is among them); returns the interfaces that got an address."""
+        with self.lock:
+            return self._drain()
+
+    def watch(self, on_added: Callable[[str], None]) -> None:
+        """Apply notifications as they come, from a thread of their own, and call
+        ``on_added(ifname)`` when an interface got an address."""
+        threading.Thread(target=self._watch, args=(on_added,), daemon=True,
+                         name="ofnat-addresses").start()
+
+    def _watch(self, on_added: Callable[[str], None]) -> None:
+        while True:
+            try:
+                select.select([self.events], [], [])
+                for ifname in self.update():
+                    on_added(ifname)
+            except Exception:  # never the end of the watch
+                log.exception("reading address notifications failed")
+                time.sleep(0.5)
+
+    def _drain(self) -> set[str]:
+        added: set[str] = set()
+        found = {name: set(addresses) for name, addresses in self.found.items()}
+        while True:
+            try:
+                data = self.events.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self._dump()  # notifications were lost: read everything again
+                found = {name: set(addresses) for name, addresses in self.found.items()}
+                continue
+            for kind, ifname, address in self._parse(data):
+                if kind == RTM_NEWADDR and address not in found[ifname]:
+                    found[ifname].add(address)
+                    added.add(ifname)
+                elif kind == RTM_DELADDR:
+                    found[ifname].discard(address)
+        self.found = {name: frozenset(addresses) for name, addresses in found.items()}
+        return added
+
+    def _dump(self) -> None:
+        found: dict[str, set] = {name: set() for name in self.names.values()}
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+            nl.bind((0, 0))
+            nl.send(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, RTM_GETADDR,
+                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                    + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0))
+            done = False
+            while not done:
+                data = nl.recv(1 << 16)
+                done = not data or _done(data)
+                for kind, ifname, address in self._parse(data):
+                    if kind == RTM_NEWADDR:
+                        found[ifname].add(address)
+        self.found = {name: frozenset(addresses) for name, addresses in found.items()}
+
+    def _parse(self, data: bytes) -> Iterator[tuple[int, str, ipaddress.IPv4Interface]]:
+        """(message type, interface, address) of the IPv4 address messages about our
+        interfaces in one netlink datagram."""
+        at = 0
+        while at + _NLMSG.size <= len(data):
+            length, kind = _NLMSG.unpack_from(data, at)[:2]
+            if length < _NLMSG.size:
+                return
+            body = at + _NLMSG.size
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, body)
+                attrs, pos, end = {}, body + _IFADDRMSG.size, at + length
+                while pos + _RTATTR.size <= end:
+                    size, kind_ = _RTATTR.unpack_from(data, pos)
+                    if size < _RTATTR.size:
+                        break
+                    attrs[kind_] = data[pos + _RTATTR.size:pos + size]
+                    pos += (size + 3) & ~3
+                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+                if family == socket.AF_INET and index in self.names and raw and len(raw) == 4:
+                    yield kind, self.names[index], ipaddress.IPv4Interface(
+                        (ipaddress.IPv4Address(raw), prefixlen))
+            at += (length + 3) & ~3
+
+
+def _done(data: bytes) -> bool:
+    """Whether a dump's datagram holds its end (or an error)."""
+    at = 0
+    while at + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, at)[:2]
+        if kind in (NLMSG_DONE, NLMSG_ERROR) or length < _NLMSG.size:
+            return True
+        at += (length + 3) & ~3
+    return False

@@ -86,6 +86,16 @@ class OpenflowBackend(NatProcesses, Backend):
         self._app_up = threading.Event()
         self._running = threading.Event()
 
+    def flush_changes(self) -> None:
+        """No barrier here: the app reports its sessions and expiries over its watch
+        stream whenever its event loop gets to them, and has no marker to say that what
+        the switch did up to now has all been sent; so change tracking is refused."""
+        raise NotImplementedError("the OpenFlow NAT cannot tell when it has reported every "
+                                  "change of its flow table")
+
+    def refusal(self, session: Session) -> str | None:
+        return super().refusal(session) or _refusal(session)
+
     def hold_new_sessions(self, prefixes: list[str], timeout: float | None = None) -> None:
         # timeout: not passed on; the server's own timer releases the hold.
         self._held = [p for p in prefixes if ipaddress.ip_network(p, strict=False).version == 4]
@@ -287,6 +297,14 @@ class _FlowTransaction(Transaction):
     def apply(self, changes: SessionChanges) -> None:
         ids, self._ids = self._ids, {}
         self.backend.apply(changes, ids)
+
+
+def _refusal(s: Session) -> str | None:
+    try:
+        _check(s)
+    except BackendError as exc:
+        return str(exc)
+    return None
 
 
 def _check(s: Session) -> None:

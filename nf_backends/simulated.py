@@ -115,6 +115,9 @@ class SimulatedBackend(Backend):
         # (protocol, nat_ip, nat_port) -> native key of the session holding that endpoint
         self._endpoints: dict[tuple[int, int, int], tuple] = {}
         self._lock = threading.RLock()
+        # Held from a change of the table until it is reported (taken before _lock), so
+        # that flush_changes() is a barrier without reporting under the table's lock.
+        self._reporting = threading.Lock()
         self._policy = NatPolicy()
         # (is IPv6, network, netmask, external) per address mapping, longest prefix first
         self._mappings: list[tuple[bool, int, int, int]] = []
@@ -160,29 +163,36 @@ class SimulatedBackend(Backend):
 
     def apply(self, changes: SessionChanges) -> None:
         now = time.monotonic()
-        with self._lock:
-            deletes = [_native_key(k) for k in changes.deletes]
-            for nkey, key in zip(deletes, changes.deletes, strict=True):
-                if nkey not in self._table:
-                    raise BackendError(f"session {key} does not exist", key, "missing")
-            upserts = [(_native_key(s.key), _from_session(s, now, self._policy), s)
-                       for s in changes.upserts]
-            self._check_ports(upserts, set(deletes))
-            events = []
-            for nkey in deletes:
-                row = self._table.pop(nkey)
-                self._release(nkey, row)
-                events.append(("deleted", _to_session(nkey, row, now)))
-            for nkey, row, session in upserts:
-                old = self._table.get(nkey)
-                if old is not None:
-                    self._release(nkey, old)
-                else:
-                    events.append(("created", session))
-                self._table[nkey] = row
-                self._claim(nkey, row)
-            self._imported += len(upserts)
-        self._report(events)
+        with self._reporting:
+            with self._lock:
+                deletes = [_native_key(k) for k in changes.deletes]
+                for nkey, key in zip(deletes, changes.deletes, strict=True):
+                    if nkey not in self._table:
+                        raise BackendError(f"session {key} does not exist", key, "missing")
+                upserts = [(_native_key(s.key), _from_session(s, now, self._policy), s)
+                           for s in changes.upserts]
+                self._check_ports(upserts, set(deletes))
+                events = []
+                for nkey in deletes:
+                    row = self._table.pop(nkey)
+                    self._release(nkey, row)
+                    events.append(("deleted", _to_session(nkey, row, now)))
+                for nkey, row, session in upserts:
+                    old = self._table.get(nkey)
+                    if old is not None:
+                        self._release(nkey, old)
+                    events.append(("created" if old is None else "updated", session))
+                    self._table[nkey] = row
+                    self._claim(nkey, row)
+                self._imported += len(upserts)
+            self._report(events)
+
+    def flush_changes(self) -> None:
+        """Changes are made and reported in one hold of the reporting lock (the table's
+        own is let go before the report): once it is ours, every tick or batch before
+        has been reported."""
+        with self._reporting:
+            pass
 
     def apply_policy(self, policy: NatPolicy) -> None:
         mappings = []
@@ -300,23 +310,25 @@ class SimulatedBackend(Backend):
         index = 1 << 20
         while not self._stop.wait(self._tick):
             now = time.monotonic()
-            with self._lock:
-                events = self._expire(now)
-                carry += self._traffic_rate * self._tick
-                while carry >= 1:
-                    carry -= 1
-                    index += 1
-                    try:
-                        nkey = self._open_session(now, index)
-                    except BackendError:
-                        carry = 0.0  # no free port: traffic waits for sessions to expire
-                        break
-                    if nkey is not None:
-                        self._created += 1
-                        events.append(("created", _to_session(nkey, self._table[nkey], now)))
-                if self._traffic_rate:
-                    self._advance_counters(now)
-            self._report(events)
+            with self._reporting:
+                with self._lock:
+                    events = self._expire(now)
+                    carry += self._traffic_rate * self._tick
+                    while carry >= 1:
+                        carry -= 1
+                        index += 1
+                        try:
+                            nkey = self._open_session(now, index)
+                        except BackendError:
+                            carry = 0.0  # no free port: traffic waits for expiries
+                            break
+                        if nkey is not None:
+                            self._created += 1
+                            events.append(("created",
+                                           _to_session(nkey, self._table[nkey], now)))
+                    if self._traffic_rate:
+                        self._advance_counters(now)
+                self._report(events)
 
     def _expire(self, now: float) -> list[SessionEvent]:
         dead = [k for k, row in self._table.items() if row[EXPIRES] <= now]

@@ -87,6 +87,15 @@ def add_parsers(sub) -> None:
     how.add_argument("--finish", action="store_true",
                      help="the second step after --keep-source and a switch of your own: "
                           "delete from the sources the selected sessions the targets hold")
+    how.add_argument("--partial", action="store_true",
+                     help="leave on their source the sessions a target says it cannot hold "
+                          "(e.g. IPv6 on the SDN NAT) and move the rest; without it such a "
+                          "migration is refused with their list")
+    how.add_argument("--with-policy", action="store_true",
+                     help="give a target whose nat-policy does not translate to the moved "
+                          "sessions' external addresses the source's policy (without its "
+                          "gateway addresses) in the same commit; without it such a "
+                          "migration is refused")
     how.add_argument("--switchover", default="gateway", metavar="HOW",
                      help="how the traffic moves once the targets hold the sessions: "
                           "gateway (default: the gateway-address entries move), none, or a "
@@ -179,6 +188,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise ValueError("--switchover needs gateway, none or a command")
         options = Options(keep_source=args.keep_source, dry_run=args.dry_run,
                           finish=args.finish, switchover=args.switchover.strip(),
+                          partial=args.partial, with_policy=args.with_policy,
                           freeze=not args.no_freeze, freeze_timeout=args.freeze_timeout,
                           confirm_timeout=args.confirm_timeout,
                           migration_id=args.migration_id,

@@ -12,8 +12,9 @@ from pathlib import Path
 from nfmig.nf_backends import Backend
 
 from .auth import SshAuthenticator, load_users
+from .change_tracking import ChangeFeed, ChangeTracking
 from .datastore import Datastores
-from .migration import MigrationWindows
+from .migration import MigrationChanges, MigrationWindows
 from .netconf import NetconfListener, load_or_create_host_key
 from .notifications import NotificationHub
 from .operations import Operations
@@ -45,9 +46,15 @@ class Server:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.schema = Schema()
         self.datastores = Datastores(self.schema, backend, config.state_dir)
-        self.hub = NotificationHub(backend, self.schema.nat_ns)
+        # The backend's one change listener, shared by notifications and change records.
+        self.feed = ChangeFeed(backend)
+        self.hub = NotificationHub(backend, self.schema.nat_ns, self.feed)
         self.windows = MigrationWindows(backend, self.hub, self.schema, self.schema.nat_ns)
-        self.operations = Operations(self.datastores, self.schema, self.hub, self.windows)
+        self.tracking = ChangeTracking(self.feed)
+        self.changes = MigrationChanges(backend, self.tracking, self.schema,
+                                        self.schema.nat_ns)
+        self.operations = Operations(self.datastores, self.schema, self.hub, self.windows,
+                                     self.changes)
         self._users = users
         self._auth = SshAuthenticator(users)
         self._host_key = load_or_create_host_key(config.state_dir)
@@ -92,6 +99,7 @@ class Server:
         if self.listener is not None:
             self.listener.close()
         self.windows.close_all()
+        self.tracking.close_all()
         try:
             self.backend.hold_new_sessions([])  # a window open at shutdown must not outlive us
         finally:

@@ -533,21 +533,37 @@ class Datastores:
         would cost seconds at 10k entries: libyang checks each top-level list instance
         against every sibling.
         """
+        staged: list[Session] = []
         if source == "startup":
             text = self.config_text(source)  # written by hand, perhaps: parse it all
         else:
             with self._lock:
                 candidate = self._candidate if source == "candidate" else None
                 policy = candidate.policy if candidate else self._policy
+                if candidate is not None:
+                    staged = [s for s in candidate.sessions.values() if s is not None]
             text = etree.tostring(policy) if policy is not None else None
-        if not text:
-            return
-        try:
-            tree = self.schema.parse_xml(text)
-        except YangError as exc:
-            raise exc.to_rpc_error() from None
-        if tree is not None:
-            tree.free()
+        if text:
+            try:
+                tree = self.schema.parse_xml(text)
+            except YangError as exc:
+                raise exc.to_rpc_error() from None
+            if tree is not None:
+                tree.free()
+        self._check_held(staged)
+
+    def _check_held(self, sessions: list[Session]) -> None:
+        """The staged sessions this NF could not hold: one rpc-error each, naming the entry,
+        so that a migrator learns them all before anything moves."""
+        refused = []
+        for session in sessions:
+            why = self.backend.refusal(session)
+            if why is not None:
+                refused.append(_backend_error(
+                    BackendError(f"this NAT cannot hold the session: {why}", session.key,
+                                 "not supported"), self.decoder))
+        if refused:
+            raise RpcErrors(refused)
 
     # -- copy / delete -----------------------------------------------------------------
     def copy_config(self, source: str | etree._Element, target: str, session_id: int) -> None:

@@ -1,5 +1,7 @@
-"""The model's migration operations: rpc freeze and thaw (the migration window on a source)
-and rpc announce-migration (migration events for every subscriber).
+"""The model's migration operations: rpc freeze and thaw (the migration window on a source),
+rpc announce-migration (migration events for every subscriber), and rpc track-changes and
+changes (which sessions changed since a migration began copying them; the records are
+change_tracking.py's).
 
 A window holds new sessions of its selection in the backend until thawed or timed out; the
 timeout is the server's, so a migrator that vanishes never leaves the NAT frozen, and the
@@ -12,13 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
+from operator import itemgetter
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from lxml import etree
-from nfmig.nf_backends.base import Backend, BackendError
+from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Backend, BackendError, Session
 
 from . import errors
+from .change_tracking import ChangeTracking
 from .errors import RpcError
 from .notifications import NotificationHub
 from .schema import Schema, YangError
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EVERY_SOURCE = ["0.0.0.0/0", "::/0"]
 DEFAULT_WINDOW = 60  # seconds, as the model's default for freeze/timeout
+DEFAULT_RECORD = 300  # seconds, as the model's default for track-changes/timeout
 
 
 class _Window(NamedTuple):
@@ -137,17 +143,92 @@ class MigrationWindows:
 
     # -- input -------------------------------------------------------------------------
     def _input(self, op: etree._Element) -> dict:
-        """The rpc's input, checked by libyang against the model."""
-        name = etree.QName(op).localname
+        return rpc_input(self.schema, op)
+
+
+class MigrationChanges:
+    """rpc track-changes and changes: a record per migration of the sessions that changed
+    since it began, and its reading as whole sessions (those that exist now, as they are
+    now) and ended keys."""
+
+    def __init__(self, backend: Backend, tracking: ChangeTracking, schema: Schema,
+                 namespace: str):
+        self.backend = backend
+        self.tracking = tracking
+        self.schema = schema
+        self.namespace = namespace
+
+    def track_changes(self, _session, op: etree._Element) -> str:
+        request = rpc_input(self.schema, op)
+        migration_id = request["migration-id"]
         try:
-            request = self.schema.parse_operation(etree.tostring(op, encoding="unicode"))
-        except YangError as exc:
-            raise RpcError("invalid-value", f"{name}: {exc}", type="application") from None
-        for mandatory in ("migration-id", *(("role", "event") if name == "announce-migration"
-                                            else ())):
-            if mandatory not in request:
-                raise errors.missing_element(f"{name} needs {mandatory}", mandatory)
-        return request
+            self.tracking.start(migration_id, request.get("source-prefix") or [],
+                                int(request.get("timeout", DEFAULT_RECORD)))
+        except NotImplementedError as exc:
+            raise errors.not_supported(f"this NAT cannot track changes ({exc}); read the "
+                                       "selection again instead", type="application") from None
+        except (BackendError, OSError) as exc:
+            raise errors.operation_failed(f"the NAT's changes cannot be followed: {exc}") \
+                from None
+        return "<ok/>"
+
+    def changes(self, _session, op: etree._Element) -> str:
+        request = rpc_input(self.schema, op)
+        migration_id = request["migration-id"]
+        try:
+            recorded = self.tracking.read(migration_id, stop="stop" in request)
+        except KeyError:
+            raise errors.invalid_value(
+                f"no change record for migration {migration_id!r}: never tracked, stopped, "
+                "or timed out (track-changes starts one)",
+                info={"bad-element": "migration-id"}) from None
+        except (NotImplementedError, OSError) as exc:
+            raise errors.operation_failed(f"the NAT's changes cannot be read: {exc}") \
+                from None
+        if recorded.overflow:
+            return f'<overflow xmlns="{self.namespace}"/>'
+        try:
+            current = self.backend.lookup(recorded.keys) if recorded.keys else {}
+        except BackendError as exc:
+            raise errors.operation_failed(f"the NAT cannot read its sessions: {exc}") \
+                from None
+        ended = sorted(recorded.keys.difference(current))
+        body = changes_xml(self.namespace, (current[k] for k in sorted(current)), ended)
+        return body or "<ok/>"  # RFC 7950 §7.14.4: no output parameters, <ok/>
+
+
+def changes_xml(namespace: str, sessions: Iterable[Session], ended: Iterable[tuple]) -> str:
+    """rpc changes' output: a session element per session (leaves in the model's order,
+    absent ones left out), an ended element per key; each in the model's namespace."""
+    parts: list[str] = []
+    templates: dict[tuple[bool, ...], tuple[str, itemgetter]] = {}
+    for session in sessions:
+        present = tuple(value is not None for value in session)
+        template = templates.get(present)
+        if template is None:  # one per pattern of present leaves: a handful in all
+            fields = [i for i, there in enumerate(present) if there]  # the key: >= 5
+            template = templates[present] = (
+                f'<session xmlns="{namespace}">'
+                + "".join(f"<{SESSION_FIELDS[i]}>%s</{SESSION_FIELDS[i]}>" for i in fields)
+                + "</session>", itemgetter(*fields))
+        parts.append(template[0] % template[1](session))
+    key = "".join(f"<{name}>%s</{name}>" for name in KEY_FIELDS)
+    parts.extend(f'<ended xmlns="{namespace}">{key % tuple(k)}</ended>' for k in ended)
+    return "".join(parts)
+
+
+def rpc_input(schema: Schema, op: etree._Element) -> dict:
+    """The rpc's input, checked by libyang against the model."""
+    name = etree.QName(op).localname
+    try:
+        request = schema.parse_operation(etree.tostring(op, encoding="unicode"))
+    except YangError as exc:
+        raise RpcError("invalid-value", f"{name}: {exc}", type="application") from None
+    for mandatory in ("migration-id", *(("role", "event") if name == "announce-migration"
+                                        else ())):
+        if mandatory not in request:
+            raise errors.missing_element(f"{name} needs {mandatory}", mandatory)
+    return request
 
 
 def migration_event(namespace: str, **leaves: str) -> str:

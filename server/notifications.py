@@ -1,8 +1,9 @@
 """NETCONF event notifications (RFC 5277): subscriptions and the events that feed them.
 
 There is one stream, NETCONF, carrying the model's notifications: sessions-changed, from the
-backend's own change reports (followed only while someone subscribes, since following the
-table costs), and migration-event, announced by migrators. Each subscriber gets its own
+backend's own change reports (taken from the change feed only while someone subscribes, since
+following the table costs; sessions created and deleted, as the model's enumeration has it),
+and migration-event, announced by migrators. Each subscriber gets its own
 queue and sender thread, so a slow reader delays nobody else.
 """
 
@@ -19,6 +20,7 @@ from lxml import etree
 from nfmig.nf_backends.base import Backend, SessionEvent
 
 from . import errors
+from .change_tracking import ChangeFeed
 from .errors import RpcError
 from .filters import subtree_filter
 
@@ -29,6 +31,7 @@ NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 STREAM = "NETCONF"
 BATCH_LIMIT = 1000  # changes per sessions-changed notification
 QUEUE_LIMIT = 10000  # notifications one subscriber may have waiting before some are dropped
+REPORTED = ("created", "deleted")  # the changes sessions-changed reports (its event leaf)
 CHANGE_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port",
                  "translated_address", "translated_port")
 
@@ -80,33 +83,48 @@ class Subscription:
 class NotificationHub:
     """Subscriptions of every session, and publication to them."""
 
-    def __init__(self, backend: Backend, namespace: str):
+    def __init__(self, backend: Backend, namespace: str, feed: ChangeFeed | None = None):
         self.backend = backend
+        self.feed = feed if feed is not None else ChangeFeed(backend)
         self.namespace = namespace
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()
+        # Serializes joining and leaving the change feed; never taken by a publication, so
+        # leaving (which may wait for the backend's watcher) cannot wait for one.
+        self._membership = threading.Lock()
         # Sees every notification published, subscribers or not (a replay log).
         self.recorder: Send | None = None
 
     # -- subscriptions -----------------------------------------------------------------
     def subscribe(self, session_id: int, send: Send, selector: etree._Element | None) -> None:
-        with self._lock:
-            if session_id in self._subscriptions:
-                raise errors.in_use("this session already has a subscription; open another "
-                                    "session for a second one")
-            self._subscriptions[session_id] = Subscription(session_id, send, selector)
-            if len(self._subscriptions) == 1:
-                self.backend.watch(self.sessions_changed)
+        with self._membership:
+            with self._lock:
+                if session_id in self._subscriptions:
+                    raise errors.in_use("this session already has a subscription; open "
+                                        "another session for a second one")
+                subscription = self._subscriptions[session_id] = Subscription(
+                    session_id, send, selector)
+                first = len(self._subscriptions) == 1
+            if first:
+                try:
+                    self.feed.subscribe(self.sessions_changed)
+                except BaseException:
+                    with self._lock:
+                        del self._subscriptions[session_id]
+                    subscription.close()
+                    raise
         log.info("session %s subscribed to the %s stream", session_id, STREAM)
 
     def unsubscribe(self, session_id: int) -> None:
-        with self._lock:
-            subscription = self._subscriptions.pop(session_id, None)
-            if subscription is None:
-                return
-            subscription.close()
-            if not self._subscriptions:
-                self.backend.watch(None)
+        with self._membership:
+            with self._lock:
+                subscription = self._subscriptions.pop(session_id, None)
+                if subscription is None:
+                    return
+                subscription.close()
+                last = not self._subscriptions
+            if last:
+                self.feed.unsubscribe(self.sessions_changed)
 
     def subscribed(self, session_id: int) -> bool:
         return session_id in self._subscriptions
@@ -129,7 +147,9 @@ class NotificationHub:
                 subscription.offer(f"{head}{selected}</notification>")
 
     def sessions_changed(self, events: list[SessionEvent]) -> None:
-        """The backend's change report, as sessions-changed notifications."""
+        """The backend's change report, as sessions-changed notifications: the sessions
+        created and deleted (an update is no event of the notification's)."""
+        events = [event for event in events if event[0] in REPORTED]
         for start in range(0, len(events), BATCH_LIMIT):
             changes = "".join(_change(what, session)
                               for what, session in events[start:start + BATCH_LIMIT])

@@ -16,7 +16,7 @@ from . import errors
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpath_filter
-from .migration import MigrationWindows
+from .migration import MigrationChanges, MigrationWindows
 from .notifications import NOTIF_NS, NotificationHub, parse_subscription
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
 from .session_codec import HollowEdit
@@ -51,7 +51,7 @@ class SessionInfo:
 
 class Operations:
     def __init__(self, datastores: Datastores, schema: Schema, hub: NotificationHub,
-                 windows: MigrationWindows):
+                 windows: MigrationWindows, changes: MigrationChanges | None = None):
         self.ds = datastores
         self.schema = schema
         self.hub = hub
@@ -81,6 +81,9 @@ class Operations:
             f"{{{datastores.ns}}}thaw": windows.thaw,
             f"{{{datastores.ns}}}announce-migration": windows.announce,
         }
+        if changes is not None:
+            self._handlers[f"{{{datastores.ns}}}track-changes"] = changes.track_changes
+            self._handlers[f"{{{datastores.ns}}}changes"] = changes.changes
 
     # -- capabilities ------------------------------------------------------------------
     def capabilities(self) -> list[str]:

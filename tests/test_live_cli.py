@@ -238,3 +238,43 @@ def test_a_migrator_killed_after_the_commit_point_leaves_both_and_a_rerun_finish
     code, report = run_migrate(a, b)
     assert code == 0, report["reason"]
     assert a.keys() == set() and b.keys() == before
+
+
+def ipv6_and_dnat_sessions() -> str:
+    ns = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
+    v6 = "".join(
+        f'<nat-session xmlns="{ns}"><protocol>TCP</protocol><src_address>fd00::2'
+        f"</src_address><src_port>{41000 + i}</src_port><dst_address>2001:db8::100"
+        "</dst_address><dst_port>443</dst_port><translated_address>2001:db8::1"
+        f"</translated_address><translated_port>{21000 + i}</translated_port>"
+        "<tcp_state>established</tcp_state></nat-session>" for i in range(3))
+    dnat = (f'<nat-session xmlns="{ns}"><protocol>TCP</protocol><src_address>'
+            f"{TestBed.SERVER}</src_address><src_port>42000</src_port><dst_address>"
+            f"{TestBed.EXTERNAL}</dst_address><dst_port>8080</dst_port>"
+            f"<translated_dst_address>{TestBed.CLIENT}</translated_dst_address>"
+            "<translated_dst_port>80</translated_dst_port><tcp_state>established</tcp_state>"
+            "</nat-session>")
+    return v6 + dnat
+
+
+def test_sessions_the_sdn_nat_cannot_hold_refuse_the_move_or_stay_with_partial(bed,
+                                                                                tmp_path):
+    without_checksum_offload(bed)
+    a, b = start_pair(bed, tmp_path, ("linux", "openflow"))
+    try:
+        a.edit(synthetic(20) + ipv6_and_dnat_sessions())
+        before = a.keys()
+        code, report = run_migrate(a, b)
+        assert code == 1 and report["result"] == "refused"
+        assert "cannot hold 4 of the selected sessions" in report["reason"]
+        assert len(report["conflicts"]) == 4  # each named, with why
+        assert sum("IPv4 only" in c for c in report["conflicts"]) == 3
+        assert a.keys() == before and b.keys() == set()
+
+        code, report = run_migrate(a, b, "--partial")
+        assert code == 0, report["reason"]
+        assert report["stayed"] == 4 and report["sessions_moved"] == 20
+        assert len(b.keys()) == 20 and len(a.keys()) == 4  # the four stayed on A
+    finally:
+        a.stop()
+        b.stop()

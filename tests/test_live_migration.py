@@ -231,3 +231,35 @@ def test_the_cli_exit_code_says_the_sessions_are_on_both_sides(nats, capsys, tmp
     err = capsys.readouterr().err
     assert "run the same migration again" in err
     assert len(a.sessions()) == 5 and len(b.sessions()) == 5
+
+
+# -- what a target can hold -----------------------------------------------------------------
+def policy(address: str) -> str:
+    return f'<nat-policy xmlns="{NAT_NS}"><external-address>{address}</external-address>' \
+           "</nat-policy>"
+
+
+def test_a_target_whose_policy_translates_elsewhere_is_refused_before_anything_moves(nats):
+    a, b = nats(0, 0)
+    a.plant(policy("192.0.2.10"), *(session("10.1.0.1", 4000 + i, "192.0.2.10", 20000 + i)
+                                    for i in range(3)))
+    b.plant(policy("192.0.2.77"))
+    report = migrate([a], b)
+    assert report.result == "refused"
+    assert "does not translate to 192.0.2.10 (3 sessions)" in report.reason
+    assert "--with-policy" in report.reason
+    assert len(a.sessions()) == 3 and b.sessions() == {}
+
+
+def test_with_policy_the_target_gets_the_sources_policy_in_the_same_commit(nats):
+    a, b = nats(0, 0)
+    a.plant(policy("192.0.2.10"), GATEWAYS,
+            *(session("10.1.0.1", 4000 + i, "192.0.2.10", 20000 + i) for i in range(3)))
+    b.plant(policy("192.0.2.77"))
+    report = migrate([a], b, with_policy=True)
+    assert report.result == "success", report.reason
+    text = b.conn.get_data("running", f'<subtree-filter><nat-policy xmlns="{NAT_NS}"/>'
+                           "</subtree-filter>")
+    assert "192.0.2.10" in text and "192.0.2.77" in text  # merged into the target's own
+    assert gateways(b) == {"10.0.0.1", "192.0.2.1"}  # these came by the switchover
+    assert len(b.sessions()) == 3 and a.sessions() == {}
