@@ -310,7 +310,11 @@ class Routes:
         reply = await _blocking(self.r.invoke, name, body, media, session)
         if reply.strip() in ("", "<ok/>"):
             return web.Response(status=204)
-        return _reply(reply, XML)
+        # the operation's output, wrapped in "output" as RFC 8040 §3.6.2 has it
+        namespace = self.r.index.ns_of[name.partition(":")[0]]
+        if _accept(request) == XML:
+            return _reply(f'<output xmlns="{namespace}">{reply}</output>', XML)
+        return _reply(await _blocking(self.r.schema.output_json, name, namespace, reply), JSON)
 
     # -- data resources ----------------------------------------------------------------
     async def data(self, request: web.Request) -> web.StreamResponse:

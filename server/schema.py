@@ -168,6 +168,25 @@ class Schema:
                 return None
             return _take_errors(self.ctx).message
 
+    def output_json(self, name: str, namespace: str, output: str) -> str:
+        """An rpc's output (its children as XML text) as RFC 8040's JSON reply,
+        ``{"module:output": {...}}``, with libyang's RFC 7951 encoding of every leaf."""
+        module, _, local = name.partition(":")
+        with _PARSE_LOCK:
+            try:
+                node = self.ctx.parse_op_mem(
+                    "xml", f'<{local} xmlns="{namespace}">{output}</{local}>',
+                    libyang.DataType.REPLY_YANG)
+            except libyang.LibyangError as exc:
+                lib.ly_err_clean(self.ctx.cdata, ffi.NULL)
+                raise YangError(str(exc)) from None
+            try:
+                text = node.print_mem("json", with_siblings=True)
+            finally:
+                node.free()
+        body = json.loads(text).get(name, {})
+        return json.dumps({f"{module}:output": body})
+
     def parse_operation(self, element: str, *, notification: bool = False) -> dict[str, Any]:
         """An rpc's input (or a notification) checked by libyang, leaf by leaf: types,
         patterns, ranges. Returns its content as a dict; raises YangError."""

@@ -356,6 +356,33 @@ def test_restconf_offers_the_operations(tmp_path):
         server.stop()
 
 
+def test_restconf_answers_changes_with_an_output_in_the_encoding_asked_for(tmp_path):
+    server, port = start_with_restconf(tmp_path, "--sessions", "5")
+    try:
+        rc = Restconf(server, port)
+        reply = rc.request("POST", "/restconf/operations/nfmig-nat:track-changes",
+                           {"nfmig-nat:input": {"migration-id": "m-out"}})
+        assert reply.status == 204, reply.text
+        reply = rc.request("POST", "/restconf/data", {"nfmig-nat:nat-session": [{
+            "protocol": "UDP", "src_address": "10.98.0.1", "src_port": 5353,
+            "dst_address": "192.0.2.53", "dst_port": 53}]})
+        assert reply.status == 201, reply.text
+        reply = rc.request("POST", "/restconf/operations/nfmig-nat:changes",
+                           {"nfmig-nat:input": {"migration-id": "m-out"}})
+        assert reply.status == 200, reply.text
+        output = reply.json()["nfmig-nat:output"]
+        assert [(s["protocol"], s["src_port"]) for s in output["session"]] == [("UDP", 5353)]
+        reply = rc.request("POST", "/restconf/operations/nfmig-nat:changes",
+                           {"nfmig-nat:input": {"migration-id": "m-out"}},
+                           accept="application/yang-data+xml")
+        assert reply.status == 200, reply.text
+        root = etree.fromstring(reply.text.encode())
+        assert root.tag == f"{{{NAT_NS}}}output"
+        assert root.findtext(f"{{{NAT_NS}}}session/{{{NAT_NS}}}src_port") == "5353"
+    finally:
+        server.stop()
+
+
 # -- differential: the simulated NAT with traffic -------------------------------------------
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory):
