@@ -250,6 +250,14 @@ class Connection:
         """One of the model's own operations (freeze, thaw, announce-migration)."""
         self.simple(name, nat_rpc_input(**leaves), NAT_NS)
 
+    def nat_rpc_output(self, name: str, **leaves: str | int | list[str] | None) -> str:
+        """One of the model's operations that answers with output: its children as text."""
+        reply = self.rpc(f'<{name} xmlns="{NAT_NS}">{nat_rpc_input(**leaves)}</{name}>')
+        start = reply.find(">", reply.find("<rpc-reply")) + 1
+        end = reply.rfind("</rpc-reply>")
+        inner = reply[start:end] if 0 < start < end else ""
+        return "" if inner.strip() in ("<ok/>", "") else inner
+
     def cut(self) -> None:
         """Drop the transport without a goodbye, as a broken network would."""
         sock = getattr(getattr(self.m._session, "_transport", None), "sock", None)

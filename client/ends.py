@@ -74,6 +74,7 @@ class SourceEnd(End):
 
     entries: list[Entry] = field(default_factory=list)  # selected, as read
     frozen: bool = False
+    tracking: bool = False  # keeps a change record for this migration (track-changes)
     delete: str = "none"  # none | done
     gateways: list[GatewayAddress] = field(default_factory=list)  # to move to the target
     switched: bool = False  # its gateway addresses were taken off

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from ncclient.operations.rpc import RPCError
 
 from .checks import Checks
+from .delta import Delta
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
 from .negotiate import problems, read_facts
@@ -47,9 +48,7 @@ from .selection import (
     Selection,
     Split,
     entries_xml,
-    followed_state,
     parse_entries,
-    removal_xml,
 )
 from .switchover import Switching
 
@@ -60,7 +59,7 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
 log = logging.getLogger(__name__)
 
 
-class Migration(Checks, Recovery, Switching):
+class Migration(Checks, Delta, Recovery, Switching):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -167,6 +166,7 @@ class Migration(Checks, Recovery, Switching):
             self._announce("started")
         self._lock()
         # The copy, while traffic flows.
+        self._track()
         self._read()
         self._check()
         self._prepare()
@@ -425,49 +425,6 @@ class Migration(Checks, Recovery, Switching):
                         f"and {len(changed)} with another translated endpoint after the commit"
                         f" (first: {first})")
 
-    def _delta(self) -> None:
-        """Under the freeze: read the selection again and bring the copies up to date with
-        what the sources opened, changed (translation, TCP state) or ended since the copy."""
-        added: list[tuple[Entry, SourceEnd]] = []
-        changed: list[tuple[Entry, SourceEnd]] = []
-        ended: list[tuple[Entry, SourceEnd]] = []
-        for s in self.sources:
-            copied = {e.key: e for e in s.entries}
-            with self._phase("delta", s) as record:
-                now = [e for e in self._read_selection(s) if e.key not in self.left_behind]
-                for e in now:
-                    old = copied.pop(e.key, None)
-                    if old is None:
-                        added.append((e, s))
-                    elif followed_state(old) != followed_state(e):
-                        changed.append((e, s))
-                ended += [(e, s) for e in copied.values()]
-                record.detail = (f"{len(now)} sessions: {len(added)} new, {len(changed)} "
-                                 f"changed, {len(ended)} ended since the copy")
-            s.entries = now
-        self.report.delta = {"new": len(added), "changed": len(changed), "ended": len(ended)}
-        for t in self.targets:
-            t.entries = []
-        for s in self.sources:
-            for entry in s.entries:
-                self._target_of(entry).entries.append((entry, s))
-        self._count_selected()
-        for t in self.targets:
-            write = [e for e, _ in (*added, *changed) if self._target_of(e) is t]
-            gone = [e for e, _ in ended if self._target_of(e) is t]
-            if write or gone:
-                self._write_delta(t, write, gone)
-
-    def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry]) -> None:
-        with self._phase("delta", t) as record:
-            t.staged = True
-            size = t.conn.edit_config(entries_xml(write) + removal_xml(gone), "candidate")
-            record.detail = f"{len(write)} sessions written, {len(gone)} removed"
-        self.report.state_bytes += size
-        if write:
-            self._validate()
-        self._commit()
-
     def _confirm(self) -> None:
         """The commit point: once every target has confirmed, the sessions are theirs."""
         for t in self.targets:
@@ -536,6 +493,7 @@ class Migration(Checks, Recovery, Switching):
                 self.report.cleanup_complete = False
             else:
                 self._rollback()
+        self._stop_tracking()
         self._unlock()
         self._thaw()
         if failure is not None and any(p.name == "edit" for p in self.report.phases):

@@ -223,6 +223,14 @@ class RestconfConnection:
     def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
         self.simple(name, nat_rpc_input(**leaves), NAT_NS)
 
+    def nat_rpc_output(self, name: str, **leaves: str | int | list[str] | None) -> str:
+        """The operation's output (RFC 8040 §3.6.2, asked for as XML): its children."""
+        body = f'<input xmlns="{NAT_NS}">{nat_rpc_input(**leaves)}</input>'
+        text = self._call("POST", f"/restconf/operations/nfmig-nat:{name}", body)
+        start = text.find(">", text.find("<output")) + 1 if "<output" in text else 0
+        end = text.rfind("</output>")
+        return text[start:end] if 0 < start < end else ""
+
     def cut(self) -> None:
         """Drop the connections without a goodbye, as a broken network would."""
         if self._session is not None and self._session.connector is not None:

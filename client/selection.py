@@ -340,6 +340,30 @@ def refused_sessions(error: Any) -> dict[tuple, str] | None:
     return refused
 
 
+class Changes(NamedTuple):
+    """What a source's change record holds (the output of rpc changes)."""
+
+    sessions: list[Entry]  # created or updated since tracking began, as they are now
+    ended: list[tuple[str, ...]]  # keys that no longer exist
+    overflow: bool  # more changes than the server records: read the whole selection
+
+
+def parse_changes(output: str) -> Changes:
+    if not output.strip():
+        return Changes([], [], False)
+    root = etree.fromstring(f'<output xmlns="{NAT_NS}">{output}</output>'.encode(),
+                            parser=_PARSER)
+    if root.find(f"{{{NAT_NS}}}overflow") is not None:
+        return Changes([], [], True)
+    sessions = []
+    for element in root.iterfind(f"{{{NAT_NS}}}session"):
+        element.tag = f"{{{NAT_NS}}}nat-session"
+        sessions.append(etree.tostring(element, encoding="unicode", with_tail=False))
+    ended = [tuple((e.findtext(f"{{{NAT_NS}}}{k}") or "").strip() for k in KEY_LEAVES)
+             for e in root.iterfind(f"{{{NAT_NS}}}ended")]
+    return Changes(parse_entries("".join(sessions)), ended, False)
+
+
 def entries_xml(entries: Iterable[Entry]) -> str:
     return "".join(e.xml for e in entries)
 

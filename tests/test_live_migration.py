@@ -70,6 +70,8 @@ def test_sessions_opened_during_the_copy_follow_it_and_none_is_on_both_sides(tmp
         report = migrate([a], b, on_phase=on("verify", b, lambda: time.sleep(1.1)))
         assert report.result == "success", report.reason
         assert report.delta["new"] > 0, report.delta  # opened between the copy and freeze
+        tracked = [p for p in report.phases if p.name == "track"]
+        assert tracked and all(p.ok and p.detail is None for p in tracked)  # by its record
         on_b = set(b.sessions())
         assert len(on_b) == report.sessions_moved >= 2000
         assert not on_b & set(a.sessions())  # what A opened after the thaw stays on A

@@ -1,0 +1,121 @@
+"""The delta of a live migration: what the sources opened, changed or ended between the
+copy (made while traffic flows) and the freeze, written to the targets inside the window.
+
+A source that keeps a change record (rpc track-changes before the copy, rpc changes in the
+window) answers with just those sessions, so the window does not grow with the table; any
+other source, or an XPath selection, is read whole again.
+"""
+
+from __future__ import annotations
+
+from ncclient.operations.rpc import RPCError
+
+from .endpoints import describe
+from .ends import SourceEnd, TargetEnd
+from .selection import (
+    Entry,
+    entries_xml,
+    followed_state,
+    parse_changes,
+    removal_xml,
+)
+
+
+class Delta:
+    """The delta's part of :class:`~nfmig.client.migrate.Migration`."""
+
+    def _track(self) -> None:
+        """Before the copy: each source records from now on which sessions of the selection
+        change (rpc track-changes), so that the window reads just those. A source without
+        it, or an XPath selection (its sessions are known only by reading), is read whole
+        again in the window."""
+        if self.selection.kind == "xpath":
+            return
+        prefixes = self.selection.freeze_prefixes()
+        for s in self.sources:
+            with self._phase("track", s, fatal=False) as record:
+                try:
+                    s.conn.nat_rpc("track-changes", **{
+                        "migration-id": self.migration_id, "source-prefix": prefixes,
+                        "timeout": max(600, int(self.options.rpc_timeout))})
+                    s.tracking = True
+                except RPCError as exc:
+                    record.detail = f"{describe(exc)}: read whole in the window"
+
+    def _delta(self) -> None:
+        """Under the freeze: bring the copies up to date with what the sources opened,
+        changed (translation, TCP state) or ended since the copy."""
+        added: list[tuple[Entry, SourceEnd]] = []
+        changed: list[tuple[Entry, SourceEnd]] = []
+        ended: list[tuple[Entry, SourceEnd]] = []
+        for s in self.sources:
+            with self._phase("delta", s) as record:
+                new, moved, gone = self._source_delta(s)
+                record.detail = (f"{len(new)} new, {len(moved)} changed, {len(gone)} ended "
+                                 "since the copy")
+            added += [(e, s) for e in new]
+            changed += [(e, s) for e in moved]
+            ended += [(e, s) for e in gone]
+        self.report.delta = {"new": len(added), "changed": len(changed), "ended": len(ended)}
+        for t in self.targets:
+            t.entries = []
+        for s in self.sources:
+            for entry in s.entries:
+                self._target_of(entry).entries.append((entry, s))
+        self._count_selected()
+        for t in self.targets:
+            write = [e for e, _ in (*added, *changed) if self._target_of(e) is t]
+            gone = [e for e, _ in ended if self._target_of(e) is t]
+            if write or gone:
+                self._write_delta(t, write, gone)
+
+    def _source_delta(self, s: SourceEnd) -> tuple[list[Entry], list[Entry], list[Entry]]:
+        """New, changed and ended sessions of one source since the copy; ``s.entries``
+        becomes what it holds now. From its change record when it keeps one, else from
+        reading the whole selection again."""
+        copied = {e.key: e for e in s.entries}
+        if s.tracking:
+            s.tracking = False
+            changes = parse_changes(s.conn.nat_rpc_output(
+                "changes", **{"migration-id": self.migration_id, "stop": ""}))
+            if not changes.overflow:
+                now = {e.key: e for e in changes.sessions if self.selection.matches(e)
+                       and e.key not in self.left_behind}
+                gone = [copied.pop(key) for key in changes.ended if key in copied]
+                new = [e for key, e in now.items() if key not in copied]
+                moved = [e for key, e in now.items() if key in copied
+                         and followed_state(copied[key]) != followed_state(e)]
+                copied.update(now)
+                s.entries = list(copied.values())
+                return new, moved, gone
+        now_list = [e for e in self._read_selection(s) if e.key not in self.left_behind]
+        new, moved = [], []
+        for e in now_list:
+            old = copied.pop(e.key, None)
+            if old is None:
+                new.append(e)
+            elif followed_state(old) != followed_state(e):
+                moved.append(e)
+        s.entries = now_list
+        return new, moved, list(copied.values())
+
+    def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry]) -> None:
+        with self._phase("delta", t) as record:
+            t.staged = True
+            size = t.conn.edit_config(entries_xml(write) + removal_xml(gone), "candidate")
+            record.detail = f"{len(write)} sessions written, {len(gone)} removed"
+        self.report.state_bytes += size
+        if write:
+            self._validate()
+        self._commit()
+
+    def _stop_tracking(self) -> None:
+        """A source still recording changes for this migration stops (the record would
+        go by itself at its timeout, but following the NF's changes costs it meanwhile)."""
+        for s in self.sources:
+            if s.tracking and s.conn is not None and s.conn.connected:
+                with self._phase("track", s, fatal=False):
+                    s.conn.nat_rpc_output("changes", **{"migration-id": self.migration_id,
+                                                        "stop": ""})
+                s.tracking = False
+
