@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_migration import (
+    EXTERNALS,
     PORT_MAX,
     PORT_MIN,
     Codec,
@@ -233,8 +234,12 @@ def policy(active: bool) -> str:
     if demo_range not in text:
         raise RuntimeError("demo_linux.gateway_policy changed its port range; adapt "
                            "bench/migrator_linux.py")
+    # Every external address the synthetic sessions use (the migrator refuses a target whose
+    # policy translates elsewhere).
+    more = "".join(f"<external-address>{a}</external-address>" for a in EXTERNALS
+                   if f"<external-address>{a}</external-address>" not in text)
     return text.replace(demo_range, f"<port-min>{PORT_MIN}</port-min>"
-                                    f"<port-max>{PORT_MAX}</port-max>")
+                                    f"<port-max>{PORT_MAX}</port-max>" + more)
 
 
 _LEAF = re.compile(r"<(protocol|src_address|src_port|dst_address|dst_port|translated_address"

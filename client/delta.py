@@ -1,9 +1,12 @@
 """The delta of a live migration: what the sources opened, changed or ended between the
 copy (made while traffic flows) and the freeze, written to the targets inside the window.
 
-A source that keeps a change record (rpc track-changes before the copy, rpc changes in the
-window) answers with just those sessions, so the window does not grow with the table; any
-other source, or an XPath selection, is read whole again.
+A source that keeps a change record (rpc track-changes before the copy, rpc changes after
+it) answers with just those sessions. While traffic still flows, rounds of them are
+written (each with what changed during the one before, the record started over by each
+read), until a round is small; under the freeze only the last round's changes remain, so
+the window does not grow with the table. Any other source, or an XPath selection, is read
+whole again in the window.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from .selection import (
     parse_changes,
     removal_xml,
 )
+
+PRECOPY_ROUNDS = 4  # rounds of copying changes while traffic flows, at most
+PRECOPY_SMALL = 100  # a round this small is the last before the window
 
 
 class Delta:
@@ -42,21 +48,37 @@ class Delta:
                 except RPCError as exc:
                     record.detail = f"{describe(exc)}: read whole in the window"
 
-    def _delta(self) -> None:
-        """Under the freeze: bring the copies up to date with what the sources opened,
-        changed (translation, TCP state) or ended since the copy."""
+    def _precopy(self) -> None:
+        """While traffic still flows: bring the copies up to date in rounds, each with what
+        changed during the one before, until a round is small; the window then holds only
+        the last round's changes (a copy of 100k sessions takes seconds, in which a busy
+        NAT opens thousands)."""
+        if not self.sources or not all(s.tracking for s in self.sources):
+            return
+        for _ in range(PRECOPY_ROUNDS):
+            if self._delta(last=False) <= PRECOPY_SMALL:
+                return
+
+    def _delta(self, last: bool = True) -> int:
+        """Bring the copies up to date with what the sources opened, changed (translation,
+        TCP state) or ended since the last look; ``last``: under the freeze, the final one.
+        How many sessions it wrote or removed."""
         added: list[tuple[Entry, SourceEnd]] = []
         changed: list[tuple[Entry, SourceEnd]] = []
         ended: list[tuple[Entry, SourceEnd]] = []
+        phase = "delta" if last else "precopy"
         for s in self.sources:
-            with self._phase("delta", s) as record:
-                new, moved, gone = self._source_delta(s)
+            with self._phase(phase, s) as record:
+                new, moved, gone = self._source_delta(s, last)
                 record.detail = (f"{len(new)} new, {len(moved)} changed, {len(gone)} ended "
-                                 "since the copy")
+                                 "since the last look")
             added += [(e, s) for e in new]
             changed += [(e, s) for e in moved]
             ended += [(e, s) for e in gone]
-        self.report.delta = {"new": len(added), "changed": len(changed), "ended": len(ended)}
+        for what, found in (("new", added), ("changed", changed), ("ended", ended)):
+            self.report.delta[what] = self.report.delta.get(what, 0) + len(found)
+        if last:
+            self.report.delta["in the window"] = len(added) + len(changed) + len(ended)
         for t in self.targets:
             t.entries = []
         for s in self.sources:
@@ -67,17 +89,21 @@ class Delta:
             write = [e for e, _ in (*added, *changed) if self._target_of(e) is t]
             gone = [e for e, _ in ended if self._target_of(e) is t]
             if write or gone:
-                self._write_delta(t, write, gone)
+                self._write_delta(t, write, gone, phase)
+        return len(added) + len(changed) + len(ended)
 
-    def _source_delta(self, s: SourceEnd) -> tuple[list[Entry], list[Entry], list[Entry]]:
-        """New, changed and ended sessions of one source since the copy; ``s.entries``
-        becomes what it holds now. From its change record when it keeps one, else from
-        reading the whole selection again."""
+    def _source_delta(self, s: SourceEnd, last: bool
+                      ) -> tuple[list[Entry], list[Entry], list[Entry]]:
+        """New, changed and ended sessions of one source since the last look; ``s.entries``
+        becomes what it holds now. From its change record when it keeps one (dropped by
+        the last look, started over by the others), else from reading the whole selection
+        again."""
         copied = {e.key: e for e in s.entries}
         if s.tracking:
-            s.tracking = False
+            s.tracking = not last
             changes = parse_changes(s.conn.nat_rpc_output(
-                "changes", **{"migration-id": self.migration_id, "stop": ""}))
+                "changes", **{"migration-id": self.migration_id,
+                              "stop" if last else "restart": ""}))
             if not changes.overflow:
                 now = {e.key: e for e in changes.sessions if self.selection.matches(e)
                        and e.key not in self.left_behind}
@@ -99,8 +125,9 @@ class Delta:
         s.entries = now_list
         return new, moved, list(copied.values())
 
-    def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry]) -> None:
-        with self._phase("delta", t) as record:
+    def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry],
+                     phase: str) -> None:
+        with self._phase(phase, t) as record:
             t.staged = True
             size = t.conn.edit_config(entries_xml(write) + removal_xml(gone), "candidate")
             record.detail = f"{len(write)} sessions written, {len(gone)} removed"

@@ -183,6 +183,7 @@ class Migration(Checks, Delta, Recovery, Switching):
             return
         self._commit()
         self._verify()
+        self._precopy()
         # The short window: what changed since the copy, then the traffic moves.
         self._freeze()
         self._delta()

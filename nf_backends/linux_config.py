@@ -41,6 +41,7 @@ class NamespaceConfig:
         self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self._lock = lock
         self._worker: NamespaceWorker | None = None
+        self._hold_table = False  # the hold table is in place (replaced at start)
         self._policy = NatPolicy()
         self._gateways: list[_Gateway] = []  # addresses this server put on interfaces
         # What the kernel was last given, so that a policy edit that changes only the
@@ -75,11 +76,15 @@ class NamespaceConfig:
 
     # -- hold --------------------------------------------------------------------------
     def hold(self, prefixes: list[str], timeout: float | None = None) -> None:
-        """Replace the hold table by one that drops new connections from ``prefixes``, each
-        held for ``timeout`` seconds (None: until replaced); no prefixes, or no time left,
-        takes the table away."""
+        """Drop new connections from ``prefixes``, each held for ``timeout`` seconds (None:
+        until replaced) by the kernel itself; no prefixes, or no time left, holds none.
+        The hold table stays, with its sets emptied: only the sets' elements change, so
+        a freeze registers no hook (which costs tens of milliseconds on a busy NAT)."""
         with self._lock:
-            self._nft(_hold_ruleset(prefixes, timeout))
+            if not self._hold_table:
+                self._nft(_hold_table())
+                self._hold_table = True
+            self._nft(_hold_elements(prefixes, timeout))
 
     # -- policy ------------------------------------------------------------------------
     def apply(self, policy: NatPolicy) -> None:
@@ -296,28 +301,35 @@ def _ruleset(policy: NatPolicy) -> str:
 
 
 
-def _hold_ruleset(prefixes: list[str], timeout: float | None) -> str:
-    """The hold table in one nftables transaction: new connections from sources in the
-    sets are dropped, and a set element with a timeout ends by itself (none held: no
-    table)."""
-    lines = [f"table inet {HOLD_TABLE}", f"delete table inet {HOLD_TABLE}"]
-    if not prefixes or (timeout is not None and timeout <= 0):
-        return "\n".join(lines) + "\n"
-    # At least a millisecond, the kernel's unit; none: until the table is replaced.
-    expiry = "" if timeout is None else f" timeout {max(1, math.ceil(timeout * 1000))}ms"
-    networks = [ipaddress.ip_network(p, strict=False) for p in prefixes]
-    lines += [f"table inet {HOLD_TABLE} {{"]
-    for version, _family, set_name, key_type in HOLD_SETS:
-        # An interval set refuses overlapping elements: merge them first.
-        held = ipaddress.collapse_addresses(n for n in networks if n.version == version)
-        elements = ", ".join(f"{network}{expiry}" for network in held)
+def _hold_table() -> str:
+    """The hold table, empty, replacing whatever an earlier server left: new connections
+    from sources in its sets are dropped; an element with a timeout ends by itself."""
+    lines = [f"table inet {HOLD_TABLE}", f"delete table inet {HOLD_TABLE}",
+             f"table inet {HOLD_TABLE} {{"]
+    for _version, _family, set_name, key_type in HOLD_SETS:
         lines += [f"  set {set_name} {{", f"    type {key_type}",
-                  "    flags interval, timeout",
-                  *([f"    elements = {{ {elements} }}"] if elements else []), "  }"]
+                  "    flags interval, timeout", "  }"]
     lines += ["  chain forward {",
               "    type filter hook forward priority filter - 10; policy accept;",
               *(f"    ct state new {family} saddr @{set_name} drop"
                 for _, family, set_name, _ in HOLD_SETS), "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _hold_elements(prefixes: list[str], timeout: float | None) -> str:
+    """One transaction that replaces the hold sets' elements by ``prefixes``."""
+    lines = [f"flush set inet {HOLD_TABLE} {set_name}" for _, _, set_name, _ in HOLD_SETS]
+    if not prefixes or (timeout is not None and timeout <= 0):
+        return "\n".join(lines) + "\n"
+    # At least a millisecond, the kernel's unit; none: until replaced.
+    expiry = "" if timeout is None else f" timeout {max(1, math.ceil(timeout * 1000))}ms"
+    networks = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+    for version, _family, set_name, _key_type in HOLD_SETS:
+        # An interval set refuses overlapping elements: merge them first.
+        held = ipaddress.collapse_addresses(n for n in networks if n.version == version)
+        elements = ", ".join(f"{network}{expiry}" for network in held)
+        if elements:
+            lines.append(f"add element inet {HOLD_TABLE} {set_name} {{ {elements} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -148,17 +148,23 @@ class ChangeTracking:
         log.info("migration %s: recording changed sessions of %s for at most %g s",
                  migration_id, ", ".join(prefixes) or "every source", timeout)
 
-    def read(self, migration_id: str, stop: bool = False) -> Changes:
+    def read(self, migration_id: str, stop: bool = False, restart: bool = False) -> Changes:
         """What the record holds once every change made up to now is in; ``stop`` drops
-        it. KeyError when there is no record of that migration-id."""
+        it, ``restart`` empties it in the same step (the next read answers with what
+        changed after this one: nothing is lost between the two). KeyError when there is
+        no record of that migration-id."""
         self.feed.flush()
         with self._lock:
             record = self._records.get(migration_id)
             if record is None:
                 raise KeyError(migration_id)
-            changes = Changes(set(record.keys), record.overflow)
+            changes = Changes(record.keys, record.overflow)
             if stop:
                 del self._records[migration_id]
+            elif restart:
+                record.keys, record.overflow = set(), False
+            else:
+                changes = Changes(set(record.keys), record.overflow)
         if stop:
             self._dropped(migration_id, record, "stopped")
         return changes

@@ -176,7 +176,8 @@ class MigrationChanges:
         request = rpc_input(self.schema, op)
         migration_id = request["migration-id"]
         try:
-            recorded = self.tracking.read(migration_id, stop="stop" in request)
+            recorded = self.tracking.read(migration_id, stop="stop" in request,
+                                          restart="restart" in request)
         except KeyError:
             raise errors.invalid_value(
                 f"no change record for migration {migration_id!r}: never tracked, stopped, "
