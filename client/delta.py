@@ -79,10 +79,14 @@ class Delta:
             self.report.delta[what] = self.report.delta.get(what, 0) + len(found)
         if last:
             self.report.delta["in the window"] = len(added) + len(changed) + len(ended)
-        for t in self.targets:
-            t.entries = []
-        for s in self.sources:
-            for entry in s.entries:
+        if changed or ended:
+            for t in self.targets:
+                t.entries = []
+            for s in self.sources:
+                for entry in s.entries:
+                    self._target_of(entry).entries.append((entry, s))
+        else:  # only new ones: no pass over every session inside the window
+            for entry, s in added:
                 self._target_of(entry).entries.append((entry, s))
         self._count_selected()
         for t in self.targets:
@@ -98,13 +102,13 @@ class Delta:
         becomes what it holds now. From its change record when it keeps one (dropped by
         the last look, started over by the others), else from reading the whole selection
         again."""
-        copied = {e.key: e for e in s.entries}
         if s.tracking:
             s.tracking = not last
             changes = parse_changes(s.conn.nat_rpc_output(
                 "changes", **{"migration-id": self.migration_id,
                               "stop" if last else "restart": ""}))
             if not changes.overflow:
+                copied = s.index()
                 now = {e.key: e for e in changes.sessions if self.selection.matches(e)
                        and e.key not in self.left_behind}
                 gone = [copied.pop(key) for key in changes.ended if key in copied]
@@ -112,8 +116,12 @@ class Delta:
                 moved = [e for key, e in now.items() if key in copied
                          and followed_state(copied[key]) != followed_state(e)]
                 copied.update(now)
-                s.entries = list(copied.values())
+                if gone or moved:
+                    s.set_entries(list(copied.values()))
+                else:  # only new ones: the list and its index grow together
+                    s.entries.extend(new)
                 return new, moved, gone
+        copied = {e.key: e for e in s.entries}
         now_list = [e for e in self._read_selection(s) if e.key not in self.left_behind]
         new, moved = [], []
         for e in now_list:
@@ -122,7 +130,7 @@ class Delta:
                 new.append(e)
             elif followed_state(old) != followed_state(e):
                 moved.append(e)
-        s.entries = now_list
+        s.set_entries(now_list)
         return new, moved, list(copied.values())
 
     def _write_delta(self, t: TargetEnd, write: list[Entry], gone: list[Entry],

@@ -78,6 +78,18 @@ class SourceEnd(End):
     delete: str = "none"  # none | done
     gateways: list[GatewayAddress] = field(default_factory=list)  # to move to the target
     switched: bool = False  # its gateway addresses were taken off
+    _index: dict[tuple, Entry] | None = None  # entries by key, while it is entries' own
+    _indexed: list[Entry] | None = None
+
+    def index(self) -> dict[tuple, Entry]:
+        """``entries`` by key, made once and kept while ``entries`` is the same list (the
+        rounds of a delta look up a few keys each, inside the window)."""
+        if self._index is None or self._indexed is not self.entries:
+            self._index, self._indexed = {e.key: e for e in self.entries}, self.entries
+        return self._index
+
+    def set_entries(self, entries: list[Entry]) -> None:
+        self.entries, self._index, self._indexed = entries, None, None
 
 
 @dataclass(eq=False)
