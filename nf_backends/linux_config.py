@@ -7,7 +7,6 @@ announces), and the hold table a migration sets. The kernel's session table is
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import re
@@ -148,66 +147,44 @@ class NamespaceConfig:
                 raise BackendError(f"gateway-address {first.with_prefixlen}: IPv6 settings of "
                                    f"{first.device} failed: {exc}", None, "failed") from None
         present = self._addresses()
-        failed, error = self._ip_batch([f"addr replace {g.with_prefixlen} dev {g.device}"
-                                        for g in gateways])
-        if failed is None:
-            return
-        done = gateways if failed < 0 else gateways[:failed]
-        self._ip_batch([f"addr del {g.with_prefixlen} dev {g.device}" for g in done
-                        if g.identity not in present], force=True)
-        culprit = gateways[max(failed, 0)]
-        raise BackendError(f"gateway-address {culprit.with_prefixlen} cannot be put on "
-                           f"{culprit.device} in namespace {self.netns}: {error}", None,
-                           "failed")
+        try:
+            self._in_namespace().add_addresses([g.native for g in gateways])
+        except NamespaceError as exc:
+            added = [g.native for g in gateways if g.identity not in present]
+            try:
+                self._in_namespace().delete_addresses(added)
+            except NamespaceError as undo:
+                log.error("gateway addresses added before a failure stay in %s: %s",
+                          self.netns, undo)
+            raise BackendError(f"gateway-address {exc} cannot be put there in namespace "
+                               f"{self.netns}", None, "failed") from None
 
     def _remove_gateways(self, gateways: list[_Gateway]) -> None:
         """Take away addresses this server put there; one already gone is no error."""
         if gateways:
-            failed, error = self._ip_batch([f"addr del {g.with_prefixlen} dev {g.device}"
-                                            for g in gateways], force=True)
-            if failed is not None:
-                log.warning("removing gateway addresses in %s: %s", self.netns, error)
+            try:
+                self._in_namespace().delete_addresses([g.native for g in gateways])
+            except NamespaceError as exc:
+                log.warning("removing gateway addresses in %s: %s", self.netns, exc)
 
     def _announce(self, gateways: list[_Gateway]) -> None:
-        """A gratuitous ARP for each new IPv4 address, in the background: arping lingers
-        a second after sending. (The kernel announced the IPv6 ones as it added them.)"""
-        argvs = [["ip", "netns", "exec", self.netns, "arping", "-U", "-c", "1", "-I", g.device,
-                  g.address] for g in gateways if g.version == 4]
-        if not argvs:
-            return
-        procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for argv in argvs]
-        threading.Thread(target=_reap, args=(procs,), name=f"arping-{self.netns}",
-                         daemon=True).start()
+        """A gratuitous ARP for each new IPv4 address (the kernel announced the IPv6 ones
+        as it added them)."""
+        for g in gateways:
+            if g.version == 4:
+                try:
+                    self._in_namespace().announce(g.device, g.address)
+                except (NamespaceError, OSError) as exc:
+                    log.warning("gratuitous ARP for %s on %s in %s failed: %s", g.address,
+                                g.device, self.netns, exc)
 
     def _addresses(self) -> set[tuple]:
         """What is on the namespace's interfaces now, as _Gateway.identity."""
-        result = subprocess.run(["ip", "netns", "exec", self.netns, "ip", "-j", "addr", "show"],
-                                text=True, capture_output=True, timeout=30)
-        if result.returncode:
-            raise BackendError(f"ip addr show in namespace {self.netns} failed: "
-                               f"{result.stderr.strip()}", None, "failed")
-        return {_Gateway(a["local"], a["prefixlen"], link["ifname"]).identity
-                for link in json.loads(result.stdout or "[]")
-                for a in link.get("addr_info", []) if a.get("family") in ("inet", "inet6")}
-
-    def _ip_batch(self, lines: list[str], force: bool = False) -> tuple[int | None, str]:
-        """ip commands in one process: (None, "") when all worked; else the index of the
-        line that failed first (-1: unknown) and what ip said. Without ``force`` ip stops
-        at the first failure, so the lines before it are done and those after it not."""
-        if not lines:
-            return None, ""
-        result = subprocess.run(["ip", "netns", "exec", self.netns, "ip",
-                                 *(["-force"] if force else []), "-batch", "-"],
-                                input="\n".join(lines) + "\n", text=True, capture_output=True,
-                                timeout=30)
-        if not result.returncode:
-            return None, ""
-        error = result.stderr.strip()
-        where = _BATCH_FAILED.search(error)
-        message = " ".join(line for line in error.splitlines()
-                           if not _BATCH_FAILED.search(line))
-        return (int(where.group(1)) - 1 if where else -1), message or error
+        try:
+            return {_Gateway(*found).identity for found in self._in_namespace().addresses()}
+        except (NamespaceError, OSError) as exc:
+            raise BackendError(f"the addresses of namespace {self.netns} cannot be read: "
+                               f"{exc}", None, "failed") from None
 
     # -- commands in the namespace -----------------------------------------------------
     def _nft(self, ruleset: str) -> None:
@@ -237,6 +214,11 @@ class _Gateway(NamedTuple):
     @property
     def with_prefixlen(self) -> str:
         return f"{self.address}/{self.prefix_length}"
+
+    @property
+    def native(self) -> tuple[str, int, str]:
+        """(address, prefix length, device), as the namespace worker takes it."""
+        return self.address, self.prefix_length, self.device
 
     @property
     def identity(self) -> tuple:

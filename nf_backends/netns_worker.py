@@ -1,8 +1,9 @@
 """Configuration work inside one network namespace without starting a process for it.
 
 A thread joins the namespace (setns acts on the calling thread only) and runs nftables
-transactions there through libnftables, the library behind the nft command, and writes
-the namespace's sysctls. Starting `ip netns exec NS nft -f -` costs about 15 ms a time,
+transactions there through libnftables, the library behind the nft command, writes the
+namespace's sysctls, changes its interfaces' addresses over rtnetlink and sends gratuitous
+ARP (rtnl.py). Starting `ip netns exec NS nft -f -` costs about 15 ms a time,
 the library call well under one: a migration's freeze and thaw are each one nftables
 transaction on the source, inside the window.
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+from .rtnl import Announcer, Rtnl
 
 CLONE_NEWNET = 0x40000000
 _LIBNFTABLES = "libnftables.so.1"
@@ -47,6 +51,8 @@ class NamespaceWorker:
         self.netns_path = netns_path
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self._ready: Future = Future()
+        self._route: Rtnl | None = None
+        self._announcer = Announcer()
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=f"netns-{os.path.basename(netns_path)}")
         self._thread.start()
@@ -59,6 +65,23 @@ class NamespaceWorker:
     def sysctl(self, values: dict[str, str]) -> None:
         """Set kernel parameters of the namespace (name with dots or slashes: value)."""
         self._call(lambda: self._write_sysctls(values))
+
+    def addresses(self) -> set[tuple[str, int, str]]:
+        """Every IPv4 and IPv6 address of the namespace: (address, prefix length, device)."""
+        return self._call(lambda: self._rtnl().addresses())
+
+    def add_addresses(self, addresses: list[tuple[str, int, str]]) -> None:
+        """Put each (address, prefix length, device) on its device, in order; raises
+        NamespaceError naming the first that fails (those before it stay)."""
+        self._call(lambda: self._each(addresses, "add"))
+
+    def delete_addresses(self, addresses: list[tuple[str, int, str]]) -> None:
+        """Take each away; one that is not there is skipped."""
+        self._call(lambda: self._each(addresses, "delete"))
+
+    def announce(self, device: str, address: str) -> None:
+        """A gratuitous ARP for an IPv4 address of ``device``."""
+        self._call(lambda: self._announcer.announce(device, address))
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -93,6 +116,9 @@ class NamespaceWorker:
                     done.set_exception(exc)
         finally:
             self._lib.nft_ctx_free(self._ctx)
+            if self._route is not None:
+                self._route.close()
+            self._announcer.close()
 
     def _join(self) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -103,6 +129,22 @@ class NamespaceWorker:
                                      f"{os.strerror(ctypes.get_errno())}")
         finally:
             os.close(fd)
+
+    def _rtnl(self) -> Rtnl:
+        if self._route is None:
+            self._route = Rtnl()  # made here: its socket belongs to this namespace
+        return self._route
+
+    def _each(self, addresses: list[tuple[str, int, str]], how: str) -> None:
+        route = self._rtnl()
+        for address, prefixlen, device in addresses:
+            try:
+                getattr(route, how)(address, prefixlen, device)
+            except OSError as exc:
+                if how == "delete" and exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                    continue
+                raise NamespaceError(f"{address}/{prefixlen} on {device}: "
+                                     f"{exc.strerror or exc}") from None
 
     def _run_nft(self, ruleset: str) -> None:
         if self._lib.nft_run_cmd_from_buffer(self._ctx, ruleset.encode()) != 0:

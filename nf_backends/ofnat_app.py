@@ -70,6 +70,7 @@ NO_SCALE = None
 MAX_PENDING = 64  # packets waiting for one next hop's ARP reply
 ASK_AGAIN = 0.1  # seconds before an unresolved next hop is asked for again
 MAX_AHEAD = 1024  # next hops resolved ahead of their first packet at once
+AHEAD_WAIT = 0.05  # seconds an announcement may wait for the next hops to be resolved
 
 
 STATE = NatState()
@@ -87,11 +88,12 @@ class OfNat(app_manager.OSKenApp):
                         self.outside: CONFIG.get("outside", "outside")}
         self.macs = {port: Path(f"/sys/class/net/{name}/address").read_text().strip()
                      for port, name in self.ifnames.items()}
-        # Next hops, shared by the event loop, the control thread and the address watcher.
-        self.hops = threading.Lock()
+        # Next hops, shared by the event loop, the control thread and the address watcher;
+        # notified when a wanted one is resolved.
+        self.hops = threading.Condition()
         self.neighbours: dict[str, tuple[str, int]] = {}  # ip -> (mac, port)
         self.pending: dict[str, list] = {}  # ip -> packets waiting for its MAC
-        self.asked: dict[str, float] = {}  # ip -> when we last sent an ARP request for it
+        self.asked: dict[str, tuple[float, bool]] = {}  # ip -> when we last asked, by probe
         self.routed: dict[str, tuple[str, int]] = {}  # ip -> (mac, port) of its table-1 flow
         self.wanted: set[str] = set()  # ips whose table-1 flow goes in once resolved
         self.addrs = InterfaceAddresses(self.ifnames.values())
@@ -198,11 +200,14 @@ class OfNat(app_manager.OSKenApp):
             self.asked.pop(address, None)
             waiting = self.pending.pop(address, [])
             route = address in self.wanted or self.routed.get(address, hop) != hop
-            self.wanted.discard(address)
         for data in waiting:  # before the flow: nothing overtakes them through it
             self._send(dp, port, data, self._actions(dp, mac, port))
         if waiting or route:
             self._route(dp, address, mac, port)
+        if route:
+            with self.hops:  # its flow is on its way to the switch
+                self.wanted.discard(address)
+                self.hops.notify_all()
 
     def _addresses(self, port: int) -> set[str]:
         """The gateway addresses this NAT owns now on that side: the interface's own and
@@ -215,26 +220,37 @@ class OfNat(app_manager.OSKenApp):
         return any(self.addrs.on(name) for name in self.ifnames.values())
 
     def _resolve_ahead(self, peers: Iterable[str] | None = None, fresh: bool = False
-                       ) -> None:
+                       ) -> set[str]:
         """Ahead of their first packet, the next hops of the sessions (all of them, or
         those talking to ``peers``) that are on-link peers of a gateway address we own
         now: the table-1 flows of those whose MAC we know, and an ARP probe for the others,
-        whose flows go in with the reply (``fresh``: with the
-        interfaces' addresses of this very moment). A failure here only costs their first
-        packets the wait for an ARP reply."""
+        whose flows go in with the reply (``fresh``: with the interfaces' addresses of
+        this very moment). Returns those still unresolved. A failure here only costs
+        their first packets the wait for an ARP reply."""
         try:
             if fresh:
                 self.addrs.update()
-            self._resolve(peers)
+            return self._resolve(peers)
         except Exception:
             log.exception("could not resolve next hops ahead")
+            return set()
 
-    def _resolve(self, peers: Iterable[str] | None) -> None:
+    def _await_hops(self, unresolved: set[str]) -> None:
+        """Until these next hops are resolved (their flows sent), AHEAD_WAIT at most."""
+        started = time.monotonic()
+        with self.hops:
+            done = self.hops.wait_for(lambda: not unresolved & self.wanted, AHEAD_WAIT)
+            left = sorted(unresolved & self.wanted)
+        log.info("%d next hop(s) resolved ahead in %.1f ms%s", len(unresolved) - len(left),
+                 (time.monotonic() - started) * 1000,
+                 "" if done else f"; no answer yet from {', '.join(left[:8])}")
+
+    def _resolve(self, peers: Iterable[str] | None) -> set[str]:
         dp = self.dp
         nets = {port: [i.network for i in self.addrs.on(name)]
                 for port, name in self.ifnames.items()}
         if dp is None or not any(nets.values()):
-            return
+            return set()
         if peers is None:
             with STATE.lock:
                 peers = list(STATE.peers)
@@ -249,17 +265,20 @@ class OfNat(app_manager.OSKenApp):
             log.warning("%d next hops to resolve ahead; the first %d are", len(todo),
                         MAX_AHEAD)
             todo = todo[:MAX_AHEAD]
+        unresolved = set()
         for peer in todo:
             with self.hops:
                 known = self.neighbours.get(peer)
                 if known is None:
                     self.wanted.add(peer)
+                    unresolved.add(peer)
                 elif self.routed.get(peer) == known:
                     continue
             if known is None:
                 self._ask(dp, peer, probe=True)
             else:
                 self._route(dp, peer, *known)
+        return unresolved
 
     def _announce(self, side: str, address: str) -> None:
         """A gratuitous ARP (an ARP announcement) for a gateway address we own now, out of
@@ -323,16 +342,18 @@ class OfNat(app_manager.OSKenApp):
         return actions
 
     def _ask(self, dp, dst: str, probe: bool = False) -> None:
-        """An ARP request for dst (none if one went out less than ASK_AGAIN ago), from the
-        gateway address whose subnet holds it, else from any we own, else (or if a
-        ``probe``, which changes no neighbour's cache) from 0.0.0.0."""
+        """An ARP request for dst (none if one went out less than ASK_AGAIN ago, unless
+        that was a probe and this is not), from the gateway address whose subnet holds it,
+        else from any we own, else (or if a ``probe``, which changes no neighbour's cache)
+        from 0.0.0.0."""
         now = time.monotonic()
         with self.hops:
-            if now - self.asked.get(dst, -ASK_AGAIN) < ASK_AGAIN:
+            last = self.asked.get(dst)
+            if last is not None and now - last[0] < ASK_AGAIN and (probe or not last[1]):
                 return
             if len(self.asked) > 4096:  # those never answered
-                self.asked = {k: t for k, t in self.asked.items() if now - t < ASK_AGAIN}
-            self.asked[dst] = now
+                self.asked = {k: v for k, v in self.asked.items() if now - v[0] < ASK_AGAIN}
+            self.asked[dst] = (now, probe)
         port = self._side(dst)
         address = ipaddress.ip_address(dst)
         on_link = sorted(str(i.ip) for i in self.addrs.on(self.ifnames[port])
@@ -519,8 +540,11 @@ class OfNat(app_manager.OSKenApp):
                 STATE.gateways = {side: set(r[side]) for side in ("inside", "outside")}
             # The backend has just put them on the interfaces: next hops first, so that the
             # traffic the announcements bring finds them.
-            self._resolve_ahead(fresh=True)
-            for side, address in r.get("announce", []):
+            unresolved = self._resolve_ahead(fresh=True)
+            announce = r.get("announce", [])
+            if announce and unresolved:
+                self._await_hops(unresolved)
+            for side, address in announce:
                 self._announce(side, address)
         elif op == "resume":
             STATE.accepting = True
