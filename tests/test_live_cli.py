@@ -278,3 +278,34 @@ def test_sessions_the_sdn_nat_cannot_hold_refuse_the_move_or_stay_with_partial(b
     finally:
         a.stop()
         b.stop()
+
+
+def test_an_sdn_target_killed_before_it_confirms_leaves_every_session_on_the_source(
+        bed, tmp_path):
+    """The SDN NAT's flows die with its switch, which dies with its server: the source
+    keeps every session, and a new server for the namespace lets a re-run finish."""
+    without_checksum_offload(bed)
+    a, b = start_pair(bed, tmp_path, ("linux", "openflow"))
+    try:
+        a.edit(synthetic(200))
+        before = a.keys()
+        proc = subprocess.Popen(verbose(migrate_command(a, b)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            if " verify " in line:  # B committed (unconfirmed) and was read back
+                b.kill()
+                break
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode in (1, 3), out
+        report = json.loads(out)
+        assert report["result"] == "failed"
+        assert a.keys() == before  # nothing was deleted on the source
+        b.restart()
+        b.edit(gateway_policy(gateways=False))
+        assert b.keys() == set()
+        code, report = run_migrate(a, b)
+        assert code == 0, report["reason"]
+        assert a.keys() == set() and b.keys() == before
+    finally:
+        a.stop()
+        b.stop()
