@@ -20,7 +20,16 @@ from nfmig.client.relay import move_sessions
 from nfmig.testbed import TestBed
 
 from . import test_linux_nat as kernel
-from .test_linux_nat import NAT_NS, Nat, assert_clean, expect, go, open_tcp, translated_ports
+from .test_linux_nat import (
+    NAT_NS,
+    Nat,
+    assert_clean,
+    expect,
+    go,
+    open_tcp,
+    start_pair,
+    translated_ports,
+)
 
 bed = kernel.bed  # the kernel NAT tests' test bed, with their packet counters
 
@@ -36,12 +45,7 @@ WAIT = 5.0  # seconds for a neighbour entry to follow an address
 @pytest.fixture
 def nats(bed, tmp_path):
     """A server on each NAT, with the kernel NAT tests' policy and no gateway address."""
-    a = Nat(bed, bed.nat_a, tmp_path / "a")
-    try:
-        b = Nat(bed, bed.nat_b, tmp_path / "b")
-    except BaseException:
-        a.close()
-        raise
+    a, b = start_pair(bed, tmp_path)
     yield a, b
     a.close()
     b.close()

@@ -21,13 +21,13 @@ from nfmig.testbed_ovs import without_checksum_offload
 
 from .test_linux_nat import (
     WATCH,
-    Nat,
     assert_clean,
     expect,
     go,
     migrate,
     open_tcp,
     start,
+    start_pair,
     translated_ports,
 )
 
@@ -45,12 +45,7 @@ def bed():
 
 @pytest.fixture
 def nats(bed, tmp_path):
-    a = Nat(bed, bed.nat_a, tmp_path / "linux")
-    try:
-        b = Nat(bed, bed.nat_b, tmp_path / "sdn", backend="openflow")
-    except BaseException:
-        a.close()
-        raise
+    a, b = start_pair(bed, tmp_path, "openflow", ("linux", "sdn"))
     yield a, b
     a.close()
     b.close()

@@ -81,14 +81,22 @@ def bed():
         yield testbed
 
 
-@pytest.fixture
-def nats(bed, tmp_path):
-    a = Nat(bed, bed.nat_a, tmp_path / "a")
+def start_pair(bed: TestBed, tmp_path: Path, b_backend: str = "linux",
+               names: tuple[str, str] = ("a", "b")) -> tuple[Nat, Nat]:
+    """A server on NAT A (Linux) and on NAT B, each with POLICY; neither left running if
+    the other cannot start."""
+    a = Nat(bed, bed.nat_a, tmp_path / names[0])
     try:
-        b = Nat(bed, bed.nat_b, tmp_path / "b")
+        b = Nat(bed, bed.nat_b, tmp_path / names[1], backend=b_backend)
     except BaseException:
         a.close()
         raise
+    return a, b
+
+
+@pytest.fixture
+def nats(bed, tmp_path):
+    a, b = start_pair(bed, tmp_path)
     bed.activate(bed.nat_a)
     yield a, b
     a.close()

@@ -29,10 +29,12 @@ from nfmig.client.netconf import NatClient  # noqa: E402
 from nfmig.nf_backends.ofnat_procs import record_path  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
-from nfmig.testbed_ovs import without_checksum_offload  # noqa: E402
 
+from . import test_hetero_migration as hetero  # noqa: E402
 from .test_hetero_migration import assert_flowing, open_flows  # noqa: E402
-from .test_linux_nat import NAT_NS, POLICY, WATCH  # noqa: E402
+from .test_linux_nat import NAT_NS, POLICY  # noqa: E402
+
+bed = hetero.bed  # the hetero tests' bed: packet counters, checksum offload off
 
 PASSWORD = "openflow-lifecycle-tests"
 APP = "nfmig.nf_backends.ofnat_app"
@@ -162,15 +164,6 @@ def neighbour(bed: TestBed, address: str) -> str | None:
     out = bed.run(bed.client, "ip", "neigh", "show", address, "dev", "eth0").stdout
     found = re.search(r"lladdr (\S+)", out)
     return found.group(1) if found else None
-
-
-@pytest.fixture
-def bed():
-    with TestBed() as testbed:
-        for ns in (testbed.server, testbed.client):
-            testbed.run(ns, "nft", "-f", "-", input=WATCH)
-        without_checksum_offload(testbed)
-        yield testbed
 
 
 @pytest.fixture

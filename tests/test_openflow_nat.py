@@ -18,8 +18,9 @@ if os.geteuid() != 0:
         pytest.fail("CI runs as root: the Open vSwitch NAT tests must not skip", pytrace=False)
     pytest.skip("network namespaces and Open vSwitch need root", allow_module_level=True)
 
-from nfmig.nf_backends import ofnat_life  # noqa: E402
+from nfmig.nf_backends import ofnat_life, openflow  # noqa: E402
 from nfmig.nf_backends.base import (  # noqa: E402
+    CHANGES_LOST,
     BackendError,
     GatewayAddress,
     NatPolicy,
@@ -320,3 +321,93 @@ def test_ping_through_the_sdn_nat_is_an_echo_session_keeping_its_identifier(bed,
     assert (got.src_address, got.dst_address, got.dst_port, got.translated_address) \
         == (TestBed.CLIENT, TestBed.SERVER, 0, TestBed.EXTERNAL)
     assert got.translated_port == got.src_port and got.orig_packets >= 1
+
+
+# -- change reports and their barrier ---------------------------------------------------------
+def events_of(heard: list, key: tuple) -> list[str]:
+    return [what for what, s in heard if s is not None and s.key == key]
+
+
+def test_changes_are_reported_up_to_a_flush_whatever_made_them(bed, nat):
+    """Edits (by the backend), a connection through the NAT (the app's packet-in, then the
+    handshake's reply: the peer's window scale) and expiries (the switch's flow-removed):
+    each reported once a flush returns, with nothing waited for but the flush."""
+    nat.flush_changes()  # nobody listens: nothing to flush
+    heard: list = []
+    nat.watch(heard.extend)
+    kept, updated, expiring = session(38000, 20001), session(38001, 20002), \
+        session(38002, 20003, "UDP", timeout=1)
+    nat.apply(SessionChanges(upserts=[kept, updated, expiring]))
+    nat.apply(SessionChanges(upserts=[updated._replace(tcp_state="fin-wait")],
+                             deletes=[kept.key]))
+    bed.activate(bed.nat_b)
+    seen_as = connect(bed, 5502)  # the server's peer: the translated endpoint
+    [made] = [s for s in nat.sessions() if s.dst_port == 5502]
+    assert [made.translated_address, str(made.translated_port)] == seen_as
+    opened = made.key
+    deadline = time.monotonic() + 15
+    while any(s.key == expiring.key for s in nat.sessions()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the switch idles flows out about once a second
+    nat.flush_changes()
+    assert events_of(heard, kept.key) == ["created", "deleted"]
+    assert events_of(heard, updated.key) == ["created", "updated"]
+    assert events_of(heard, expiring.key) == ["created", "deleted"]
+    assert events_of(heard, opened) == ["created", "updated"]  # the SYN, then its reply
+    assert made.dst_window_scale is not None
+    nat.watch(None)
+    nat.apply(SessionChanges(deletes=[updated.key]))
+    nat.flush_changes()
+    assert events_of(heard, updated.key) == ["created", "updated"]  # not followed now
+
+
+def test_a_flush_takes_in_every_expiry_the_switch_made_before_it(nat):
+    heard: list = []
+    nat.watch(heard.extend)
+    given = [session(39000 + i, 21000 + i, timeout=1) for i in range(300)]
+    nat.apply(SessionChanges(upserts=given))
+    deadline = time.monotonic() + 15
+    while list(nat.sessions()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    nat.flush_changes()  # the flow-removed messages may still be on their way to the app
+    assert {s.key for what, s in heard if what == "deleted"} == {s.key for s in given}
+    assert nat.stats().sessions_expired == len(given)
+
+
+def test_a_flush_fails_in_bounded_time_when_the_app_does_not_answer(nat, monkeypatch):
+    monkeypatch.setattr(openflow, "FLUSH_WAIT", 1.0)
+    heard: list = []
+    nat.watch(heard.extend)
+    nat.flush_changes()
+    os.kill(nat._app.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="did not flush"):
+            nat.flush_changes()
+        assert time.monotonic() - started < 3
+    finally:
+        os.kill(nat._app.pid, signal.SIGCONT)
+    nat.flush_changes()  # the stream goes on: the late marker answers nobody
+
+
+def test_an_app_that_ends_loses_its_changes_and_the_listener_is_told(nat, monkeypatch):
+    monkeypatch.setattr(openflow, "FLUSH_WAIT", 10.0)
+    heard: list = []
+    nat.watch(heard.extend)
+    first = nat._app.pid
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while CHANGES_LOST not in heard and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert CHANGES_LOST in heard
+    started = time.monotonic()
+    while time.monotonic() - started < 20:  # refused while it is down, never waited on long
+        try:
+            nat.flush_changes()
+            break
+        except BackendError:
+            time.sleep(0.1)
+    assert nat._app.pid != first
+    added = session(40000, 20005)
+    nat.apply(SessionChanges(upserts=[added], deletes=[]))
+    nat.flush_changes()
+    assert events_of(heard, added.key) == ["created"]
