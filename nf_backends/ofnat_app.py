@@ -23,7 +23,8 @@ It runs in the NAT's network namespace next to its Open vSwitch and:
   the external addresses and installs the session's flow pair (see flows.py); an ICMP echo
   request gets a pair that keeps its identifier, if no other echo session holds its addresses;
 - learns window scales from the handshakes it sees, releases a session's port when its flows
-  expire or are deleted, and reports created/deleted sessions to watchers;
+  expire or are deleted, and reports the sessions it creates, updates (the reply of the
+  handshake gives the peer's window scale) and ends to watchers;
 - holds new sessions of the prefixes it is told to ("hold"; IPv6 ones are ignored: this NAT
   translates IPv4 only).
 
@@ -32,8 +33,10 @@ in its configuration (a restart after a crash carries on from there), and makes 
 of its own until the backend has told it every session the switch holds ("resume"). That
 state lives in ofnat_state.py.
 
-The backend talks to it over a unix socket with line-delimited JSON (one request, one reply;
-"watch" turns the connection into an event stream). Bulk imports do not pass through here:
+The backend talks to it over a unix socket with line-delimited JSON (ofnat_control.py: one
+request, one reply; "watch" turns the connection into an event stream, on which "flush"
+asks for a marker after every change made up to then, flow expiries included). Bulk
+imports do not pass through here:
 the backend reserves their ports here ("reserve"), installs the flows itself in one bundle,
 then says whether the switch took them ("settle"). Only expiries are reported to the app by
 the switch, not the backend's deletes: thousands of those at once would keep it busy. A
@@ -46,7 +49,6 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -59,7 +61,8 @@ from os_ken.lib.packet import arp, ethernet, icmp, ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
 from . import flows
-from .ofnat_state import InterfaceAddresses, NatState
+from .ofnat_control import ControlChannel
+from .ofnat_state import InterfaceAddresses, NatState, Watchers
 
 log = logging.getLogger("nfmig.ofnat")
 CONFIG = json.loads(os.environ.get("NFMIG_OFNAT", "{}"))
@@ -71,17 +74,19 @@ MAX_PENDING = 64  # packets waiting for one next hop's ARP reply
 ASK_AGAIN = 0.1  # seconds before an unresolved next hop is asked for again
 MAX_AHEAD = 1024  # next hops resolved ahead of their first packet at once
 AHEAD_WAIT = 0.05  # seconds an announcement may wait for the next hops to be resolved
+COUNT_WAIT = 2.0  # seconds the switch may take to count its flows
 
 
 STATE = NatState()
 STATE.load(CONFIG)
 
 
-class OfNat(app_manager.OSKenApp):
+class OfNat(ControlChannel, app_manager.OSKenApp):
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.state = STATE  # for the control channel (ofnat_control)
         self.inside = CONFIG.get("inside_port", 1)
         self.outside = CONFIG.get("outside_port", 2)
         self.ifnames = {self.inside: CONFIG.get("inside", "inside"),
@@ -98,9 +103,10 @@ class OfNat(app_manager.OSKenApp):
         self.wanted: set[str] = set()  # ips whose table-1 flow goes in once resolved
         self.addrs = InterfaceAddresses(self.ifnames.values())
         self.dp = None
-        self.watchers: list[socket.socket] = []
+        self.watchers = Watchers(self._barrier)
         self.unannounced: list[tuple[str, str]] = []  # (side, address) given before the switch
         self.ready = threading.Event()
+        self.counts: dict[int, list] = {}  # xid -> [answered, flow count] (ofnat_control)
         self.addrs.watch(lambda _ifname: self._resolve_ahead())  # an address: we own it
         control = CONFIG.get("socket")
         if control:
@@ -123,6 +129,7 @@ class OfNat(app_manager.OSKenApp):
         dp.send_msg(parser.OFPSetAsync(dp, [packet_in, 0], [7, 7], [removed, 0]))
         self.dp = dp
         self._apply_holds()
+        self.watchers.reconnected()
         for side, address in self.unannounced:
             self._announce(side, address)
         self.unannounced = []
@@ -396,7 +403,7 @@ class OfNat(app_manager.OSKenApp):
                 if proto == "TCP":
                     STATE.scales[sid] = [_window_scale(l4), None]
                 self._install(dp, entry, sid)
-                self._emit("created", entry)
+                self.watchers.emit("created", entry)
         parser = dp.ofproto_parser
         # Through table 0 again, as from its own port, so that the new pair matches it.
         self._send(dp, 0, msg.data, [parser.OFPActionOutput(dp.ofproto.OFPP_TABLE)],
@@ -455,12 +462,17 @@ class OfNat(app_manager.OSKenApp):
             entry = STATE.sessions.get(sid)
             if entry is None or segment is None:
                 return
+            learned = False
             if segment.bits & tcp.TCP_SYN:
                 scales = STATE.scales.setdefault(sid, [None, None])
+                before = list(scales)
                 scales[1] = _window_scale(segment)
                 if scales[0] is None or scales[1] is None:
                     scales[0] = scales[1] = 0  # scaling is on only if both offered it
+                learned = scales != before
             self._install(msg.datapath, entry, sid, punt_reply=False)
+            if learned:  # the session reads back with the peer's scale now
+                self.watchers.emit("updated", entry)
 
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
     def _flow_removed(self, ev) -> None:
@@ -481,88 +493,63 @@ class OfNat(app_manager.OSKenApp):
             if entry is not None:
                 STATE.expired += 1
         if entry is not None:
-            self._emit("deleted", entry)
+            self.watchers.emit("deleted", entry)
 
-    # -- control channel -----------------------------------------------------------------
-    def _emit(self, event: str, entry: list) -> None:
-        if not self.watchers:
-            return
-        line = (json.dumps({"event": event, "session": entry}) + "\n").encode()
-        for conn in list(self.watchers):
-            try:
-                conn.sendall(line)
-            except OSError:
-                self.watchers.remove(conn)
+    # -- reports to watchers (ofnat_state.Watchers) -------------------------------------
+    def _barrier(self, xid: int) -> bool:
+        dp = self.dp
+        if dp is None:
+            return False
+        request = dp.ofproto_parser.OFPBarrierRequest(dp)
+        request.xid = xid
+        dp.send_msg(request)
+        return True
 
-    def _serve_control(self, path: str) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The backend connects as soon as the path exists: it appears only once we listen.
-        listener.bind(path + ".new")
-        listener.listen(8)
-        os.rename(path + ".new", path)
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
+    def _barrier_reply(self, ev) -> None:
+        self.watchers.answered(ev.msg.xid)
 
-    def _client(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as lines:
-            for line in lines:
-                try:
-                    request = json.loads(line)
-                    if request["op"] == "watch":
-                        self.watchers.append(conn)
-                        conn.sendall(b'{"ok": true}\n')
-                        continue
-                    answer = self._answer(request)
-                except OSError:
-                    return
-                except Exception as exc:  # a request fails, never the app
-                    log.exception("control request failed: %.200s", line)
-                    answer = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-                try:
-                    conn.sendall((answer + "\n").encode())
-                except OSError:
-                    return
-
-    def _answer(self, r: dict) -> str:
-        op = r["op"]
-        if op == "ready":
-            return json.dumps({"ok": self.ready.wait(r.get("timeout", 10))})
-        if op == "policy":
-            STATE.set_policy(r)
-        elif op == "hold":
-            STATE.hold(r["prefixes"])
-            self._apply_holds()
-            if self.dp is not None:  # the hold is in place when we answer
-                self.dp.send_barrier()
-        elif op == "gateways":
+    def _switch_agrees(self) -> bool | None:
+        """Whether the switch holds an outbound flow for exactly as many sessions as we
+        know (None: no switch). One it has idled out whose flow-removed message is still to
+        come makes one fewer: Open vSwitch sends those only once nothing uses the flow any
+        more, and after its barrier replies. Counted after every flow sent for the sessions
+        we know (under the state's lock, which the event loop holds from a change to its
+        flows sent), and only if no batch of the backend is under way meanwhile."""
+        dp = self.dp
+        if dp is None:
+            return None
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        xid = self.watchers.next_xid()
+        waiter = self.counts[xid] = [threading.Event(), None]
+        try:
             with STATE.lock:
-                STATE.gateways = {side: set(r[side]) for side in ("inside", "outside")}
-            # The backend has just put them on the interfaces: next hops first, so that the
-            # traffic the announcements bring finds them.
-            unresolved = self._resolve_ahead(fresh=True)
-            announce = r.get("announce", [])
-            if announce and unresolved:
-                self._await_hops(unresolved)
-            for side, address in announce:
-                self._announce(side, address)
-        elif op == "resume":
-            STATE.accepting = True
-        elif op == "reserve":
-            return STATE.reserve(r["sessions"], r.get("drop", []))
-        elif op == "settle":
-            added = STATE.settle(r["batch"], r["ok"])
-            if added and self.dp is not None and self._owns_any():
-                self._resolve_ahead(STATE.peers_of(added))
-        elif op == "scales":
-            with STATE.lock:
-                return json.dumps({"scales": {str(k): v for k, v in STATE.scales.items()}})
-        elif op == "stats":
-            with STATE.lock:
-                return json.dumps({"created": STATE.created, "expired": STATE.expired})
-        else:
-            return json.dumps({"error": f"unknown operation {op}"})
-        return '{"ok": true}'
+                if STATE.pending:
+                    return False
+                known, batch = len(STATE.sessions), STATE.batch
+                request = parser.OFPAggregateStatsRequest(
+                    dp, 0, flows.NAT_TABLE, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                    flows.MAGIC << flows.COOKIE_SHIFT, 0xFFFF << flows.COOKIE_SHIFT | 1,
+                    parser.OFPMatch())
+                request.xid = xid
+                dp.send_msg(request)
+            if not waiter[0].wait(COUNT_WAIT):
+                raise RuntimeError("the switch did not count its flows")
+        finally:
+            self.counts.pop(xid, None)
+        with STATE.lock:
+            if STATE.pending or STATE.batch != batch:
+                return False
+        return waiter[1] == known
+
+    @set_ev_cls(ofp_event.EventOFPAggregateStatsReply, MAIN_DISPATCHER)
+    def _counted(self, ev) -> None:
+        # In turn with the switch's other messages: its flow-removed messages sent before
+        # have been handled (and their changes are waiting to be written).
+        waiter = self.counts.get(ev.msg.xid)
+        if waiter is not None:
+            waiter[1] = ev.msg.body.flow_count
+            waiter[0].set()
 
 
 def _window_scale(segment) -> int | None:

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import flows
-from .base import BackendError, GatewayAddress, NatPolicy, Session
-from .ofnat_procs import RUN_DIR_PREFIX, Control, Keeper, Record
+from .base import CHANGES_LOST, BackendError, GatewayAddress, NatPolicy, Session
+from .ofnat_procs import RUN_DIR_PREFIX, Control, Keeper, Record, Watch
 from .ovs import Ovs, OvsError
 
 log = logging.getLogger("nfmig.nf_backends.openflow")
@@ -64,7 +64,8 @@ class NatProcesses:
     _ovs: Ovs | None
     _app: subprocess.Popen | None
     _ctl: Control | None
-    _watch: Control | None
+    _watch: Watch | None
+    _following: threading.Lock  # _watch: which stream is followed
     _keeper: Keeper | None
     _record: Record | None
     _of_port: int
@@ -286,6 +287,8 @@ class NatProcesses:
                 return
             self._app_up.clear()
             self._unfollow_app()
+            # What it had not reported, and the expiries until it is back, are lost.
+            self._report([CHANGES_LOST])  # type: ignore[list-item]
             if self._record is not None:
                 self._record.forget_child(app.pid)
             now = time.monotonic()
@@ -339,6 +342,8 @@ class NatProcesses:
 
     # -- events and holds ----------------------------------------------------------------
     def watch(self, listener) -> None:
+        """Follow the app's stream of changes while someone listens (the app writes none
+        while nobody does). Edits are reported by the backend as it applies them."""
         self._listener = listener
         if listener is None:
             self._unfollow_app()
@@ -347,18 +352,30 @@ class NatProcesses:
                 self._follow_app()
             except (OSError, BackendError) as exc:  # followed again once the app is back
                 log.warning("cannot follow the OpenFlow NAT application's events: %s", exc)
+                self._report([CHANGES_LOST])  # type: ignore[list-item]
+        else:  # being started again: what ends meanwhile goes unreported
+            self._report([CHANGES_LOST])  # type: ignore[list-item]
 
-    def _follow_app(self) -> None:
-        if self._watch is not None or self._dir is None:
-            return
-        self._watch = Control(self._dir / "app.sock")
-        self._watch.sock.settimeout(None)
-        self._watch.ask("watch")
-        threading.Thread(target=self._follow, args=(self._watch,), daemon=True,
+    def _follow_app(self, timeout: float = Control.TIMEOUT) -> Watch:
+        """The stream followed now; a new one (and its reader) if there is none (the
+        app's answer to "watch" awaited ``timeout`` seconds at most)."""
+        with self._following:
+            if self._watch is not None:
+                return self._watch
+            if self._dir is None:
+                raise BackendError("the openflow backend is not started", None, "failed")
+            try:
+                self._watch = watch = Watch(self._dir / "app.sock", timeout)
+            except OSError as exc:
+                raise BackendError(f"the OpenFlow NAT application is gone ({exc})", None,
+                                   "failed") from None
+        threading.Thread(target=self._follow, args=(watch,), daemon=True,
                          name=f"ofnat-events-{self.netns}").start()
+        return watch
 
     def _unfollow_app(self) -> None:
-        watch, self._watch = self._watch, None
+        with self._following:
+            watch, self._watch = self._watch, None
         if watch is not None:
             try:
                 watch.sock.shutdown(socket.SHUT_RDWR)
@@ -366,14 +383,31 @@ class NatProcesses:
                 pass
             watch.close()
 
-    def _follow(self, watch: Control) -> None:
-        try:
-            for line in watch.lines:
-                event = json.loads(line)
+    def _follow(self, watch: Watch) -> None:
+        def report(event: dict) -> None:
+            if self._watch is watch:  # no longer once another one is followed
                 p, src, sport, dst, dport, ext, port = event["session"]
-                self._report([(event["event"], Session(p, src, sport, dst, dport, ext, port))])
-        except (OSError, ValueError):
-            pass  # closed by watch(None), or the app ended (it is followed again once back)
+                self._report([(event["event"], Session(p, src, sport, dst, dport, ext,
+                                                       port))])
+
+        def lost() -> None:
+            if self._watch is watch:
+                self._report([CHANGES_LOST])  # type: ignore[list-item]
+
+        try:
+            watch.follow(report, lost)
+        except Exception:
+            log.exception("following the OpenFlow NAT application's events failed")
+        with self._following:
+            # Not closed by watch(None), stop() or a restart: the app is gone, or the
+            # stream broke (followed again by the next flush).
+            ended_alone = self._watch is watch
+            if ended_alone:
+                self._watch = None
+        if ended_alone:
+            log.warning("the OpenFlow NAT application's stream of changes ended")
+            self._report([CHANGES_LOST])  # type: ignore[list-item]
+            watch.close()
 
     def _put_gateways(self, old: list[GatewayAddress], new: list[GatewayAddress]
                       ) -> list[GatewayAddress]:

@@ -12,16 +12,19 @@
   are still those very children), removes its directory and takes over what is to be
   restored. A predecessor still running is left alone and the start refused.
 
-:class:`Control` is the backend's connection to the app's control socket.
+:class:`Control` is the backend's connection to the app's control socket, :class:`Watch` one
+turned into the stream of the app's changes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -295,3 +298,90 @@ class Control:
                 closing()
             except OSError:
                 pass
+
+
+_TOKENS = itertools.count(1)  # of the flushes: which marker answers which
+
+
+class Watch(Control):
+    """The app's changes: a control connection turned by "watch" into a stream of
+    events, one JSON line each, which :meth:`follow` reads until it ends. On it,
+    :meth:`flush` asks the app for a marker after every change it made up to then (see
+    ofnat_control) and waits, a bounded time, until the reader has got there."""
+
+    def __init__(self, path: Path, timeout: float = Control.TIMEOUT):
+        super().__init__(path)
+        self.sock.settimeout(timeout)
+        try:
+            self.ask("watch")
+        except BaseException:
+            self.close()
+            raise
+        self.sock.settimeout(None)  # the reader waits for events as long as they take
+        self._waiting: dict[int, list] = {}  # token -> [threading.Event, error or None]
+        self._ended = False
+
+    def follow(self, on_event: Callable[[dict], None], on_lost: Callable[[], None]) -> None:
+        """Read the stream until it ends or is closed: each event to ``on_event`` in
+        turn, each marker to the flush waiting for it (after every event before it, and
+        ``on_lost()`` first if the app says changes may be missing before it)."""
+        try:
+            for line in self.lines:
+                message = json.loads(line)
+                if "flushed" not in message:
+                    on_event(message)
+                    continue
+                if message.get("lost"):
+                    on_lost()
+                waiter = self._waiting.get(message["flushed"])
+                if waiter is not None:
+                    waiter[1] = message.get("error")
+                    waiter[0].set()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self.lock:
+                self._ended = True
+                waiting = list(self._waiting.values())
+            for waiter in waiting:
+                waiter[1] = "its stream of changes ended"
+                waiter[0].set()
+
+    def flush(self, timeout: float) -> None:
+        """Once every change the app made up to now has been passed to ``on_event``;
+        BackendError if the app does not say so within ``timeout`` seconds."""
+        token = next(_TOKENS)
+        waiter: list = [threading.Event(), None]
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            if self._ended or self.broken:
+                raise BackendError("the OpenFlow NAT application's stream of changes has "
+                                   "ended", None, "failed")
+            self._waiting[token] = waiter
+        try:
+            self._send(json.dumps({"op": "flush", "token": token}).encode() + b"\n",
+                       deadline)
+            if not waiter[0].wait(max(0.0, deadline - time.monotonic())):
+                raise BackendError(f"the OpenFlow NAT application did not flush its changes "
+                                   f"within {timeout:g} s", None, "failed")
+        finally:
+            self._waiting.pop(token, None)
+        if waiter[1] is not None:
+            raise BackendError(f"the OpenFlow NAT application could not flush its changes: "
+                               f"{waiter[1]}", None, "failed")
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        """All of ``data`` before the deadline (the socket itself waits without end)."""
+        view = memoryview(data)
+        with self.lock:
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                    raise BackendError("the OpenFlow NAT application takes no request",
+                                       None, "failed")
+                try:
+                    view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise self._failed(exc) from None

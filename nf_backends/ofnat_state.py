@@ -1,7 +1,8 @@
 """The OpenFlow NAT application's state (ofnat_app.py): sessions, the translated endpoints
 they hold, the peers they talk to, the policy, holds and gateway addresses; shared by its
-OpenFlow and control threads, and free of OpenFlow itself. InterfaceAddresses: the
-addresses on the NAT's interfaces, kept in memory from netlink."""
+OpenFlow and control threads, and free of OpenFlow itself. Watchers: the event streams it
+writes its changes and flush markers to. InterfaceAddresses: the addresses on the NAT's
+interfaces, kept in memory from netlink."""
 
 from __future__ import annotations
 
@@ -182,6 +183,118 @@ class NatState:
         self.scales = {int(sid): v for sid, v in config.get("scales", {}).items()}
         self.created, self.expired = config.get("created", 0), config.get("expired", 0)
         self.accepting = config.get("accepting", True)
+
+
+class Watchers:
+    """The connections that follow the app's changes ("watch"), and what is written to
+    them: each change a line to every one, and the marker a "flush" asks for to its own.
+
+    A change is written once the switch has done what was sent to it for the change: its
+    line waits for the reply to a barrier request sent after it (one barrier in flight at a
+    time, taking every line waiting by then), so that a session reported created is in the
+    switch's flows, one reported ended gone from them. A marker goes after every line
+    waiting when it is asked for. Lines are written by the app's event loop as it handles
+    the barrier replies; ``barrier(xid)`` sends a barrier request (False: no switch, nothing
+    of it is in flight). Nobody watching costs one test per change."""
+
+    def __init__(self, barrier: Callable[[int], bool]) -> None:
+        self.barrier = barrier
+        self.lock = threading.Lock()
+        self.conns: list[socket.socket] = []
+        # (connection, or None for every one; line): for the next barrier, and for the
+        # one in flight.
+        self.queued: list[tuple[socket.socket | None, bytes]] = []
+        self.sent: list[tuple[socket.socket | None, bytes]] = []
+        self.in_flight: int | None = None  # the xid of the barrier request in flight
+        self.xid = random.randrange(1 << 31)  # apart from the datapath's own
+
+    def next_xid(self) -> int:
+        """An xid for a request of ours (a barrier, a count), apart from the others."""
+        with self.lock:
+            return self._next_xid()
+
+    def _next_xid(self) -> int:
+        self.xid = (self.xid + 1) & 0xFFFFFFFF
+        return self.xid
+
+    def add(self, conn: socket.socket) -> None:
+        """The connection follows from now on (answered first: no change comes before)."""
+        with self.lock:
+            conn.sendall(b'{"ok": true}\n')
+            self.conns.append(conn)
+
+    def remove(self, conn: socket.socket) -> None:
+        with self.lock:
+            if conn in self.conns:
+                self.conns.remove(conn)
+
+    def emit(self, event: str, entry: list) -> None:
+        """A change ("created" | "updated" | "deleted", the session's entry), once what
+        was sent to the switch for it is done (call it after sending that)."""
+        if not self.conns:
+            return
+        line = (json.dumps({"event": event, "session": entry}) + "\n").encode()
+        with self.lock:
+            self.queued.append((None, line))
+            self._next()
+
+    def mark(self, conn: socket.socket, token: int, lost: bool = False,
+             error: str | None = None) -> None:
+        """The marker ``token`` to this connection, after every change waiting now
+        (``lost``: some changes may be missing before it; ``error``: the flush failed)."""
+        line = json.dumps({"flushed": token, "lost": lost, "error": error}).encode() + b"\n"
+        with self.lock:
+            if self.queued or self.in_flight is not None:
+                self.queued.append((conn, line))
+                self._next()
+            else:
+                self._write(conn, line)
+
+    def answered(self, xid: int) -> None:
+        """A barrier reply (the switch's own are not ours)."""
+        with self.lock:
+            if xid == self.in_flight:
+                self._release()
+
+    def reconnected(self) -> None:
+        """A switch (again): nothing sent to one before is in flight any more."""
+        with self.lock:
+            if self.in_flight is not None:
+                self._release()
+
+    def _next(self) -> None:
+        """A barrier request for what waits, unless one is in flight."""
+        while self.in_flight is None and self.queued:
+            self.in_flight = self._next_xid()
+            self.sent, self.queued = self.queued, []
+            try:
+                sent = self.barrier(self.in_flight)
+            except Exception:
+                log.exception("cannot send a barrier request")
+                sent = False
+            if not sent:
+                self._release(again=False)
+
+    def _release(self, again: bool = True) -> None:
+        """The barrier in flight is answered: what waited for it is written."""
+        self.in_flight = None
+        for conn, line in self.sent:
+            for each in [conn] if conn is not None else list(self.conns):
+                self._write(each, line)
+        self.sent = []
+        if again:
+            self._next()
+
+    def _write(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            conn.sendall(line)
+        except OSError:  # gone; shut here, so its reader sees the stream end
+            if conn in self.conns:
+                self.conns.remove(conn)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def claims(e: list) -> list[tuple]:

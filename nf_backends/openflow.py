@@ -14,6 +14,13 @@ imported sessions use, so it never allocates one of them, and after the bundle w
 switch took it (deleted sessions free their ports) or refused it (every reservation the batch
 touched is put back as it was).
 
+Changes of the session table are reported while someone listens (watch()): those the app
+makes (new connections, expiries, the peer's window scale learned from a handshake) from
+its stream of changes, each once the switch has done it; those of edits by apply() itself.
+flush_changes() is the barrier change tracking needs: a marker the app writes on that
+stream after every change it made up to the request (see ofnat_control). An app that ends
+loses what it had not reported: the listener is told (CHANGES_LOST).
+
 The switch's daemons and the app live and die with the server, and an app that ends on its
 own is started again (ofnat_life.py, ofnat_procs.py).
 """
@@ -24,6 +31,7 @@ import ipaddress
 import logging
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -40,12 +48,13 @@ from .base import (
     Transaction,
 )
 from .ofnat_life import PORTS, NatProcesses, exit_server, policy_request, reservation
-from .ofnat_procs import Control, Keeper, Record
+from .ofnat_procs import Control, Keeper, Record, Watch
 from .ovs import Bundle, Ovs, OvsError
 
 log = logging.getLogger(__name__)
 
 DIRECT_LOOKUPS = 16
+FLUSH_WAIT = 5.0  # seconds a flush of the app's changes may take
 SEND_CHUNK = 2000  # sessions per send: the switch reads one while the next is packed
 
 
@@ -65,7 +74,8 @@ class OpenflowBackend(NatProcesses, Backend):
         self._ovs: Ovs | None = None
         self._app: subprocess.Popen | None = None
         self._ctl: Control | None = None
-        self._watch: Control | None = None
+        self._watch: Watch | None = None
+        self._following = threading.Lock()
         self._keeper: Keeper | None = None
         self._record: Record | None = None
         self._of_port = 0
@@ -87,11 +97,22 @@ class OpenflowBackend(NatProcesses, Backend):
         self._running = threading.Event()
 
     def flush_changes(self) -> None:
-        """No barrier here: the app reports its sessions and expiries over its watch
-        stream whenever its event loop gets to them, and has no marker to say that what
-        the switch did up to now has all been sent; so change tracking is refused."""
-        raise NotImplementedError("the OpenFlow NAT cannot tell when it has reported every "
-                                  "change of its flow table")
+        """The barrier: the app marks its stream of changes after every change it made
+        up to now (the flow expiries and packet-ins the switch sent before included, and
+        any flow the switch has idled out without saying so yet: see ofnat_control), and
+        this returns once the stream's reader has reported everything up to the marker.
+        Edits are reported as they are applied. Nobody listening: nothing to report.
+        BackendError if the app does not answer within FLUSH_WAIT in all."""
+        if self._listener is None:
+            return
+        if self._keeper is None:
+            raise RuntimeError("the openflow backend is not started")
+        deadline = time.monotonic() + FLUSH_WAIT
+        if not self._app_up.wait(FLUSH_WAIT):
+            raise BackendError("the OpenFlow NAT application is not running: its changes "
+                               "cannot be flushed", None, "failed")
+        watch = self._follow_app(max(0.1, deadline - time.monotonic()))
+        watch.flush(max(0.1, deadline - time.monotonic()))
 
     def refusal(self, session: Session) -> str | None:
         return super().refusal(session) or _refusal(session)
@@ -234,9 +255,11 @@ class OpenflowBackend(NatProcesses, Backend):
                     s.tcp_state, s.src_window_scale, s.dst_window_scale, s.orig_packets or 0,
                     s.orig_bytes or 0, s.reply_packets or 0, s.reply_bytes or 0)
             self._imported += len(reply["new"])
-        if self._listener is not None:
+        if self._listener is not None:  # the app does not report what edits do
+            new = set(reply["new"])
             self._report([("deleted", Session(*k)) for k in changes.deletes
-                          if k not in upserts] + [("created", s) for s in upserts.values()])
+                          if k not in upserts] + [("created" if i in new else "updated", s)
+                                                  for i, s in given])
 
     def _reserve_while_sending(self, ctl: Control, bundle: Bundle,
                                given: list[tuple[int, Session]], deleted: list[int]) -> dict:

@@ -183,7 +183,7 @@ class MigrationChanges:
                 f"no change record for migration {migration_id!r}: never tracked, stopped, "
                 "or timed out (track-changes starts one)",
                 info={"bad-element": "migration-id"}) from None
-        except (NotImplementedError, OSError) as exc:
+        except (NotImplementedError, OSError, BackendError) as exc:
             raise errors.operation_failed(f"the NAT's changes cannot be read: {exc}") \
                 from None
         if recorded.overflow:

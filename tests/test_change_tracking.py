@@ -5,9 +5,10 @@ instead of the whole table.
 The tracker and the change feed in-process (the record's bound, lost reports, the backend
 watched only while needed); the rpcs through real server processes and ncclient; and a
 differential check that `changes` shows exactly what a read of the whole table shows for the
-keys that changed: on the simulated NAT with its own traffic, and on the Linux kernel NAT in
+keys that changed: on the simulated NAT with its own traffic, on the Linux kernel NAT in
 test-bed namespaces with real conntrack entries (imported by edit-config, and made and closed
-by real TCP connections through the NAT).
+by real TCP connections through the NAT), and on the SDN NAT (Open vSwitch) with flow pairs
+imported by edit-config, made by a real TCP connection (packet-in) and idled out.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nfmig.server.migration import MigrationChanges
 from nfmig.server.schema import Schema
 
 from nfmig.testbed import TestBed
+from nfmig.testbed_ovs import without_checksum_offload
 
 from .conftest import NAT_NS, RunningServer
 from .restconf_client import Restconf, start_with_restconf
@@ -238,9 +240,17 @@ def test_tracking_is_refused_without_a_barrier():
     with pytest.raises(RpcError) as err:
         operations.track_changes(None, request)
     assert err.value.tag == "operation-not-supported"
-    # The OpenFlow NAT has no barrier (its app reports over a stream with no marker).
-    with pytest.raises(NotImplementedError):
-        OpenflowBackend("no-such-namespace").flush_changes()
+
+
+def test_the_openflow_nat_has_a_barrier_costing_nothing_while_nobody_listens():
+    """Its app marks its stream of changes once the switch agrees with it (see
+    test_changes_equal_a_full_reread_on_the_sdn_nat and test_openflow_nat); with nobody
+    listening there is nothing to flush: no app is asked, none need run."""
+    backend = OpenflowBackend("no-such-namespace")
+    backend.flush_changes()
+    backend._listener = lambda events: None  # listening, but never started
+    with pytest.raises(RuntimeError, match="not started"):
+        backend.flush_changes()
 
 
 # -- through a server: the rpcs -------------------------------------------------------------
@@ -498,12 +508,12 @@ def _imported_key(i: int) -> tuple:
     return ("TCP", f"10.0.0.{100 + i % 50}", str(30000 + i), "192.0.2.100", str(8000 + i))
 
 
-def _imported(i: int, state: str = "established") -> str:
+def _imported(i: int, state: str = "established", timeout: int = 600) -> str:
     return session_xml(f"10.0.0.{100 + i % 50}", 30000 + i, "192.0.2.100", 8000 + i,
                        f"<translated_address>192.0.2.1</translated_address>"
                        f"<translated_port>{20000 + i}</translated_port>"
                        f"<tcp_state>{state}</tcp_state><src_window_scale>7</src_window_scale>"
-                       "<dst_window_scale>7</dst_window_scale><timeout>600</timeout>")
+                       f"<dst_window_scale>7</dst_window_scale><timeout>{timeout}</timeout>")
 
 
 def _check_linux_changes(bed: TestBed, m: manager.Manager, watcher: manager.Manager) -> None:
@@ -544,3 +554,66 @@ def _check_linux_changes(bed: TestBed, m: manager.Manager, watcher: manager.Mana
     assert ("created", opened) in seen and ("deleted", _imported_key(10)) in seen
     _finish(new_server, new_client)
     assert changes(m, "m-linux", stop=True).sessions[opened]["tcp_state"] != "established"
+
+
+# -- differential: the SDN NAT (Open vSwitch) with real connections ------------------------
+def _sdn_policy(tcp_timeout: int) -> str:
+    return POLICY.replace("</nat-policy>", f"<timeouts><tcp-established>{tcp_timeout}"
+                          "</tcp-established></timeouts></nat-policy>")
+
+
+@linux
+def test_changes_equal_a_full_reread_on_the_sdn_nat(tmp_path):
+    with TestBed() as bed:
+        without_checksum_offload(bed)
+        server: LocalServer | None = None
+        try:
+            server = start_local_server(tmp_path / "b", "--backend", "openflow", "--netns",
+                                        bed.nat_b)
+            srv = RunningServer(**vars(server))
+            with srv.connect() as m:
+                m.edit_config(target="running", config=config(_sdn_policy(2)))
+                bed.activate(bed.nat_b)
+                _check_sdn_changes(bed, m)
+        finally:
+            if server is not None:
+                server.stop()
+
+
+def _check_sdn_changes(bed: TestBed, m: manager.Manager) -> None:
+    """Sessions created by edit and by a connection (the app's packet-in), updated and
+    deleted by edit, and idled out (an imported one, and the one of a connection that
+    closed: its flows idle out after the policy's 2 s)."""
+    old_server, old_client, closed = _open_tcp(bed, 5201)
+    _finish(old_server, old_client)  # idle from now on
+    m.edit_config(target="running", config=config(
+        *(_imported(i) for i in range(60)), *(_imported(i, timeout=2) for i in range(60, 70))))
+    expiring = {closed, *(_imported_key(i) for i in range(60, 70))}
+    track(m, "m-sdn", TestBed.INSIDE_PREFIX)
+    before = table(m)
+    assert expiring <= before.keys()
+    m.edit_config(target="running", config=config(*(_imported(i) for i in range(70, 90))))
+    m.edit_config(target="running", config=config(*(_imported(i, "fin-wait")
+                                                    for i in range(10))))
+    m.edit_config(target="running", config=config(*(
+        _imported(i).replace(f'xmlns="{NAT_NS}"', f'xmlns="{NAT_NS}" {op_attr("delete")}')
+        for i in range(10, 20))))
+    m.edit_config(target="running", config=config(_sdn_policy(600)))  # for the next one
+    new_server, new_client, _ = _open_tcp(bed, 5202)
+    deadline = time.monotonic() + 20
+    while expiring & table(m).keys() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the switch idles flows out about once a second
+    reread = table(m)
+    got = changes(m, "m-sdn")
+    later = table(m)
+    [opened] = [k for k in reread if k[4] == "5202"]  # its source port: the client's own
+    changed = changed_keys(before, reread)
+    assert opened in changed and expiring <= changed
+    assert got.keys() == changed  # every change, and nothing else
+    assert_as_reread(got, reread, later)
+    assert got.sessions[opened]["dst_window_scale"] is not None  # the handshake's reply
+    assert {got.sessions[_imported_key(i)]["tcp_state"] for i in range(10)} == {"fin-wait"}
+    assert got.ended == expiring | {_imported_key(i) for i in range(10, 20)}
+    assert not got.overflow
+    _finish(new_server, new_client)
+    changes(m, "m-sdn", stop=True)
