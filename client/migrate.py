@@ -5,14 +5,15 @@ Phases, each timed, logged and reported:
 
 - connect; negotiate (hello + yang-library of every end); announce (rpc
   announce-migration, started); lock (targets' candidate and running, sources' running);
-- the copy, while traffic flows: read (get-data, operational); check (conflicts between
-  sources); prepare (what the targets hold under the moved keys, the gateway addresses to
-  move); edit (candidate); validate; commit (confirmed, with the migration's persist-id);
-  verify (read back);
-- the window: freeze (new sessions of the selection held on the sources); delta (read
-  again, write what was opened, changed or ended since the copy, commit); confirm (the
-  commit point); switchover (gateway addresses onto the targets, then off the sources, or
-  the switchover command); thaw;
+- the copy, while traffic flows: track (each source records what changes from now on);
+  read (get-data, operational); check (conflicts between sources); prepare (what the
+  targets hold under the moved keys, the gateway addresses to move); edit (candidate);
+  validate (and what each target cannot hold); the targets' policies; commit (confirmed,
+  with the migration's persist-id); verify (read back); precopy (rounds of what changed
+  meanwhile, delta.py);
+- the window: freeze (new sessions of the selection held on the sources); delta (the last
+  changes, written and committed); confirm (the commit point); switchover (gateway
+  addresses onto the targets, then off the sources, or the switchover command); thaw;
 - delete (on the sources, only now that no traffic reaches them there);
 - on every way out: unlock, thaw, and announce finished or failed.
 
