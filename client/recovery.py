@@ -20,7 +20,6 @@ from .endpoints import Connection, EndpointError, describe
 from .ends import End, SourceEnd, TargetEnd
 from .restconf import open_connection
 from .selection import Entry, parse_entries, removal_xml, replacement_xml
-from .switchover import deactivation_xml
 
 log = logging.getLogger(__name__)
 _RESTORE_TRIES = 25  # a lost session's locks go when its server notices, a moment later
@@ -95,14 +94,14 @@ class Recovery:
                 conn.simple("cancel-commit", f"<persist-id>{self.persist_id}</persist-id>")
                 t.commit = "none"
                 return
-        # Done: put back what the target held under the moved keys before.
+        # Done: put back what the target held under the moved keys before. (The gateway
+        # addresses move only past the commit point, which no rollback comes after.)
         new = [e for e, _ in t.entries if e.key not in t.before]
         old = list(t.before.values())
-        if not new and not old and not t.gateways:
+        if not new and not old:
             t.commit = "none"
             return
-        body = removal_xml(new) + replacement_xml(old) + (
-            deactivation_xml(t.gateways) if t.gateways else "")
+        body = removal_xml(new) + replacement_xml(old)
         with self._phase("restore", t):
             self._retry_in_use(lambda: (conn.edit_config(body, "candidate"),
                                         conn.simple("commit")))
