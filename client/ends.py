@@ -77,7 +77,6 @@ class SourceEnd(End):
     tracking: bool = False  # keeps a change record for this migration (track-changes)
     delete: str = "none"  # none | done
     gateways: list[GatewayAddress] = field(default_factory=list)  # to move to the target
-    switched: bool = False  # its gateway addresses were taken off
     _index: dict[tuple, Entry] | None = None  # entries by key, while it is entries' own
     _indexed: list[Entry] | None = None
 
@@ -100,7 +99,8 @@ class TargetEnd(End):
     entries: list[tuple[Entry, SourceEnd]] = field(default_factory=list)  # to write, by source
     before: dict[tuple, Entry] = field(default_factory=dict)  # held before, by key
     staged: bool = False  # candidate holds our edit
-    # none | unknown | pending (confirmed, not yet confirmed) | done
+    # none | unknown (a reply was lost) | pending (confirmed, not yet confirmed) |
+    # confirming (its confirmation sent) | done
     commit: str = "none"
     gateways: list[GatewayAddress] = field(default_factory=list)  # written by the switchover
 

@@ -149,11 +149,10 @@ class Recovery:
                 unread = True
                 continue
             with self._phase("account", end, fatal=False) as record:
-                datastore = "running"
-                text = conn.get_data(datastore, self.selection.filter_xml())
-                keys = {e.key for e in parse_entries(text)}
-                on[end.role] |= keys & selected.keys()
-                record.detail = f"{len(keys & selected.keys())} of the selected sessions"
+                text = conn.get_data("running", self.selection.filter_xml())
+                held = {e.key for e in parse_entries(text)} & selected.keys()
+                on[end.role] |= held
+                record.detail = f"{len(held)} of the selected sessions"
             if not record.ok:
                 unread = True
         if unread:

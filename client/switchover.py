@@ -141,9 +141,7 @@ class Switching:
             for s in self.sources:
                 if s.gateways:
                     with self._phase("switchover", s, fatal=False) as record:
-                        s.conn.edit_config(deactivation_xml(s.gateways),
-                                           "running")
-                        s.switched = True
+                        s.conn.edit_config(deactivation_xml(s.gateways), "running")
                     if not record.ok:
                         raise failure_after_commit(
                             f"switchover on {s}: {record.detail}; it and the target both "

@@ -282,8 +282,10 @@ class Backend(ABC):
     def refusal(self, session: Session) -> str | None:
         """Why this NF cannot hold ``session`` (None: it can). Asked when a candidate is
         validated, so that a migration learns before anything moves which sessions a
-        target would refuse; apply() refuses the same ones. Every NAT refuses a session
-        whose addresses are not all of one IP version: nothing could translate it."""
+        target would refuse. No NAT can translate a session whose addresses are not all
+        of one IP version. (Only validate asks this: the SDN NAT's apply() refuses the
+        same sessions by the same check, but a write to running on the other NATs does
+        not ask yet.)"""
         versions = {":" in a for a in (session.src_address, session.dst_address,
                                        session.translated_address,
                                        session.translated_dst_address) if a}

@@ -104,6 +104,7 @@ class LinuxBackend(Backend):
         self.watch(None)
         if self._watcher is not None:
             self._watcher.join(timeout=1)  # it notices within one wait
+        self._config.close()  # its thread inside the namespace, and that thread's sockets
         if self._ct is not None:
             self._ct.close()
             self._ct = None

@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import math
 import re
-import subprocess
 import threading
 from typing import NamedTuple
 
@@ -26,7 +25,6 @@ HOLD_TABLE = "nfmig_hold"  # its own table: replacing the NAT policy must not dr
 # (version, nftables family, set name, key type) of the held sources' sets
 HOLD_SETS = ((4, "ip", "held4", "ipv4_addr"), (6, "ip6", "held6", "ipv6_addr"))
 _DEVICE_NAME = re.compile(r"[^\s/:]{1,15}")  # what Linux accepts as an interface name
-_BATCH_FAILED = re.compile(r"Command failed -:(\d+)")  # ip -batch names the failed line
 
 
 class NamespaceConfig:
@@ -249,18 +247,6 @@ def _timeout_sysctls(policy: NatPolicy) -> dict[str, str]:
             "net.netfilter.nf_conntrack_udp_timeout": str(t.udp),
             "net.netfilter.nf_conntrack_udp_timeout_stream": str(t.udp),
             "net.netfilter.nf_conntrack_icmp_timeout": str(t.icmp)}
-
-
-def _reap(procs: list[subprocess.Popen]) -> None:
-    """Wait for announcements sent in the background; report the ones that failed."""
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        if proc.returncode:
-            log.warning("%s failed: %s", " ".join(proc.args[4:]), (err or "").strip())
 
 
 def _ruleset(policy: NatPolicy) -> str:

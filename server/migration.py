@@ -15,18 +15,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from operator import itemgetter
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from lxml import etree
-from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Backend, BackendError, Session
+from nfmig.nf_backends.base import KEY_FIELDS, Backend, BackendError, Session
 
 from . import errors
 from .change_tracking import ChangeTracking
 from .errors import RpcError
 from .notifications import NotificationHub
 from .schema import Schema, YangError
+from .session_codec import sessions_to_xml
 
 log = logging.getLogger(__name__)
 
@@ -199,23 +199,11 @@ class MigrationChanges:
 
 
 def changes_xml(namespace: str, sessions: Iterable[Session], ended: Iterable[tuple]) -> str:
-    """rpc changes' output: a session element per session (leaves in the model's order,
-    absent ones left out), an ended element per key; each in the model's namespace."""
-    parts: list[str] = []
-    templates: dict[tuple[bool, ...], tuple[str, itemgetter]] = {}
-    for session in sessions:
-        present = tuple(value is not None for value in session)
-        template = templates.get(present)
-        if template is None:  # one per pattern of present leaves: a handful in all
-            fields = [i for i, there in enumerate(present) if there]  # the key: >= 5
-            template = templates[present] = (
-                f'<session xmlns="{namespace}">'
-                + "".join(f"<{SESSION_FIELDS[i]}>%s</{SESSION_FIELDS[i]}>" for i in fields)
-                + "</session>", itemgetter(*fields))
-        parts.append(template[0] % template[1](session))
+    """rpc changes' output: a session element per session (written as nat-session entries
+    are), an ended element per key; each in the model's namespace."""
     key = "".join(f"<{name}>%s</{name}>" for name in KEY_FIELDS)
-    parts.extend(f'<ended xmlns="{namespace}">{key % tuple(k)}</ended>' for k in ended)
-    return "".join(parts)
+    return "".join(sessions_to_xml(sessions, namespace, "session")) + "".join(
+        f'<ended xmlns="{namespace}">{key % tuple(k)}</ended>' for k in ended)
 
 
 def rpc_input(schema: Schema, op: etree._Element) -> dict:

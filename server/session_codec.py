@@ -39,9 +39,11 @@ _UNPREPARED = object()  # no entries read ahead for an edit (SessionDecoder.prep
 _ONE_TEMPLATE_FROM = 16  # sessions from which a batch tries one template for all
 
 
-def sessions_to_xml(sessions: Iterable[Session], namespace: str) -> Iterator[str]:
-    """One XML string per session, leaves in model order, absent leaves left out."""
-    return map(_Formatter(namespace).entry, sessions)
+def sessions_to_xml(sessions: Iterable[Session], namespace: str,
+                    element: str = "nat-session") -> Iterator[str]:
+    """One XML string per session, leaves in model order, absent leaves left out; each an
+    ``element`` (a list entry elsewhere than nat-session, e.g. an rpc's output)."""
+    return map(_Formatter(namespace, element).entry, sessions)
 
 
 def session_batches_to_xml(batches: Iterable[list[Session]], namespace: str
@@ -57,8 +59,9 @@ class _Formatter:
     """One %-template per pattern of present leaves: sessions share a handful of patterns
     (SNAT, DNAT, UDP...), and one % per entry is the cheapest way to format it."""
 
-    def __init__(self, namespace: str):
-        self.open_tag = f'<nat-session xmlns="{namespace}">'
+    def __init__(self, namespace: str, element: str = "nat-session"):
+        self.open_tag = f'<{element} xmlns="{namespace}">'
+        self.close_tag = f"</{element}>"
         self.templates: dict[tuple, tuple[str, Callable[[Session], tuple]]] = {}
 
     def entry(self, s: Session) -> str:
@@ -89,7 +92,7 @@ class _Formatter:
         text = "".join(f"<{SESSION_FIELDS[i]}>%s</{SESSION_FIELDS[i]}>" for i in fields)
         pick = itemgetter(*fields)
         template = self.templates[present] = (
-            f"{self.open_tag}{text}</nat-session>",
+            f"{self.open_tag}{text}{self.close_tag}",
             (lambda s, pick=pick: (pick(s),)) if len(fields) == 1 else pick)
         return template
 

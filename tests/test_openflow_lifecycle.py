@@ -33,6 +33,7 @@ from nfmig.testbed import TestBed  # noqa: E402
 from . import test_hetero_migration as hetero  # noqa: E402
 from .test_hetero_migration import assert_flowing, open_flows  # noqa: E402
 from .test_linux_nat import NAT_NS, POLICY  # noqa: E402
+from .test_openflow_nat import CONNECT, connect  # noqa: E402
 
 bed = hetero.bed  # the hetero tests' bed: packet counters, checksum offload off
 
@@ -42,10 +43,6 @@ CHILDREN = ("ovsdb-server", "ovs-vswitchd", APP)
 NARROW = (f'<nat-policy xmlns="{NAT_NS}"><inside-prefix>{TestBed.INSIDE_PREFIX}</inside-prefix>'
           f"<external-address>{TestBed.EXTERNAL}</external-address>"
           "<port-min>20000</port-min><port-max>20003</port-max></nat-policy>")
-CONNECT = ("import socket,sys\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),"
-           "timeout=5)\nprint(*c.getsockname())\n")
-ACCEPT = ("import socket,sys\ns=socket.create_server(('',int(sys.argv[1])))\n"
-          "print('listening',flush=True)\nc,a=s.accept()\nprint(*a,flush=True)\n")
 
 
 class Served:
@@ -139,21 +136,6 @@ def gateway(address: str, interface: str, length: int, operation: str = "merge")
             f'"urn:ietf:params:xml:ns:netconf:base:1.0" nc:operation="{operation}">'
             f"<address>{address}</address><interface>{interface}</interface>"
             f"<prefix-length>{length}</prefix-length></gateway-address></nat-policy>")
-
-
-def connect(bed: TestBed, port: int) -> list[str]:
-    """A TCP connection from the client to the server: the endpoint the server saw."""
-    listener = bed.popen(bed.server, sys.executable, "-c", ACCEPT, str(port),
-                         stdout=subprocess.PIPE, text=True)
-    assert listener.stdout.readline().strip() == "listening"
-    try:
-        done = bed.run(bed.client, sys.executable, "-c", CONNECT, TestBed.SERVER, str(port),
-                       check=False, timeout=20)
-        assert done.returncode == 0, done.stderr
-        return listener.stdout.readline().split()
-    finally:
-        listener.kill()
-        listener.wait()
 
 
 def mac(bed: TestBed, ns: str, dev: str) -> str:

@@ -249,7 +249,8 @@ def test_a_translated_endpoint_in_use_is_refused(nat):
     assert len(list(nat.sessions())) == 1
 
 
-def connect(bed: TestBed, port: int) -> subprocess.CompletedProcess:
+def connect(bed: TestBed, port: int) -> list[str]:
+    """A TCP connection from the client to the server: the endpoint the server saw."""
     listener = bed.popen(bed.server, sys.executable, "-c", ACCEPT, str(port),
                          stdout=subprocess.PIPE, text=True)
     assert listener.stdout.readline().strip() == "listening"
