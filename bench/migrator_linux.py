@@ -4,8 +4,9 @@ gateway addresses from NAT A to NAT B while connections flow and new ones keep a
 For every run a fresh test bed (nfmig.testbed) with one `nfmig serve` per NAT (one password
 for both), NAT A active by its policy's gateway addresses (client/demo_linux.gateway_policy,
 over the whole port range):
-1. A holds N synthetic TCP ESTABLISHED source-NAT sessions (bench/kernel_migration.py's
-   generator) plus the live TCP and UDP streams of nfmig.probe;
+1. A holds N sessions of a mixed table (mixed_sessions: TCP in every state, UDP, ICMP echo,
+   and Linux to Linux also IPv6 TCP and UDP and destination NAT, made of
+   bench/kernel_migration.py's generator) plus the live TCP and UDP streams of nfmig.probe;
 2. a sender in the client namespace opens a new UDP flow every millisecond (one datagram
    from a new source port, carrying that port) to a sink in the server namespace, from just
    before the command starts until 0.5 s after it ends (bounded: SENDER_SECONDS);
@@ -182,7 +183,7 @@ class End:
     ``ct`` (a ctnetlink handle) for the Linux backend, whose truth is the kernel's table."""
 
     def __init__(self, stack: contextlib.ExitStack, bed: TestBed, netns: str, backend: str,
-                 workdir: Path, password: str, active: bool):
+                 workdir: Path, password: str, active: bool, ipv6: bool = False):
         self.netns, self.backend, self.path = netns, backend, bed.ns_path(netns)
         self.label = "Linux" if backend == "linux" else "OVS"
         with deferred_interrupts():
@@ -192,7 +193,7 @@ class End:
         self.client = NatClient("127.0.0.1", self.server.port, self.server.user, password,
                                 hostkey_verify=False)
         stack.callback(self.client.close)
-        self.client.edit(policy(active))
+        self.client.edit(policy(active, ipv6))
         self.ct = None
         if backend == "linux":
             self.ct = Conntrack(self.path)
@@ -225,7 +226,58 @@ class End:
         return found
 
 
-def policy(active: bool) -> str:
+V6_EXTERNALS = [f"2001:db8::{1 + i}" for i in range(len(EXTERNALS))]
+TCP_STATES = ("established", "syn-sent", "syn-recv", "fin-wait", "close-wait", "last-ack",
+              "time-wait", "close")
+
+
+def mixed_sessions(uniform: list[Session], ipv6_and_dnat: bool) -> list[Session]:
+    """A realistic table made of the uniform one, session by session, keeping every key
+    and reply tuple distinct: of each ten, four TCP in every state in turn, two UDP, one
+    ICMP echo (identifier kept, as the SDN NAT needs), and (Linux to Linux only) an IPv6
+    TCP, an IPv6 UDP and a destination NAT session; the rest stay TCP established."""
+    mixed, echoes = [], set()
+    for i, s in enumerate(uniform):
+        kind = i % 10
+        if kind < 4:
+            s = s._replace(tcp_state=TCP_STATES[(i // 10 + kind) % len(TCP_STATES)])
+        elif kind < 6:
+            s = s._replace(protocol="UDP", tcp_state=None, src_window_scale=None,
+                           dst_window_scale=None)
+        elif kind == 6 and not (claims := {("id", s.translated_address, s.src_port),
+                                           ("out", s.src_address, s.dst_address),
+                                           ("in", s.translated_address, s.dst_address)}
+                                ) & echoes:
+            # Echo sessions as the SDN NAT can hold them (it keeps the identifier, so one
+            # per inside address and peer, and one per external address and peer) and the
+            # kernel too (one per external address and identifier): a few dozen here.
+            echoes |= claims
+            s = s._replace(protocol="ICMP", dst_port=0, translated_port=s.src_port,
+                           tcp_state=None, src_window_scale=None, dst_window_scale=None)
+        elif kind in (7, 8) and ipv6_and_dnat:
+            s = s._replace(src_address=_v6("fd00::", s.src_address),
+                           dst_address=_v6("2001:db8:100::", s.dst_address),
+                           translated_address=V6_EXTERNALS[EXTERNALS.index(
+                               s.translated_address)])
+            if kind == 8:
+                s = s._replace(protocol="UDP", tcp_state=None, src_window_scale=None,
+                               dst_window_scale=None)
+        elif kind == 9 and ipv6_and_dnat:
+            # A server's connection to a published port, on to the subscriber's port 80.
+            subscriber = int(s.src_address.rsplit(".", 1)[1])
+            s = s._replace(src_address=s.dst_address, dst_address=EXTERNALS[0],
+                           dst_port=8000 + subscriber, translated_address=None,
+                           translated_port=None, translated_dst_address=s.src_address,
+                           translated_dst_port=80)
+        mixed.append(s)
+    return mixed
+
+
+def _v6(prefix: str, ipv4: str) -> str:
+    return str(ipaddress.ip_address(prefix) + int(ipaddress.ip_address(ipv4)) % (1 << 16))
+
+
+def policy(active: bool, ipv6: bool = False) -> str:
     """The test bed's policy (demo_linux.gateway_policy, with the gateway addresses on the
     active NAT) over the whole port range: the new flows all go to one server address and
     port, and would use up the demo's 10,000 ports in 10 s."""
@@ -236,7 +288,8 @@ def policy(active: bool) -> str:
                            "bench/migrator_linux.py")
     # Every external address the synthetic sessions use (the migrator refuses a target whose
     # policy translates elsewhere).
-    more = "".join(f"<external-address>{a}</external-address>" for a in EXTERNALS
+    externals = [*EXTERNALS, *(V6_EXTERNALS if ipv6 else ())]
+    more = "".join(f"<external-address>{a}</external-address>" for a in externals
                    if f"<external-address>{a}</external-address>" not in text)
     return text.replace(demo_range, f"<port-min>{PORT_MIN}</port-min>"
                                     f"<port-max>{PORT_MAX}</port-max>" + more)
@@ -375,11 +428,14 @@ def run_once(backends: tuple[str, str], n: int, workdir: Path, reference: bool) 
         password = secrets.token_urlsafe(16)  # one user for both ends, as an operator has
         (workdir / "password").write_text(password + "\n")
         (workdir / "password").chmod(0o600)
-        a = End(stack, bed, bed.nat_a, backends[0], workdir / "a", password, active=True)
-        b = End(stack, bed, bed.nat_b, backends[1], workdir / "b", password, active=False)
+        linux_only = backends == ("linux", "linux")  # IPv6 and DNAT: the SDN NAT has neither
+        a = End(stack, bed, bed.nat_a, backends[0], workdir / "a", password, active=True,
+                ipv6=linux_only)
+        b = End(stack, bed, bed.nat_b, backends[1], workdir / "b", password, active=False,
+                ipv6=linux_only)
         codec = Codec(bed.nat_a)
-        sessions = synthetic_sessions(n) if a.ct is not None else \
-            synthetic_sessions(n, timeout=OVS_TIMEOUT)
+        sessions = mixed_sessions(synthetic_sessions(n) if a.ct is not None else
+                                  synthetic_sessions(n, timeout=OVS_TIMEOUT), linux_only)
         a.populate(sessions, codec)
         figures = live_migration(bed, a, b, sessions, workdir)
         if reference:

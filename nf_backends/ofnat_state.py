@@ -13,12 +13,21 @@ import logging
 import random
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 from . import flows
+from .rtnl import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFADDRMSG,
+    RTM_DELADDR,
+    RTM_NEWADDR,
+    Rtnl,
+    attributes,
+    messages,
+)
 
 log = logging.getLogger("nfmig.ofnat")
 
@@ -307,14 +316,7 @@ def claims(e: list) -> list[tuple]:
 
 
 # -- the interfaces' addresses, from netlink ------------------------------------------------
-RTMGRP_IPV4_IFADDR = 0x10
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
-_RTATTR = struct.Struct("=HH")  # length, type
+RTMGRP_IPV4_IFADDR = 0x10  # the kernel's IPv4 address notifications (rtnl.py: the layouts)
 
 
 class InterfaceAddresses:
@@ -383,51 +385,24 @@ class InterfaceAddresses:
 
     def _dump(self) -> None:
         found: dict[str, set] = {name: set() for name in self.names.values()}
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-            nl.bind((0, 0))
-            nl.send(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, RTM_GETADDR,
-                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                    + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0))
-            done = False
-            while not done:
-                data = nl.recv(1 << 16)
-                done = not data or _done(data)
-                for kind, ifname, address in self._parse(data):
-                    if kind == RTM_NEWADDR:
-                        found[ifname].add(address)
+        route = Rtnl()
+        try:
+            for address, prefixlen, ifname in route.addresses():
+                if ifname in found and ":" not in address:
+                    found[ifname].add(ipaddress.IPv4Interface((address, prefixlen)))
+        finally:
+            route.close()
         self.found = {name: frozenset(addresses) for name, addresses in found.items()}
 
     def _parse(self, data: bytes) -> Iterator[tuple[int, str, ipaddress.IPv4Interface]]:
         """(message type, interface, address) of the IPv4 address messages about our
         interfaces in one netlink datagram."""
-        at = 0
-        while at + _NLMSG.size <= len(data):
-            length, kind = _NLMSG.unpack_from(data, at)[:2]
-            if length < _NLMSG.size:
-                return
-            body = at + _NLMSG.size
-            if kind in (RTM_NEWADDR, RTM_DELADDR):
-                family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, body)
-                attrs, pos, end = {}, body + _IFADDRMSG.size, at + length
-                while pos + _RTATTR.size <= end:
-                    size, kind_ = _RTATTR.unpack_from(data, pos)
-                    if size < _RTATTR.size:
-                        break
-                    attrs[kind_] = data[pos + _RTATTR.size:pos + size]
-                    pos += (size + 3) & ~3
-                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-                if family == socket.AF_INET and index in self.names and raw and len(raw) == 4:
-                    yield kind, self.names[index], ipaddress.IPv4Interface(
-                        (ipaddress.IPv4Address(raw), prefixlen))
-            at += (length + 3) & ~3
-
-
-def _done(data: bytes) -> bool:
-    """Whether a dump's datagram holds its end (or an error)."""
-    at = 0
-    while at + _NLMSG.size <= len(data):
-        length, kind = _NLMSG.unpack_from(data, at)[:2]
-        if kind in (NLMSG_DONE, NLMSG_ERROR) or length < _NLMSG.size:
-            return True
-        at += (length + 3) & ~3
-    return False
+        for kind, _seq, body in messages(data):
+            if kind not in (RTM_NEWADDR, RTM_DELADDR):
+                continue
+            family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack_from(body)
+            attrs = dict(attributes(body, IFADDRMSG.size))
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if family == socket.AF_INET and index in self.names and raw and len(raw) == 4:
+                yield kind, self.names[index], ipaddress.IPv4Interface(
+                    (ipaddress.IPv4Address(raw), prefixlen))

@@ -65,7 +65,7 @@ class Rtnl:
             if kind != RTM_NEWADDR:
                 continue
             family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack_from(body)
-            attrs = dict(_attrs(body, IFADDRMSG.size))
+            attrs = dict(attributes(body, IFADDRMSG.size))
             raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
             if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
                 continue
@@ -98,12 +98,7 @@ class Rtnl:
         self.sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | flags,
                                      seq, 0) + body)
         while True:
-            data = self.sock.recv(1 << 16)
-            pos = 0
-            while pos + NLMSGHDR.size <= len(data):
-                length, rkind, _flags, rseq, _pid = NLMSGHDR.unpack_from(data, pos)
-                payload = data[pos + NLMSGHDR.size:pos + length]
-                pos += _align(length)
+            for rkind, rseq, payload in messages(self.sock.recv(1 << 16)):
                 if rseq != seq:
                     continue  # an answer to an earlier request that was given up on
                 if rkind == NLMSG_DONE:
@@ -116,7 +111,19 @@ class Rtnl:
                 yield rkind, payload
 
 
-def _attrs(body: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each netlink message in one datagram."""
+    pos = 0
+    while pos + NLMSGHDR.size <= len(data):
+        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data, pos)
+        if length < NLMSGHDR.size:
+            return
+        yield kind, seq, data[pos + NLMSGHDR.size:pos + length]
+        pos += _align(length)
+
+
+def attributes(body: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each attribute of a message's payload from ``start``."""
     pos = start
     while pos + RTATTR.size <= len(body):
         length, kind = RTATTR.unpack_from(body, pos)
