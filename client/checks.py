@@ -78,7 +78,7 @@ class Checks:
             with self._phase("edit", t):
                 t.conn.edit_config(policy, "candidate")
             with self._phase("validate", t):
-                t.conn.simple("validate", "<source><candidate/></source>")
+                t.conn.validate("candidate")
 
     def _validate(self) -> None:
         """Each target validates its candidate, and says which sessions it cannot hold (an
@@ -90,7 +90,7 @@ class Checks:
                 continue
             with self._phase("validate", t) as record:
                 try:
-                    t.conn.simple("validate", "<source><candidate/></source>")
+                    t.conn.validate("candidate")
                     continue
                 except RPCError as exc:
                     refused = refused_sessions(exc)
@@ -118,7 +118,7 @@ class Checks:
             s.entries = [e for e in s.entries if e.key not in gone]
         self._count_selected()
         with self._phase("validate", t):
-            t.conn.simple("validate", "<source><candidate/></source>")
+            t.conn.validate("candidate")
 
 
 def conflicts_between_sources(targets: list[TargetEnd]) -> list[str]:

@@ -16,8 +16,17 @@ from xml.sax.saxutils import escape
 
 import paramiko
 from ncclient import manager
-from ncclient.operations.errors import TimeoutExpiredError
-from ncclient.operations.rpc import RPCError
+from ncclient.operations import (
+    CancelCommit,
+    Commit,
+    DiscardChanges,
+    KillSession,
+    Lock,
+    Unlock,
+    Validate,
+)
+from ncclient.operations.errors import MissingCapabilityError, TimeoutExpiredError
+from ncclient.operations.rpc import RPC, RPCError, RPCReply
 from ncclient.transport.errors import (
     AuthenticationError,
     SessionCloseError,
@@ -25,10 +34,20 @@ from ncclient.transport.errors import (
     SSHUnknownHostError,
     TransportError,
 )
-from ncclient.transport.session import SessionListener
 from ncclient.xml_ import to_ele
 
-from .netconf import NAT_NS, NC_NS, TextRpc, connect
+from .netconf import (
+    BulkEditConfig,
+    BulkSSHSession,
+    ExtendCommit,
+    GetData,
+    NatRpc,
+    config_size,
+    connect,
+    take_entry_namespace,
+)
+from .relay import EditPipeline
+from .streaming import ChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +55,6 @@ DEFAULT_PORT = 830
 _POLL = 0.05  # seconds between looks at the session while waiting for a reply
 PASSWORD_ENV = "NFMIG_PASSWORD"
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
-NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
-DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
 
 
 class EndpointError(Exception):
@@ -128,18 +145,17 @@ def _ask_password(endpoint: Endpoint) -> str:
 
 
 class Connection:
-    """A NETCONF session to one endpoint, sending operations as text.
+    """A NETCONF session to one endpoint: each step of a migration as an ncclient operation
+    (those ncclient lacks from client.netconf), waited for here (see _request).
 
-    Counts the NETCONF messages' bytes in each direction (the SSH layer's own overhead, a
-    few percent, is not included)."""
+    Counts the NETCONF bytes in each direction (the SSH layer's own overhead, a few
+    percent, is not included)."""
 
     def __init__(self, endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
                  connect_timeout: float = 30):
         self.endpoint = endpoint
         self.credentials = credentials
         self.timeout = timeout
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self.broken = False
         password = endpoint.password or credentials.password
         try:
@@ -157,20 +173,20 @@ class Connection:
         self.password = password  # a reconnection after a failure must not prompt again
         self.m.timeout = timeout
         self.m.huge_tree = True
-        session = self.m._session
-        send = session.send
-
-        def counting_send(message: str) -> None:
-            self.bytes_sent += len(message)
-            send(message)
-
-        session.send = counting_send
-        session.add_listener(_Counter(self))
+        self.session: BulkSSHSession = self.m._session
 
     def reopen(self, connect_timeout: float = 10) -> Connection:
         """A new session to the same endpoint, authenticated as this one was."""
         return Connection(replace(self.endpoint, password=self.password), self.credentials,
                           self.timeout, connect_timeout)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.session.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.session.bytes_received
 
     @property
     def capabilities(self) -> list[str]:
@@ -181,30 +197,41 @@ class Connection:
         return self.m.connected and not self.broken
 
     @property
+    def reader(self) -> ChunkReader | None:
+        """What takes a reply as it arrives (a :base:1.1 session), or None."""
+        return self.session.reader
+
+    def pipeline(self, target: str = "candidate") -> EditPipeline:
+        """Edit-configs of blocks of entries into ``target``, each sent without waiting for
+        the replies to those before (see client.relay)."""
+        return EditPipeline(self.m, BulkEditConfig, target, self.timeout)
+
+    @property
     def session_id(self) -> str | None:
         """The server's id of this NETCONF session (for kill-session)."""
         return self.m.session_id
 
-    def rpc(self, operation: str) -> str:
-        """Send one operation (XML text); its reply as text. Raises ncclient's RPCError."""
+    def _call(self, operation: type[RPC], *args, **kwargs) -> RPCReply:
+        """``operation(...).request(*args, **kwargs)``; its reply. Raises ncclient's
+        RPCError for an rpc-error in it (with all of them when there are several)."""
         if not self.connected:
             raise TransportError(f"{self.endpoint}: not connected")
         try:
-            return self._request(operation)
-        except RPCError:
+            return self._request(operation, args, kwargs)
+        except (RPCError, MissingCapabilityError):
             raise
         except Exception:
             self.broken = True  # once anything but an answer came back, the session is done
             raise
 
-    def _request(self, operation: str) -> str:
+    def _request(self, operation: type[RPC], args: tuple, kwargs: dict) -> RPCReply:
         # ncclient reports a lost transport only to the requests waiting at that moment; a
-        # request queued just after would wait out the whole timeout. So wait in short
-        # steps and give up as soon as the session is gone.
-        session = self.m._session
-        request = TextRpc(session, self.m._device_handler, async_mode=True,
-                          timeout=self.timeout, huge_tree=True)
-        request.request(operation)
+        # request sent just after would wait out the whole timeout. So wait in short steps
+        # and give up as soon as the session is gone.
+        session = self.session
+        request = operation(session, self.m._device_handler, async_mode=True,
+                            timeout=self.timeout, huge_tree=True)
+        request.request(*args, **kwargs)
         deadline = time.monotonic() + self.timeout
         while not request.event.wait(_POLL):
             if not session.connected or not session.is_alive():
@@ -218,41 +245,54 @@ class Connection:
         if reply.error is not None:
             errors = reply.errors
             raise RPCError(to_ele(reply.xml), errs=errors) if len(errors) > 1 else reply.error
-        return reply.xml
+        return reply
 
     def get_data(self, datastore: str, filter_xml: str = "") -> str:
         """RFC 8526 get-data; the content of <data> as text."""
-        reply = self.rpc(f'<get-data xmlns="{NCDS}" xmlns:ds="{DS}"><datastore>ds:{datastore}'
-                         f"</datastore>{filter_xml}</get-data>")
-        start = reply.find(">", reply.find("<data")) + 1
-        end = reply.rfind("</data>")
-        return reply[start:end] if start > 0 and end > start else ""
+        return data_of(self._call(GetData, datastore, filter_xml).xml)
 
     def edit_config(self, body: str, target: str = "candidate") -> int:
-        """edit-config (merge) of top-level nodes given as text; returns the request size."""
-        # The model's namespace once on <config>, not on each of thousands of entries.
-        body = body.replace(f' xmlns="{NAT_NS}"', "")
-        config = f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">{body}</nc:config>'
-        self.rpc(f"<edit-config><target><{target}/></target>{config}</edit-config>")
-        return len(config)
-
-    def simple(self, name: str, inner: str = "", ns: str | None = None) -> None:
-        xmlns = f' xmlns="{ns}"' if ns else ""
-        self.rpc(f"<{name}{xmlns}>{inner}</{name}>")
+        """edit-config (merge) of top-level nodes given as text; returns the size of its
+        <config>. (A target need not implement RFC 8526 edit-data.)"""
+        config = take_entry_namespace(body.encode())
+        self._call(BulkEditConfig, config, target)
+        return config_size(config, BulkEditConfig)
 
     def lock(self, datastore: str) -> None:
-        self.simple("lock", f"<target><{datastore}/></target>")
+        self._call(Lock, datastore)
 
     def unlock(self, datastore: str) -> None:
-        self.simple("unlock", f"<target><{datastore}/></target>")
+        self._call(Unlock, datastore)
+
+    def validate(self, source: str = "candidate") -> None:
+        self._call(Validate, source)
+
+    def commit(self, confirmed: bool = False, timeout: int | None = None,
+               persist: str | None = None, persist_id: str | None = None) -> None:
+        """A commit, confirmed within ``timeout`` seconds when ``confirmed``; ``persist``
+        names a confirmed commit any session may confirm or extend with ``persist_id``."""
+        confirm_timeout = None if timeout is None else str(timeout)
+        if confirmed and persist and persist_id:
+            self._call(ExtendCommit, confirm_timeout, persist, persist_id)
+        else:
+            self._call(Commit, confirmed, confirm_timeout, persist, persist_id)
+
+    def cancel_commit(self, persist_id: str | None = None) -> None:
+        self._call(CancelCommit, persist_id)
+
+    def discard_changes(self) -> None:
+        self._call(DiscardChanges)
+
+    def kill_session(self, session_id: str) -> None:
+        self._call(KillSession, session_id)
 
     def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
         """One of the model's own operations (freeze, thaw, announce-migration)."""
-        self.simple(name, nat_rpc_input(**leaves), NAT_NS)
+        self._call(NatRpc, name, nat_rpc_input(**leaves))
 
     def nat_rpc_output(self, name: str, **leaves: str | int | list[str] | None) -> str:
         """One of the model's operations that answers with output: its children as text."""
-        reply = self.rpc(f'<{name} xmlns="{NAT_NS}">{nat_rpc_input(**leaves)}</{name}>')
+        reply = self._call(NatRpc, name, nat_rpc_input(**leaves)).xml
         start = reply.find(">", reply.find("<rpc-reply")) + 1
         end = reply.rfind("</rpc-reply>")
         inner = reply[start:end] if 0 < start < end else ""
@@ -260,7 +300,7 @@ class Connection:
 
     def cut(self) -> None:
         """Drop the transport without a goodbye, as a broken network would."""
-        sock = getattr(getattr(self.m._session, "_transport", None), "sock", None)
+        sock = getattr(self.session.transport, "sock", None)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -275,22 +315,9 @@ class Connection:
         except Exception:  # closing a broken session must not hide why it broke
             log.debug("%s: close-session failed", self.endpoint, exc_info=True)
         try:
-            self.m._session.close()  # ends ncclient's and paramiko's threads
+            self.session.close()  # ends ncclient's and paramiko's threads
         except Exception:
             log.debug("%s: close failed", self.endpoint, exc_info=True)
-
-
-class _Counter(SessionListener):
-    """An ncclient session listener that only counts received message bytes."""
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
-
-    def callback(self, root, raw: str) -> None:
-        self.conn.bytes_received += len(raw)
-
-    def errback(self, err: Exception) -> None:
-        pass
 
 
 def _connect(endpoint: Endpoint, credentials: Credentials, password: str | None,
@@ -339,6 +366,13 @@ def _known_host_key(endpoint: Endpoint, known_hosts: Path) -> str:
         f"{endpoint}: the host key of {names[0]} is not in {path}; add the server's host "
         "key to that file (or name another with --known-hosts), or pass "
         "--insecure-no-host-key-check to skip the check (tests only)")
+
+
+def data_of(reply: str) -> str:
+    """The content of a get-data reply's <data>, as text."""
+    start = reply.find(">", reply.find("<data")) + 1
+    end = reply.rfind("</data>")
+    return reply[start:end] if start > 0 and end > start else ""
 
 
 def describe(exc: BaseException) -> str:

@@ -43,7 +43,8 @@ class Options:
 
 
 class MigrationError(Exception):
-    """Why a migration stopped; ``result`` is "refused" when nothing had been touched."""
+    """Why a migration stopped; ``result`` is "refused" when no end was changed (a target's
+    candidate a streamed copy had staged is discarded)."""
 
     def __init__(self, reason: str, result: str = "failed", conflicts: Sequence[str] = ()):
         super().__init__(reason)

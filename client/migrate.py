@@ -5,12 +5,15 @@ Phases, each timed, logged and reported:
 
 - connect; negotiate (hello + yang-library of every end); announce (rpc
   announce-migration, started); lock (targets' candidate and running, sources' running);
-- the copy, while traffic flows: track (each source records what changes from now on);
-  read (get-data, operational); check (conflicts between sources); prepare (what the
-  targets hold under the moved keys, the gateway addresses to move); edit (candidate);
-  validate (and what each target cannot hold); the targets' policies; commit (confirmed,
-  with the migration's persist-id); verify (read back); precopy (rounds of what changed
-  meanwhile, delta.py);
+- the copy, while traffic flows (copy.py): track (each source records what changes from
+  now on); prepare (what the targets hold under their selection, and its session digest;
+  the gateway addresses to move); read (get-data, operational) and edit (the targets'
+  candidates), which overlap on NETCONF ends: each source's reply is parsed and written to
+  the targets block by block as it arrives, and each phase records its own wall time
+  (a RESTCONF end reads whole, then edits); check (conflicts between sources, once every
+  source is read); validate (and what each target cannot hold); the targets' policies;
+  commit (confirmed, with the migration's persist-id); verify (the session digest, or a
+  read back); precopy (rounds of what changed meanwhile, delta.py);
 - the window: freeze (new sessions of the selection held on the sources); delta (the last
   changes, written and committed); confirm (the commit point); switchover (gateway
   addresses onto the targets, then off the sources, or the switchover command); thaw;
@@ -36,7 +39,10 @@ from datetime import UTC, datetime
 
 from ncclient.operations.rpc import RPCError
 
+from nfmig.digest import MODULUS, entries_digest, parse_output
+
 from .checks import Checks
+from .copy import Copy
 from .delta import Delta
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
@@ -44,13 +50,7 @@ from .negotiate import problems, read_facts
 from .recovery import Recovery
 from .report import EndpointReport, PhaseRecord, Report
 from .restconf import open_connection
-from .selection import (
-    Entry,
-    Selection,
-    Split,
-    entries_xml,
-    parse_entries,
-)
+from .selection import Selection, Split, parse_entries
 from .switchover import Switching
 
 # The API in one import: Migration(sources, targets, selection, options).run() -> Report
@@ -60,7 +60,7 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
 log = logging.getLogger(__name__)
 
 
-class Migration(Checks, Delta, Recovery, Switching):
+class Migration(Checks, Copy, Delta, Recovery, Switching):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -168,17 +168,14 @@ class Migration(Checks, Delta, Recovery, Switching):
         self._lock()
         # The copy, while traffic flows.
         self._track()
-        self._read()
-        self._check()
-        self._prepare()
-        self._edit()
+        self._copy()
         self._validate()
         self._check_policies()
         if dry:
             for t in self.targets:
                 if t.staged:
                     with self._phase("discard", t):
-                        t.conn.simple("discard-changes")
+                        t.conn.discard_changes()
                         t.staged = False
             self.report.result = "dry-run"
             return
@@ -200,32 +197,50 @@ class Migration(Checks, Delta, Recovery, Switching):
     def _phase(self, name: str, end: End | None = None, fatal: bool = True
                ) -> Iterator[PhaseRecord]:
         """Time, log and record one phase on one end; turn its failure into a reason."""
+        record, t0 = self._open_phase(name, end)
+        try:
+            yield record
+        except Exception as exc:
+            failure = self._close_phase(record, t0, end, exc)
+            if isinstance(exc, MigrationError):
+                raise
+            if fatal:
+                raise failure from exc
+        except BaseException:
+            self._close_phase(record, t0, end)
+            raise
+        else:
+            self._close_phase(record, t0, end)
+
+    def _open_phase(self, name: str, end: End | None = None) -> tuple[PhaseRecord, float]:
+        """A phase's start, for one that does not run inside a ``with`` (the copy's read and
+        edits overlap); :meth:`_close_phase` records it."""
         label = str(end.endpoint) if end else None
         if self.options.on_phase:
             self.options.on_phase(name, label)
-        record = PhaseRecord(name, 0.0, label)
-        t0 = time.perf_counter()
-        try:
-            yield record
-        except MigrationError as exc:
+        return PhaseRecord(name, 0.0, label), time.perf_counter()
+
+    def _close_phase(self, record: PhaseRecord, t0: float, end: End | None,
+                     exc: BaseException | None = None) -> MigrationError | None:
+        """Record, time and log a phase; when ``exc`` failed it, the migration's reason."""
+        failure = None
+        if isinstance(exc, MigrationError):
             record.ok, record.detail = False, exc.reason
-            raise
-        except Exception as exc:
+            failure = exc
+        elif exc is not None:
             record.ok, record.detail = False, describe(exc)
-            if not fatal:
-                return
             where = f" on {end}" if end else ""
             refused = isinstance(exc, EndpointError) or (
                 isinstance(exc, RPCError) and exc.tag in ("lock-denied", "in-use"))
-            raise MigrationError(f"{name}{where}: {describe(exc)}",
-                                 "refused" if refused and name in ("connect", "lock")
-                                 else "failed") from exc
-        finally:
-            record.seconds = round(time.perf_counter() - t0, 6)
-            self.report.phases.append(record)
-            log.log(logging.INFO if record.ok else logging.WARNING, "%s%s: %.3f s%s", name,
-                    f" {label}" if label else "", record.seconds,
-                    "" if record.ok else f" FAILED: {record.detail}")
+            failure = MigrationError(f"{record.name}{where}: {describe(exc)}",
+                                     "refused" if refused and record.name in ("connect", "lock")
+                                     else "failed")
+        record.seconds = round(time.perf_counter() - t0, 6)
+        self.report.phases.append(record)
+        log.log(logging.INFO if record.ok else logging.WARNING, "%s%s: %.3f s%s", record.name,
+                f" {record.endpoint}" if record.endpoint else "", record.seconds,
+                "" if record.ok else f" FAILED: {record.detail}")
+        return failure
 
     # -- phases ------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -336,55 +351,6 @@ class Migration(Checks, Delta, Recovery, Switching):
                 self._freeze_t0 = time.perf_counter()
                 self.report.freeze_start = _now()
 
-    def _read(self) -> None:
-        for s in self.sources:
-            with self._phase("read", s) as record:
-                s.entries = self._read_selection(s)
-                record.detail = f"{len(s.entries)} sessions"
-            for entry in s.entries:
-                self._target_of(entry).entries.append((entry, s))
-        self._count_selected()
-
-    def _read_selection(self, s: SourceEnd) -> list[Entry]:
-        text = s.conn.get_data("operational", self.selection.filter_xml())
-        return [e for e in parse_entries(text) if self.selection.matches(e)]
-
-    def _target_of(self, entry: Entry) -> TargetEnd:
-        if self.split is None:
-            return self.targets[0]
-        wanted = self.split.target_of(entry)
-        return next(t for t in self.targets if t.endpoint == wanted)
-
-    def _count_selected(self) -> None:
-        for s in self.sources:
-            s.report.sessions = len(s.entries)
-        for t in self.targets:
-            t.report.sessions = len(t.entries)
-        self.report.sessions_selected = sum(len(s.entries) for s in self.sources)
-
-    def _prepare(self) -> None:
-        """What each target holds under the selection now (a rollback restores it), and
-        which gateway addresses the switchover moves."""
-        for t in self.targets:
-            if not t.entries:
-                continue
-            with self._phase("prepare", t):
-                text = t.conn.get_data("running", t.selection.filter_xml())
-                held = {e.key: e for e in parse_entries(text)}
-                t.before = {e.key: held[e.key] for e, _ in t.entries if e.key in held}
-            t.report.already_present = len(t.before)
-        self._plan_switchover()
-
-    def _edit(self) -> None:
-        for t in self.targets:
-            if not t.entries:
-                continue
-            with self._phase("edit", t) as record:
-                t.staged = True  # from the first byte sent: a half-sent edit is discarded too
-                size = t.conn.edit_config(entries_xml(e for e, _ in t.entries), "candidate")
-                record.detail = f"{len(t.entries)} sessions, {size} bytes"
-            self.report.state_bytes += size
-
     def _commit(self) -> None:
         """Candidate into running, as a confirmed commit with the migration's persist-id:
         a confirmation that comes too late then fails instead of committing nothing."""
@@ -395,14 +361,12 @@ class Migration(Checks, Delta, Recovery, Switching):
                 before, t.commit = t.commit, "unknown"  # until a reply says what happened
                 try:
                     if t.facts.confirmed_commit:
-                        extend = (f"<persist-id>{self.persist_id}</persist-id>"
-                                  if before == "pending" else "")
-                        t.conn.simple("commit", "<confirmed/><confirm-timeout>"
-                                      f"{self.options.confirm_timeout}</confirm-timeout>"
-                                      f"<persist>{self.persist_id}</persist>{extend}")
+                        extend = self.persist_id if before == "pending" else None
+                        t.conn.commit(confirmed=True, timeout=self.options.confirm_timeout,
+                                      persist=self.persist_id, persist_id=extend)
                         t.commit = "pending"
                     else:
-                        t.conn.simple("commit")
+                        t.conn.commit()
                         t.commit = "done"
                 except RPCError:
                     t.commit = before  # an answered commit that failed applied nothing
@@ -410,22 +374,69 @@ class Migration(Checks, Delta, Recovery, Switching):
                 t.staged = False
 
     def _verify(self) -> None:
+        """Each target holds every moved session with its translation. Its session digest
+        shows it when it is what the target had before, less the sessions written over,
+        plus the moved ones; otherwise (another digest, none to be had) a read of every
+        session decides, as the reference the digest stands in for."""
+        before = getattr(self, "_digests_before", {})
         for t in self.targets:
             if t.commit == "none":
                 continue
             with self._phase("verify", t) as record:
+                why = before.get(t, "no digest before the edit")
+                if not isinstance(why, str):
+                    why = self._digest_differs(t, why)
+                if why is None:
+                    record.detail = f"digest matched: {len(t.entries)} sessions"
+                    continue
                 text = t.conn.get_data("running", t.selection.filter_xml())
                 found = {e.key: e for e in parse_entries(text)}
                 missing = [e for e, _ in t.entries if e.key not in found]
                 changed = [e for e, _ in t.entries
                            if e.key in found and found[e.key].endpoint != e.endpoint]
-                record.detail = f"{len(t.entries) - len(missing)} of {len(t.entries)} found"
+                record.detail = (f"full read ({why}): {len(t.entries) - len(missing)} of "
+                                 f"{len(t.entries)} found")
                 if missing or changed:
                     first = (missing or changed)[0].key_text()
                     raise MigrationError(
                         f"verify on {t}: {len(missing)} of {len(t.entries)} sessions missing "
                         f"and {len(changed)} with another translated endpoint after the commit"
-                        f" (first: {first})")
+                        f" (first: {first}; full read: {why})")
+
+    def _digest_differs(self, t: TargetEnd, before: tuple[int, int]) -> str | None:
+        """Why the target's digest is not the one expected after the commit; None when it
+        is. The expected one is worked out while the target computes its own."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            asked = pool.submit(self._session_digest, t)
+            overwritten = entries_digest((e.key, t.before[e.key].xml) for e, _ in t.entries
+                                         if e.key in t.before)
+            moved = entries_digest((e.key, e.xml) for e, _ in t.entries)
+            found = asked.result()
+        if isinstance(found, str):
+            return found
+        count = before[0] - overwritten[0] + moved[0]
+        total = (before[1] - overwritten[1] + moved[1]) % MODULUS
+        if found == (count, total):
+            return None
+        return (f"digest differed: {found[0]} sessions, {count} expected" if found[0] != count
+                else "digest differed")
+
+    def _session_digest(self, t: TargetEnd) -> tuple[int, int] | str:
+        """The target's count and digest of the sessions under its selection (rpc
+        session-digest), or why there is none."""
+        if t.selection.kind == "xpath":
+            return "an XPath selection has no digest"
+        offered = getattr(t.conn, "operations", None)  # a RESTCONF end lists them
+        if offered is not None and "nfmig-nat:session-digest" not in offered:
+            return "the target does not implement session-digest"
+        try:
+            output = t.conn.nat_rpc_output("session-digest", **{
+                "source-prefix": t.selection.freeze_prefixes() or None})
+        except RPCError as exc:
+            if exc.tag in ("operation-not-supported", "unknown-element", "unknown-namespace"):
+                return "the target does not implement session-digest"
+            return f"session-digest failed: {describe(exc)}"
+        return parse_output(output) or "the target's session-digest answer has no digest"
 
     def _confirm(self) -> None:
         """The commit point: once every target has confirmed, the sessions are theirs."""
@@ -434,7 +445,7 @@ class Migration(Checks, Delta, Recovery, Switching):
                 with self._phase("confirm", t):
                     t.commit = "confirming"  # a lost reply leaves it unknown
                     try:
-                        t.conn.simple("commit", f"<persist-id>{self.persist_id}</persist-id>")
+                        t.conn.commit(persist_id=self.persist_id)
                     except RPCError as exc:
                         # answered: not confirmed; the confirmed commit may have timed out
                         t.commit = "unknown"

@@ -65,7 +65,7 @@ class Recovery:
         if t.facts and t.facts.confirmed_commit:
             with self._phase("settle", t, fatal=False) as record:
                 try:
-                    conn.simple("cancel-commit", f"<persist-id>{self.persist_id}</persist-id>")
+                    conn.cancel_commit(self.persist_id)
                     t.commit = "none"
                     record.detail = "the pending commit was cancelled"
                     return
@@ -82,7 +82,7 @@ class Recovery:
         if t.commit == "none":
             if t.staged and t.conn and t.conn.connected:
                 with self._phase("discard", t, fatal=False):
-                    t.conn.simple("discard-changes")
+                    t.conn.discard_changes()
             # a lost session's candidate goes with its lock (RFC 6241 §8.3.5.2)
             t.staged = False
             return
@@ -91,7 +91,7 @@ class Recovery:
             raise EndpointError(f"{t.endpoint} is unreachable")
         if t.commit == "pending":
             with self._phase("cancel-commit", t):
-                conn.simple("cancel-commit", f"<persist-id>{self.persist_id}</persist-id>")
+                conn.cancel_commit(self.persist_id)
                 t.commit = "none"
                 return
         # Done: put back what the target held under the moved keys before. (The gateway
@@ -104,7 +104,7 @@ class Recovery:
         body = removal_xml(new) + replacement_xml(old)
         with self._phase("restore", t):
             self._retry_in_use(lambda: (conn.edit_config(body, "candidate"),
-                                        conn.simple("commit")))
+                                        conn.commit()))
             t.commit = "none"
 
     # -- after the commit point ---------------------------------------------------------
@@ -196,7 +196,7 @@ class Recovery:
         if old_session:
             with self._phase("kill-session", end, fatal=False):
                 try:
-                    end.conn.simple("kill-session", f"<session-id>{old_session}</session-id>")
+                    end.conn.kill_session(old_session)
                 except RPCError as exc:
                     if exc.tag != "invalid-value":  # already gone: that is what we want
                         raise

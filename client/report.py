@@ -9,10 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-PHASES = ("connect", "negotiate", "announce", "lock", "read", "check", "prepare", "edit",
-          "validate", "commit", "verify", "freeze", "delta", "confirm", "switchover", "thaw",
-          "delete", "unlock", "finish")
-
 
 @dataclass
 class PhaseRecord:

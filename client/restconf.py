@@ -207,7 +207,7 @@ class RestconfConnection:
         self._call("PATCH", f"/restconf/ds/ietf-datastores:{target}", document, YANG_PATCH)
         return len(document)
 
-    def simple(self, name: str, inner: str = "", ns: str | None = None) -> None:
+    def _operation(self, name: str, inner: str = "", ns: str | None = None) -> None:
         module = _MODULES.get(ns, "ietf-netconf")
         body = f'<input xmlns="{ns or NC_NS}">{inner}</input>' if inner else None
         self._call("POST", f"/restconf/operations/{module}:{name}", body)
@@ -220,8 +220,35 @@ class RestconfConnection:
     def unlock(self, datastore: str) -> None:
         """RESTCONF has no locks."""
 
+    def validate(self, source: str = "candidate") -> None:
+        self._operation("validate", f"<source><{source}/></source>")
+
+    def commit(self, confirmed: bool = False, timeout: int | None = None,
+               persist: str | None = None, persist_id: str | None = None) -> None:
+        """As Connection.commit."""
+        inner = ""
+        if confirmed:
+            inner += "<confirmed/>"
+            if timeout is not None:
+                inner += f"<confirm-timeout>{timeout}</confirm-timeout>"
+            if persist is not None:
+                inner += f"<persist>{escape(persist)}</persist>"
+        if persist_id is not None:
+            inner += f"<persist-id>{escape(persist_id)}</persist-id>"
+        self._operation("commit", inner)
+
+    def cancel_commit(self, persist_id: str | None = None) -> None:
+        inner = f"<persist-id>{escape(persist_id)}</persist-id>" if persist_id else ""
+        self._operation("cancel-commit", inner)
+
+    def discard_changes(self) -> None:
+        self._operation("discard-changes")
+
+    def kill_session(self, session_id: str) -> None:
+        self._operation("kill-session", f"<session-id>{escape(session_id)}</session-id>")
+
     def nat_rpc(self, name: str, **leaves: str | int | list[str] | None) -> None:
-        self.simple(name, nat_rpc_input(**leaves), NAT_NS)
+        self._operation(name, nat_rpc_input(**leaves), NAT_NS)
 
     def nat_rpc_output(self, name: str, **leaves: str | int | list[str] | None) -> str:
         """The operation's output (RFC 8040 §3.6.2, asked for as XML): its children."""

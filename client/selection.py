@@ -12,6 +12,8 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from operator import methodcaller
 from typing import Any, NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
@@ -208,11 +210,12 @@ def _prefix_condition(net: Network) -> str:
 
 
 # -- entries on the client ------------------------------------------------------------------
-_SESSION_LEAVES = frozenset((
+# The nat-session leaves in the model's order.
+_LEAF_ORDER = (
     "protocol", "src_address", "src_port", "dst_address", "dst_port", "translated_address",
     "translated_port", "translated_dst_address", "translated_dst_port", "tcp_state",
     "src_window_scale", "dst_window_scale", "timeout", "orig_packets", "orig_bytes",
-    "reply_packets", "reply_bytes"))
+    "reply_packets", "reply_bytes")
 _ENTRY = re.compile(r"<nat-session\b[^>]*>.*?</nat-session>", re.S)
 _LEAF = re.compile(r"<(?:[\w.-]+:)?(protocol|src_address|src_port|dst_address|dst_port|"
                    r"translated_address|translated_port)\b[^>]*>\s*([^<]*?)\s*<")
@@ -236,6 +239,9 @@ class Entry(NamedTuple):
     def key_text(self) -> str:
         proto, src, sport, dst, dport = self.key
         return f"{proto} {src}:{sport} -> {dst}:{dport}"
+
+
+_new_entry = partial(tuple.__new__, Entry)  # an Entry made in C from a 3-tuple
 
 
 def parse_entries(data_text: str) -> list[Entry]:
@@ -262,31 +268,39 @@ def parse_entries(data_text: str) -> list[Entry]:
 
 
 def _parse_plain(data_text: str) -> list[Entry] | None:
-    """Entries exactly as nfmig servers write them (``<nat-session xmlns="...">`` then
-    unprefixed leaves without attributes or entities), cut with str.split: ten times faster
-    than a tree, three than regular expressions. None for anything else."""
-    head = f'<nat-session xmlns="{NAT_NS}">'
-    chunks = data_text.split("</nat-session>")
-    if chunks.pop().strip():
+    """Entries exactly as nfmig servers write them: ``<nat-session xmlns="...">``, then
+    unprefixed leaves without attributes or entities, each at most once in the model's
+    order, entries back to back. One expression over the whole text, a column at a time;
+    None for anything else."""
+    text = data_text.strip()
+    matches = list(_WRITTEN.finditer(text))
+    texts = list(map(re.Match.group, matches))
+    # Matches never overlap: only when they tile the whole text do their lengths add up.
+    if sum(map(len, texts)) != len(text):
         return None
-    entries = []
-    for chunk in chunks:
-        chunk = chunk.strip()
-        if not chunk.startswith(head) or "&" in chunk:
-            return None
-        parts = chunk[len(head):].split("<")
-        if parts[0] or len(parts) % 2 == 0:
-            return None
-        # Every other part opens a leaf ("name>value"); a name that is not a leaf of the
-        # list (a prefix, an attribute, a nested element) sends the text to lxml.
-        values = dict(opening.partition(">")[::2] for opening in parts[1::2])
-        if not values.keys() <= _SESSION_LEAVES:
-            return None
-        key = tuple(values.get(k) for k in KEY_LEAVES)
-        if None in key:
-            return None
-        entries.append(Entry(key, _endpoint(values), chunk + "</nat-session>"))
-    return entries
+    keys = map(_KEY_GROUPS, matches)
+    endpoints = [(protocol, address, port or "") if address else None
+                 for protocol, address, port in map(_ENDPOINT_GROUPS, matches)]
+    return list(map(_new_entry, zip(keys, endpoints, texts, strict=True)))
+
+
+def _written_entry() -> re.Pattern:
+    """The expression _parse_plain reads: the key leaves, then every other leaf optional,
+    in the model's order; the key leaves and the translated endpoint captured."""
+    def leaf(name: str, capture: bool) -> str:
+        value = "([^<&]*)" if capture else "[^<&]*"
+        return f"<{name}>{value}</{name}>"
+    captured = ("translated_address", "translated_port")
+    return re.compile(
+        re.escape(f'<nat-session xmlns="{NAT_NS}">')
+        + "".join(leaf(k, True) for k in KEY_LEAVES)
+        + "".join(f"(?:{leaf(n, n in captured)})?" for n in _LEAF_ORDER[len(KEY_LEAVES):])
+        + "</nat-session>")
+
+
+_WRITTEN = _written_entry()
+_KEY_GROUPS = methodcaller("group", 1, 2, 3, 4, 5)
+_ENDPOINT_GROUPS = methodcaller("group", 1, 6, 7)
 
 
 def _endpoint(values: dict[str, str]) -> tuple[str, str, str] | None:

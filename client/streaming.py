@@ -1,11 +1,11 @@
 """Reading a NETCONF reply while it is still arriving (RFC 6242 chunked framing).
 
 ncclient hands a reply over only once all of it is in: a 10k-session get-data is 5.6 MB that
-the client could already be forwarding. ``ChunkReader`` takes the place of ncclient's parser
-on a :base:1.1 session. It delivers whole messages to ncclient exactly as before, but while
-a *tap* is set, the next message goes to the tap piece by piece instead, as the pieces
-arrive (``tap(piece)``, then ``tap(None)`` at the end of the message); ncclient never sees
-that message.
+the client could already be forwarding. ``ChunkReader`` is the parser of client.netconf's
+BulkSSHSession once the hello chose :base:1.1. It delivers whole messages to ncclient as
+ncclient's own parser does, but while a *tap* is set, the next message goes to the tap piece
+by piece instead, as the pieces arrive (``tap(piece)``, then ``tap(None)`` at the end of the
+message); ncclient never sees that message.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable
 
 from ncclient.transport.errors import NetconfFramingError
-from ncclient.transport.session import NetconfBase
 
 Tap = Callable[[bytes | None], None]
 
@@ -37,7 +36,7 @@ class ChunkReader:
         self.tap: Tap | None = None
 
     def parse(self, data: bytes) -> None:
-        """ncclient's session thread calls this with every read from the channel."""
+        """The session thread calls this with every read from the channel."""
         buf = self._buffer
         buf += data
         pos, end = 0, len(buf)
@@ -78,13 +77,3 @@ class ChunkReader:
         message, self._parts = b"".join(self._parts), []
         self._session._dispatch_message(message.decode())
 
-
-def install(session) -> ChunkReader | None:
-    """Put a ChunkReader in place of ``session``'s parser once the hello exchange has chosen
-    :base:1.1 (the end-of-message framing of :base:1.0 cannot be streamed this way); None
-    when it has not. Call it before the first request."""
-    if session._base != NetconfBase.BASE_11:
-        return None
-    reader = ChunkReader(session)
-    session.parser = reader
-    return reader

@@ -6,13 +6,13 @@ from .base import (
     BackendStats,
     NatPolicy,
     Session,
-    SessionChanges,
     SessionKey,
 )
+from .batch import SessionBatch, SessionEdit
 
 __all__ = [
-    "Backend", "BackendError", "BackendStats", "NatPolicy", "Session", "SessionChanges",
-    "SessionKey", "create_backend", "BACKENDS",
+    "Backend", "BackendError", "BackendStats", "NatPolicy", "Session", "SessionBatch",
+    "SessionEdit", "SessionKey", "create_backend", "BACKENDS",
 ]
 
 BACKENDS = ("simulated", "linux", "openflow")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice, repeat
+from itertools import islice
 from operator import itemgetter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .batch import SessionBatch
 
 # The model's key of a nat-session entry, in key order.
 KEY_FIELDS = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
@@ -132,34 +135,6 @@ class NatPolicy:
 
 
 @dataclass
-class SessionChanges:
-    """A batch the backend applies all-or-nothing: full entries to write, keys to remove."""
-
-    upserts: list[Session] = field(default_factory=list)
-    deletes: list[SessionKey] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.upserts or self.deletes)
-
-
-class NewSessions(NamedTuple):
-    """Whole sessions a field at a time, as a bulk edit reads them: for each Session field
-    (in order) its values, entry by entry, or None where no entry has that leaf. A backend
-    may write them without making an object per session (Transaction.write_new)."""
-
-    columns: tuple[list | None, ...]
-    count: int
-
-    def keys(self) -> list[SessionKey]:
-        return list(zip(*self.columns[:len(KEY_FIELDS)], strict=True))
-
-    def sessions(self) -> list[Session]:
-        return list(map(new_session, zip(
-            *[repeat(None, self.count) if c is None else c for c in self.columns],
-            strict=False)))  # repeat() stops at count: the columns are all that long
-
-
-@dataclass
 class BackendStats:
     implementation: str
     session_count: int
@@ -181,11 +156,6 @@ class BackendError(Exception):
         self.reason = reason
 
 
-class PresumedWrongly(Exception):
-    """apply() found a session that Transaction.presume_absent() let the plan take as
-    absent; it changed nothing. Plan again with a real lookup."""
-
-
 # A change of the session table: ("created" | "updated" | "deleted", the session), in the
 # order the NF made them. "updated": the session's TCP state or translation changed, or it
 # was written over (counters and the remaining lifetime change with every packet and are
@@ -196,32 +166,41 @@ EventListener = Callable[[list[SessionEvent]], None]
 CHANGES_LOST = ("lost", None)
 
 
-class Transaction:
-    """One request's reads of some sessions and its write of them. The datastore plans an
-    edit on what lookup() returns and hands the result to apply() moments later, under its
-    lock; a backend whose reads are costly may reuse them (a session that changed in
-    between is caught by apply() as it would be anyway: missing or existing)."""
+def _family_refusal(s: Session) -> str | None:
+    v6 = ":" in s.src_address
+    if any((":" in a) != v6 for a in (s.dst_address, s.translated_address,
+                                       s.translated_dst_address) if a):
+        return "its addresses are not all of one IP version"
+    if s.protocol == ("ICMP" if v6 else "ICMPv6"):
+        return f"{s.protocol} does not run over IPv{6 if v6 else 4}"
+    return None
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
 
-    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
-        return self.backend.lookup(keys)
+def refuse_unholdable(backend: Backend, sessions: list[Session]) -> None:
+    """Raise BackendError for the first of ``sessions`` the backend cannot hold, before a
+    write changes anything. Whole columns are looked at first: a bulk write of one IP
+    version (the usual case) needs no look at each session."""
+    if not sessions or (type(backend).refusal is Backend.refusal and
+                        _one_version(list(zip(*sessions, strict=True)))):
+        return
+    for session in sessions:
+        why = backend.refusal(session)
+        if why is not None:
+            raise BackendError(f"this NAT cannot hold the session: {why}", session.key,
+                               "not supported")
 
-    def presume_absent(self, keys: Collection[SessionKey]) -> bool:
-        """Whether the plan may take ``keys`` as absent without a lookup, apply() raising
-        PresumedWrongly (having changed nothing) when one of them exists after all. For a
-        bulk of new sessions a lookup finds nothing, and can cost as much as the writes."""
-        return False
 
-    def apply(self, changes: SessionChanges) -> None:
-        self.backend.apply(changes)
-
-    def write_new(self, new: NewSessions) -> None:
-        """Write the whole sessions whose keys presume_absent() just accepted, as apply()
-        would (all or nothing, PresumedWrongly when one exists after all). A backend that
-        can write columns as they are overrides it."""
-        self.apply(SessionChanges(upserts=new.sessions()))
+def _one_version(columns: list) -> bool:
+    """Whether every address in the columns (Session's fields, in order) is of one IP
+    version and no ICMP kind crosses it: then no session has a family refusal."""
+    v6: bool | None = None
+    for index in (1, 3, 5, 7):
+        kinds = {":" in a for a in columns[index] if a is not None}
+        if len(kinds) > 1 or (v6 is not None and kinds and kinds != {v6}):
+            return False
+        if kinds:
+            v6 = kinds.pop()
+    return ("ICMP" if v6 else "ICMPv6") not in set(columns[0])
 
 
 class Backend(ABC):
@@ -229,10 +208,6 @@ class Backend(ABC):
 
     name: str = "abstract"
     _listener: EventListener | None = None
-
-    def transaction(self) -> Transaction:
-        """A lookup-then-apply unit for one request (see :class:`Transaction`)."""
-        return Transaction(self)
 
     def watch(self, listener: EventListener | None) -> None:
         """From now on report every change of the session table to ``listener``, in batches
@@ -280,24 +255,23 @@ class Backend(ABC):
             yield batch
 
     def refusal(self, session: Session) -> str | None:
-        """Why this NF cannot hold ``session`` (None: it can). Asked when a candidate is
-        validated, so that a migration learns before anything moves which sessions a
-        target would refuse. No NAT can translate a session whose addresses are not all
-        of one IP version. (Only validate asks this: the SDN NAT's apply() refuses the
-        same sessions by the same check, but a write to running on the other NATs does
-        not ask yet.)"""
-        versions = {":" in a for a in (session.src_address, session.dst_address,
-                                       session.translated_address,
-                                       session.translated_dst_address) if a}
-        return "its addresses are not all of one IP version" if len(versions) > 1 else None
+        """Why this NF cannot hold ``session`` (None: it can). Validate asks it of every
+        staged session, so that a migration learns before anything moves which sessions a
+        target would refuse; every write to running refuses the same sessions (see
+        refuse_unholdable). No NAT can translate a session whose addresses are not all of
+        one IP version, nor ICMP over IPv6 or ICMPv6 over IPv4."""
+        return _family_refusal(session)
 
     @abstractmethod
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         """The sessions among ``keys`` that exist now."""
 
     @abstractmethod
-    def apply(self, changes: SessionChanges) -> None:
-        """Apply a batch atomically; raise BackendError and change nothing if any entry fails."""
+    def apply(self, batch: SessionBatch) -> None:
+        """Apply ``batch`` all or nothing: settle each edit on what the NF holds under its
+        key (:meth:`SessionEdit.result`, learnt from the NF itself however it can), and
+        raise BackendError, having changed nothing, if any entry fails or cannot be held
+        (refuse_unholdable)."""
 
     @abstractmethod
     def apply_policy(self, policy: NatPolicy) -> None:

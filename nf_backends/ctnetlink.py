@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from operator import itemgetter
 from typing import TypeVar
 
@@ -283,29 +284,44 @@ class _Encoder:
 
     def encode_all(self, entries: list[CtEntry], first_seq: int, kind: str
                    ) -> tuple[bytearray, int]:
-        """One message per entry, numbered from ``first_seq``, one after the other (a
-        send's worth); and where the last one begins."""
-        if len(entries) >= _UNIFORM_FROM:
-            uniform = self._encode_uniform(entries, first_seq, kind)
-            if uniform is not None:
-                return uniform
-        messages = self._encode_each(entries, first_seq, kind)
+        """One message per entry, numbered from ``first_seq`` in the entries' order, one
+        after the other (a send's worth); and where the last one begins. The entries of
+        each message shape are encoded together a column at a time, whatever shapes lie
+        between them (a mixed table's batch)."""
+        seqs = [(first_seq + i) & 0xFFFFFFFF for i in range(len(entries))]
+        groups: dict[tuple, list[int]] = {}
+        for index, shape in enumerate(map(_shape, entries, repeat(kind))):
+            groups.setdefault(shape, []).append(index)
+        if len(groups) == 1 and len(entries) >= _UNIFORM_FROM:
+            encoded = self.encode_columns(list(zip(*entries, strict=True)), seqs, kind)
+            if encoded is not None:
+                return encoded[0], len(encoded[0]) - encoded[1]
+        messages: list = [None] * len(entries)
+        for indices in groups.values():
+            group = [entries[i] for i in indices]
+            own = [seqs[i] for i in indices]
+            encoded = self.encode_columns(list(zip(*group, strict=True)), own, kind) \
+                if len(group) >= _UNIFORM_FROM else None
+            if encoded is None:
+                for index, message in zip(indices, self._encode_each(group, own, kind),
+                                          strict=True):
+                    messages[index] = message
+                continue
+            data, size = encoded
+            for at, index in zip(range(0, len(data), size), indices, strict=True):
+                messages[index] = data[at:at + size]
         joined = bytearray(b"".join(messages))
         return joined, len(joined) - len(messages[-1])
 
-    def _encode_uniform(self, entries: list[CtEntry], first_seq: int, kind: str
-                        ) -> tuple[bytearray, int] | None:
-        return self.encode_columns(list(zip(*entries, strict=True)), len(entries),
-                                   first_seq, kind)
-
-    def encode_columns(self, columns: Sequence[Sequence], n: int, first_seq: int,
-                       kind: str) -> tuple[bytearray, int] | None:
-        """encode_all for ``n`` entries given a field at a time (CtEntry's fields in order,
-        each a list or tuple) when they have one message shape (a bulk write: hundreds of
-        TCP source-NAT entries, say); else None. The layout's constant bytes repeated, then
+    def encode_columns(self, columns: Sequence[Sequence], seqs: list[int], kind: str
+                       ) -> tuple[bytearray, int] | None:
+        """The messages of entries given a field at a time (CtEntry's fields in order,
+        each a list or tuple), numbered ``seqs``, when they have one message shape; and
+        the size of each. None otherwise. The layout's constant bytes repeated, then
         each varying field written into every message at once: its values packed together
         in one call, and each of their bytes copied to its place with a strided slice. No
-        Python runs per entry; half the cost of packing entry by entry."""
+        Python runs per entry."""
+        n = len(seqs)
         (families, protos, srcs, dsts, sports, dports, nat_addrs, nat_ports, dnat_addrs,
          dnat_ports, states, ws_origs, ws_replies, timeouts, *_counts) = columns
         first = new_entry(tuple(column[0] for column in columns))
@@ -318,8 +334,7 @@ class _Encoder:
             return None
         shape = _shape(first, kind)
         lay = self._layouts.get(shape) or self._layout(shape, first, kind)
-        columns = {F_SEQ: [i & 0xFFFFFFFF for i in range(first_seq, first_seq + n)],
-                   F_SRC: srcs, F_DST: dsts, F_SPORT: sports, F_DPORT: dports,
+        columns = {F_SEQ: seqs, F_SRC: srcs, F_DST: dsts, F_SPORT: sports, F_DPORT: dports,
                    F_TIMEOUT: timeouts, F_STATE: states, F_WS_O: ws_origs,
                    F_WS_R: ws_replies, F_NAT_ADDR: nat_addrs, F_NAT_PORT: nat_ports,
                    F_DNAT_ADDR: dnat_addrs, F_DNAT_PORT: dnat_ports}
@@ -332,15 +347,15 @@ class _Encoder:
             width = len(values) // n
             for byte in range(width):
                 messages[offset + byte::size] = values[byte::width]
-        return messages, size * (n - 1)
+        return messages, size
 
-    def _encode_each(self, entries: Iterable[CtEntry], first_seq: int, kind: str
+    def _encode_each(self, entries: Iterable[CtEntry], seqs: Iterable[int], kind: str
                      ) -> list[bytes]:
-        """encode_all entry by entry. A loop, names bound once: a batch encodes hundreds."""
+        """The messages of entries one by one, numbered ``seqs``. A loop, names bound
+        once: a batch encodes hundreds."""
         layouts, timeouts, port = self._layouts, self._timeouts, _SWAPPED_PORT
         messages = []
-        seq = first_seq
-        for e in entries:
+        for e, seq in zip(entries, seqs, strict=True):
             (family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
              state, ws_orig, ws_reply, timeout, _op, _ob, _rp, _rb) = e
             shape = _shape(e, kind)
@@ -353,7 +368,6 @@ class _Encoder:
                 seq, src, dst, port[sport], port[dport], swapped, state or 0, ws_orig or 0,
                 ws_reply or 0, nat_addr, port[nat_port or 0], dnat_addr,
                 port[dnat_port or 0]) + lay.consts)))
-            seq = (seq + 1) & 0xFFFFFFFF
         return messages
 
     def _layout(self, shape: tuple, e: CtEntry, kind: str) -> _Layout:
@@ -533,12 +547,6 @@ class Conntrack:
     def last_messages(self) -> dict[int, str]:
         return dict(self._messages)
 
-    def create_columns(self, columns: Sequence[Sequence], count: int) -> list[int | None]:
-        """create() of ``count`` entries given a field at a time (CtEntry's fields in order,
-        each a list or tuple): a bulk write encodes them without making each entry."""
-        return self._batch_of(count, lambda start, stop: self._send_columns(
-            [column[start:stop] for column in columns], stop - start))
-
     def _batch(self, entries: list[CtEntry], kind: str) -> list[int | None]:
         return self._batch_of(len(entries), lambda start, stop: self._send(
             entries[start:stop], kind))
@@ -575,13 +583,6 @@ class Conntrack:
     def _send(self, chunk: list[CtEntry], kind: str) -> int:
         first = (self._seq + 1) & 0xFFFFFFFF
         return self._send_messages(*self._encoder.encode_all(chunk, first, kind), len(chunk))
-
-    def _send_columns(self, columns: list[Sequence], count: int) -> int:
-        first = (self._seq + 1) & 0xFFFFFFFF
-        encoded = self._encoder.encode_columns(columns, count, first, "create")
-        if encoded is None:  # not of one message shape after all
-            return self._send(list(map(new_entry, zip(*columns, strict=True))), "create")
-        return self._send_messages(*encoded, count)
 
     def _send_messages(self, messages: bytearray, last: int, count: int) -> int:
         """One send of ``count`` messages (``last``: where the last one begins); the

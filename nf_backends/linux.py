@@ -13,10 +13,9 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator
-from itertools import chain, repeat
-from operator import add, itemgetter
-from typing import Any
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from operator import itemgetter
 
 from .base import (
     CHANGES_LOST,
@@ -28,15 +27,12 @@ from .base import (
     BackendError,
     BackendStats,
     NatPolicy,
-    NewSessions,
-    PresumedWrongly,
     Session,
-    SessionChanges,
     SessionKey,
-    Transaction,
     new_session,
-    session_key,
+    refuse_unholdable,
 )
+from .batch import SessionBatch, SessionEdit
 from .ctattrs import new_entry
 from .ctevents import ConntrackEvents
 from .ctnetlink import (
@@ -51,17 +47,12 @@ from .linux_config import NamespaceConfig
 
 log = logging.getLogger(__name__)
 
-# From this many keys an edit's plan may presume them absent instead of looking them up (a
-# GET costs about what a create does); fewer cost little to look up either way.
-PRESUME_ABSENT_FROM = 64
 _COUNTS = slice(Session._fields.index("orig_packets"), Session._fields.index("reply_bytes") + 1)
 _ENTRY_COUNTS = slice(CtEntry._fields.index("orig_packets"),
                       CtEntry._fields.index("reply_bytes") + 1)
 _NO_COUNTS = (None,) * 4
 _entry_key = CtEntry.key.fget
 _counts_of = itemgetter(_COUNTS)
-_COLUMNS_FROM = 16  # sessions from which _entries tries a column at a time
-_FAMILY_OF_SIZE = {4: socket.AF_INET, 16: socket.AF_INET6}  # by packed address size
 _STATE_NAMES = dict(enumerate(TCP_STATES))  # kernel TCP state -> the model's name
 
 
@@ -210,7 +201,7 @@ class LinuxBackend(Backend):
             for batch in ct.dump_batches():
                 if imported:
                     seen += map(_entry_key, batch)
-                yield self._session_list(batch)
+                yield list(self._sessions_from(batch))
             if imported:
                 self._forget_offsets(imported.difference(seen))
         finally:
@@ -224,9 +215,6 @@ class LinuxBackend(Backend):
 
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self._sessions_of(self._read(set(keys)))
-
-    def transaction(self) -> Transaction:
-        return _KernelTransaction(self)
 
     def _sessions_of(self, entries: dict[tuple, CtEntry]) -> dict[SessionKey, Session]:
         return {s.key: s for s in self._sessions_from(entries.values())}
@@ -259,19 +247,89 @@ class LinuxBackend(Backend):
         return BackendStats("linux", self._count.read(), sessions_imported=self._imported)
 
     # -- writes ------------------------------------------------------------------------
-    def apply(self, changes: SessionChanges, current: dict[tuple, CtEntry] | None = None,
-              presumed: bool = False) -> None:
-        """``current``: the kernel's entries under the changed keys, if just read;
-        ``presumed``: those missing from it were not read but presumed absent (a create
-        that finds one raises PresumedWrongly)."""
-        upserts = changes.upserts
+    def apply(self, batch: SessionBatch) -> None:
+        """Write ``batch`` all or nothing. A batch that adds whole entries is created at
+        once, and the kernel says which keys it holds already (EEXIST): only those are
+        read, and settled as updates. Any other batch reads its keys first."""
+        if batch.adds_whole_entries:
+            sessions = batch.sessions()
+            refuse_unholdable(self, sessions)
+            entries = self._entries(sessions)
+            # ICMP sessions that differ only in what the kernel's key leaves out fold
+            # into one entry: settled on what is read, like any other batch.
+            if len(set(map(_entry_key, entries))) == len(entries):
+                self._add(batch.edits, sessions, entries)
+                return
+        keys = batch.keys()
+        current = self._read(set(keys))
+        if {e.operation for e in batch.edits} <= {"delete", "remove"}:
+            # Whether each is held is all these need to know of the sessions read.
+            held = [self._native_key(k) in current for k in keys]
+            for edit, there in zip(batch.edits, held, strict=True):
+                if not there:
+                    edit.result(None)  # raises for a delete of what is not there
+            self._write([], [k for k, there in zip(keys, held, strict=True) if there],
+                        current)
+            return
+        writes, gone = batch.results(self._sessions_of(current))
+        self._write(writes, gone, current)
+
+    def _add(self, edits: list[SessionEdit], sessions: list[Session],
+             entries: list[CtEntry]) -> None:
+        """Create ``entries`` (one per edit); those whose key the kernel holds already
+        become updates of what it holds, as each edit settles over it."""
+        with self._lock:
+            results = self.ct.create(entries)
+            clashes = [i for i, code in enumerate(results)
+                       if code and ERRNO_REASONS.get(code) == "exists"]
+            clashing = set(clashes)
+            failed = self._first_failure(
+                [None if i in clashing else code for i, code in enumerate(results)]
+                if clashes else results, entries, {})
+            held: dict[tuple, CtEntry] = {}
+            if failed is None and clashes:
+                held = {e.key: e for e in self.ct.get([self._probe(edits[i].key)
+                                                      for i in clashes]) if e is not None}
+                try:
+                    settled = [self._settle(edits[i], entries[i], held) for i in clashes]
+                except BackendError as exc:
+                    failed = exc
+                else:
+                    for i, session in zip(clashes, settled, strict=True):
+                        sessions[i] = session
+                    failed = self._update(self._entries(settled), held)
+            if failed is not None:
+                self.ct.delete([e for e, code in zip(entries, results, strict=True)
+                                if not code])
+                raise failed
+            written = dict(zip(map(_entry_key, entries), zip(sessions, entries, strict=True),
+                               strict=True))
+            self._remember_counts(written, held)
+            self._imported += len(entries) - len(clashes)
+
+    def _settle(self, edit: SessionEdit, entry: CtEntry, held: dict[tuple, CtEntry]
+                ) -> Session:
+        """What ``edit`` makes of the session the kernel holds under its key; a key the
+        kernel refused to create but does not hold clashes with another session's reply
+        (its translated port is taken)."""
+        old = held.get(entry.key)
+        if old is None:
+            raise BackendError("conntrack refused the session (port taken): its reply "
+                               "tuple is another session's", edit.key, "port taken")
+        session = edit.result(self._session(old))
+        assert session is not None  # adding edits never take an entry away
+        return session
+
+    def _write(self, upserts: list[Session], deletes: list[SessionKey],
+               current: dict[tuple, CtEntry]) -> None:
+        """Write settled sessions and take keys away; ``current``: the kernel's entries
+        under every key concerned, just read."""
+        refuse_unholdable(self, upserts)
         entries = self._entries(upserts)
         wanted = dict(zip(map(_entry_key, entries), zip(upserts, entries, strict=True),
                           strict=True))
-        if current is None:
-            current = self._read(_changed_keys(changes))
         with self._lock:
-            deletes = [current[k] for k in map(self._native_key, changes.deletes)
+            deletes = [current[k] for k in map(self._native_key, deletes)
                        if k in current and k not in wanted]
             creates = [e for k, (_, e) in wanted.items() if k not in current]
             updates = [e for k, (_, e) in wanted.items() if k in current]
@@ -279,47 +337,27 @@ class LinuxBackend(Backend):
             results = self.ct.create(creates)
             failed = self._first_failure(results, creates, current)
             if failed is None:
-                failed = self._first_failure(self.ct.update(updates), updates, current)
-                if failed is not None:
-                    self.ct.update([current[e.key] for e in updates])
+                failed = self._update(updates, current)
             if failed is not None:
                 # Only what this batch created: a refused create names an entry that
                 # was there before, and stays.
                 self.ct.delete([e for e, code in zip(creates, results, strict=True)
                                 if not code])
                 self.ct.create(deletes)
-                if presumed and failed.reason in ("exists", "port taken"):
-                    raise PresumedWrongly() from failed
                 raise failed
             self._remember_counts(wanted, current)
             self._imported += len(creates)
+            for entry in deletes:  # what they brought left with them
+                self._offsets.pop(entry.key, None)
 
-    def write_new(self, new: NewSessions, presumed: bool) -> None:
-        """apply() of whole new sessions, written from their columns without an object per
-        session (a bulk edit's). ``presumed``: as for apply()."""
-        n = new.count
-        columns = self._new_entry_columns(new)
-        if columns is None:
-            self.apply(SessionChanges(upserts=new.sessions()), {}, presumed)
-            return
-        with self._lock:
-            results = self.ct.create_columns(columns, n)
-            if any(results):
-                entries = list(map(new_entry, zip(*columns, strict=True)))
-                failed = self._first_failure(results, entries, {})
-                self.ct.delete([e for e, code in zip(entries, results, strict=True)
-                                if not code])
-                if presumed and failed is not None and \
-                        failed.reason in ("exists", "port taken"):
-                    raise PresumedWrongly() from failed
-                raise failed  # type: ignore[misc] # any(results): one failed
-            counts = new.columns[_COUNTS]
-            if counts != _NO_COUNTS:  # what each session brought (see _remember_counts)
-                keys = zip(columns[1], columns[2], columns[4], columns[3], columns[5],
-                           strict=True)  # CtEntry.key
-                values = zip(*(repeat(0) if c is None else c for c in counts), strict=False)
-                self._offsets.update(zip(keys, values, strict=False))  # repeat() is endless
-            self._imported += n
+    def _update(self, updates: list[CtEntry], held: dict[tuple, CtEntry]
+                ) -> BackendError | None:
+        """Update entries the kernel holds; on a refusal, put back what ``held`` says
+        they were, and say why."""
+        failed = self._first_failure(self.ct.update(updates), updates, held)
+        if failed is not None:
+            self.ct.update([held[e.key] for e in updates])
+        return failed
 
     def _delete(self, entries: list[CtEntry]) -> None:
         """Delete, or delete nothing: a session that vanished meanwhile (expired) is fine."""
@@ -374,45 +412,6 @@ class LinuxBackend(Backend):
         """The model's view of one kernel entry; None for a protocol the model lacks."""
         return next(self._sessions_from((e,)), None)
 
-    def _session_list(self, entries: list[CtEntry]) -> list[Session]:
-        """``_sessions_from`` of a dump's read, a column at a time when its entries share
-        their protocol (a read of a NAT's table mostly does)."""
-        if len(entries) < _COLUMNS_FROM:
-            return list(self._sessions_from(entries))
-        (_family, proto, src, dst, sport, dport, nat_addr, nat_port, dnat_addr, dnat_port,
-         state, ws_orig, ws_reply, timeout, *counts) = columns = list(zip(*entries, strict=True))
-        protocols = set(proto)
-        protocol = PROTOCOL_NAMES.get(proto[0])
-        if len(protocols) != 1 or protocol is None:
-            return list(self._sessions_from(entries))
-        if proto[0] == TCP:
-            state = list(map(_STATE_NAMES.get, state))
-        else:
-            state = ws_orig = ws_reply = repeat(None)
-        if self._offsets:
-            counts = self._with_offsets(columns, counts)
-        text = self._addr_column
-        return list(map(new_session, zip(
-            repeat(protocol), text(src), sport, text(dst), dport, text(nat_addr), nat_port,
-            text(dnat_addr), dnat_port, state, ws_orig, ws_reply, timeout, *counts,
-            strict=False)))  # repeat() is endless: strict would fail
-
-    def _addr_column(self, packed: tuple) -> list[str | None]:
-        """Addresses as text, each distinct one converted once; None stays None."""
-        return _each_once(lambda a: self._addr_text(a) if a else None, packed)
-
-    def _with_offsets(self, columns: list, counts: list) -> list:
-        """The count columns with each session's imported counts added (keyed as
-        CtEntry.key: protocol, source, source port, destination, destination port)."""
-        offsets = self._offsets
-        _family, proto, src, dst, sport, dport = columns[:6]
-        extras = list(map(offsets.get, zip(proto, src, sport, dst, dport, strict=True)))
-        if extras.count(None) == len(extras):
-            return counts
-        rows = [row if extra is None else tuple(map(add, row, extra))
-                for row, extra in zip(zip(*counts, strict=True), extras, strict=True)]
-        return list(zip(*rows, strict=True))
-
     def _sessions_from(self, entries: Iterable[CtEntry]) -> Iterator[Session]:
         """The model's view of kernel entries (those of a protocol the model has), with the
         counts a session brought along added. A loop, names bound once: a dump converts
@@ -445,55 +444,9 @@ class LinuxBackend(Backend):
                 dnat_port, state, ws_orig, ws_reply, timeout, o_packets, o_bytes, r_packets,
                 r_bytes))
 
-    def _entries(self, sessions: list[Session]) -> list[CtEntry]:
-        """The kernel entries for sessions: an edit converts every session it writes."""
-        if len(sessions) >= _COLUMNS_FROM:
-            entries = self._entries_of_one_kind(sessions)
-            if entries is not None:
-                return entries
-        return self._entries_each(sessions)
-
-    def _entries_of_one_kind(self, sessions: list[Session]) -> list[CtEntry] | None:
-        """_entries for sessions of one protocol, each with its timeout and (TCP) state,
-        and each translation in all or none of them (a bulk edit); None for others. A
-        column at a time, every tuple made in C."""
-        columns = self._native_columns(list(zip(*sessions, strict=True)), len(sessions))
-        return None if columns is None else list(map(new_entry, zip(*columns, strict=True)))
-
-    def _new_entry_columns(self, new: NewSessions) -> list[list] | None:
-        """_native_columns of new sessions, but None for ICMP (whose native key leaves a
-        port out: two sessions may fold into one entry, which apply() sorts out)."""
-        if PROTOCOL_NUMBERS.get(new.columns[0][0]) in ECHO_REPLY:
-            return None
-        return self._native_columns([[None] * new.count if c is None else c
-                                     for c in new.columns], new.count)
-
-    def _native_columns(self, columns: list, n: int) -> list[list] | None:
-        """The kernel entries' fields (CtEntry's, in order) for the sessions whose fields
-        ``columns`` holds (Session's, in order; a list or tuple each), under the conditions
-        of _entries_of_one_kind; else None."""
-        (protocols, srcs, sports, dsts, dports, nats, nat_ports, dnats, dnat_ports, states,
-         ws_origs, ws_replies, timeouts, *_counts) = columns
-        proto = PROTOCOL_NUMBERS[protocols[0]]
-        if protocols.count(protocols[0]) != n or None in timeouts or 0 in timeouts or \
-                (proto == TCP and None in states) or \
-                any(column.count(None) not in (0, n) for column in (nats, dnats)):
-            return None
-        src_bytes = self._packed_all(srcs)
-        return [
-            list(map(_FAMILY_OF_SIZE.__getitem__, map(len, src_bytes))), [proto] * n,
-            src_bytes, self._packed_all(dsts), sports, [0] * n if proto in ECHO_REPLY else dports,
-            nats if nats[0] is None else self._packed_all(nats), nat_ports,
-            dnats if dnats[0] is None else self._packed_all(dnats), dnat_ports,
-            list(map(TCP_STATE_NUMBERS.get, states)) if proto == TCP else [None] * n,
-            ws_origs, ws_replies, timeouts, *([0] * n for _ in range(4))]
-
-    def _packed_all(self, texts: tuple[str, ...]) -> list[bytes]:
-        """Addresses in network order, each distinct one converted once."""
-        return _each_once(self._addr_bytes, texts)
-
-    def _entries_each(self, sessions: Iterable[Session]) -> list[CtEntry]:
-        """_entries session by session. A loop, names bound once, tuples made in C."""
+    def _entries(self, sessions: Iterable[Session]) -> list[CtEntry]:
+        """The kernel entries for sessions: an edit converts every session it writes. A
+        loop, names bound once, tuples made in C."""
         packed, pack = self._packed, self._addr_bytes
         numbers, states, timeout_for = PROTOCOL_NUMBERS, TCP_STATE_NUMBERS, \
             self._config.policy.timeout_for
@@ -538,53 +491,3 @@ class LinuxBackend(Backend):
             if len(self._packed) < 1 << 17:
                 self._packed[text] = packed
         return packed
-
-
-
-def _each_once(convert: Callable[[Any], Any], values: tuple) -> list:
-    """``convert`` of every value, each distinct one converted once (a column of a bulk
-    write or read repeats a few addresses many times)."""
-    done = {value: convert(value) for value in set(values)}
-    return list(map(done.__getitem__, values))
-
-
-def _changed_keys(changes: SessionChanges) -> set[SessionKey]:
-    return set(map(session_key, changes.upserts)).union(changes.deletes)
-
-
-class _KernelTransaction(Transaction):
-    """Keeps what lookup() read so that apply() need not read the kernel again: for a bulk
-    edit that is a second dump of the whole table saved."""
-
-    backend: LinuxBackend
-
-    def __init__(self, backend: LinuxBackend) -> None:
-        super().__init__(backend)
-        self._keys: set[SessionKey] = set()
-        self._entries: dict[tuple, CtEntry] = {}
-        self._presumed = False
-
-    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
-        keys = set(keys)
-        found = self.backend._read(keys)
-        self._keys |= keys
-        self._entries.update(found)
-        return self.backend._sessions_of(found)
-
-    def presume_absent(self, keys: Collection[SessionKey]) -> bool:
-        if len(keys) < PRESUME_ABSENT_FROM:
-            return False
-        self._keys.update(keys)
-        self._presumed = True
-        return True
-
-    def write_new(self, new: NewSessions) -> None:
-        presumed = self._presumed
-        self._keys, self._entries, self._presumed = set(), {}, False
-        self.backend.write_new(new, presumed)
-
-    def apply(self, changes: SessionChanges) -> None:
-        entries = self._entries if _changed_keys(changes) <= self._keys else None
-        presumed = self._presumed and entries is not None
-        self._keys, self._entries, self._presumed = set(), {}, False  # apply changes them
-        self.backend.apply(changes, entries, presumed)

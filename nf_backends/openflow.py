@@ -43,10 +43,9 @@ from .base import (
     GatewayAddress,
     NatPolicy,
     Session,
-    SessionChanges,
     SessionKey,
-    Transaction,
 )
+from .batch import SessionBatch
 from .ofnat_life import PORTS, NatProcesses, exit_server, policy_request, reservation
 from .ofnat_procs import Control, Keeper, Record, Watch
 from .ovs import Bundle, Ovs, OvsError
@@ -185,9 +184,6 @@ class OpenflowBackend(NatProcesses, Backend):
     def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
         return self._lookup(keys, {})
 
-    def transaction(self) -> Transaction:
-        return _FlowTransaction(self)
-
     def _lookup(self, keys: Iterable[SessionKey], ids: dict[SessionKey, int]
                 ) -> dict[SessionKey, Session]:
         """The sessions among ``keys`` that exist now; their session ids go into ``ids``."""
@@ -216,16 +212,26 @@ class OpenflowBackend(NatProcesses, Backend):
                             self._imported)
 
     # -- writes --------------------------------------------------------------------------
-    def apply(self, changes: SessionChanges, ids: dict[SessionKey, int] | None = None
-              ) -> None:
+    def apply(self, batch: SessionBatch) -> None:
+        """A batch of whole sessions written over whatever is held (replace) goes to the
+        switch as it is; any other is settled on a lookup of its keys first."""
+        ids: dict[SessionKey, int] = {}
+        if {e.operation for e in batch.edits} <= {"replace"} and \
+                not any(e.removed for e in batch.edits):
+            writes, gone = batch.sessions(), []
+        else:
+            writes, gone = batch.results(self._lookup(batch.keys(), ids))
+        self._write(writes, gone, ids)
+
+    def _write(self, writes: list[Session], gone: list[SessionKey],
+               ids: dict[SessionKey, int]) -> None:
         """``ids``: session ids of some of the keys, if known (key -> id)."""
-        ids = ids or {}
-        upserts = {s.key: s for s in changes.upserts}
+        upserts = {s.key: s for s in writes}
         for s in upserts.values():
             _check(s)
         sid = flows.session_id
         given = [(ids.get(k) or sid(k), s) for k, s in upserts.items()]
-        deleted = [ids.get(k) or sid(k) for k in changes.deletes if k not in upserts]
+        deleted = [ids.get(k) or sid(k) for k in gone if k not in upserts]
         if not given and not deleted:
             return
         ctl = self.ctl  # waited for outside the lock: a restarting app needs it
@@ -234,7 +240,7 @@ class OpenflowBackend(NatProcesses, Backend):
                 with self.ovs.bundle() as bundle:
                     reply = self._reserve_while_sending(ctl, bundle, given, deleted)
                     if "error" in reply:
-                        raise self._taken(reply, changes)
+                        raise self._taken(reply, writes)
                     try:
                         bundle.commit()
                     except OvsError as exc:
@@ -257,9 +263,8 @@ class OpenflowBackend(NatProcesses, Backend):
             self._imported += len(reply["new"])
         if self._listener is not None:  # the app does not report what edits do
             new = set(reply["new"])
-            self._report([("deleted", Session(*k)) for k in changes.deletes
-                          if k not in upserts] + [("created" if i in new else "updated", s)
-                                                  for i, s in given])
+            self._report([("deleted", Session(*k)) for k in gone if k not in upserts]
+                         + [("created" if i in new else "updated", s) for i, s in given])
 
     def _reserve_while_sending(self, ctl: Control, bundle: Bundle,
                                given: list[tuple[int, Session]], deleted: list[int]) -> dict:
@@ -285,8 +290,8 @@ class OpenflowBackend(NatProcesses, Backend):
         return reply
 
     @staticmethod
-    def _taken(reply: dict, changes: SessionChanges) -> BackendError:
-        key = changes.upserts[reply["index"]].key if "index" in reply else None
+    def _taken(reply: dict, writes: list[Session]) -> BackendError:
+        key = writes[reply["index"]].key if "index" in reply else None
         return BackendError(f"translated endpoint already used by another session: {key}",
                             key, "port taken")
 
@@ -303,23 +308,6 @@ class OpenflowBackend(NatProcesses, Backend):
 
     def _idle(self, s: Session) -> int:
         return s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
-
-
-class _FlowTransaction(Transaction):
-    """Keeps the session ids lookup() hashed, for apply() to use again."""
-
-    backend: OpenflowBackend
-
-    def __init__(self, backend: OpenflowBackend) -> None:
-        super().__init__(backend)
-        self._ids: dict[SessionKey, int] = {}
-
-    def lookup(self, keys: Iterable[SessionKey]) -> dict[SessionKey, Session]:
-        return self.backend._lookup(keys, self._ids)
-
-    def apply(self, changes: SessionChanges) -> None:
-        ids, self._ids = self._ids, {}
-        self.backend.apply(changes, ids)
 
 
 def _refusal(s: Session) -> str | None:

@@ -25,10 +25,11 @@ from .base import (
     BackendStats,
     NatPolicy,
     Session,
-    SessionChanges,
     SessionEvent,
     SessionKey,
+    refuse_unholdable,
 )
+from .batch import SessionBatch
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +162,21 @@ class SimulatedBackend(Backend):
                     found[key] = _to_session(nkey, row, now)
         return found
 
-    def apply(self, changes: SessionChanges) -> None:
+    def apply(self, batch: SessionBatch) -> None:
         now = time.monotonic()
         with self._reporting:
             with self._lock:
-                deletes = [_native_key(k) for k in changes.deletes]
-                for nkey, key in zip(deletes, changes.deletes, strict=True):
-                    if nkey not in self._table:
-                        raise BackendError(f"session {key} does not exist", key, "missing")
+                held = {}
+                for key in batch.keys():
+                    nkey = _native_key(key)
+                    row = self._table.get(nkey)
+                    if row is not None:
+                        held[key] = _to_session(nkey, row, now)
+                writes, gone = batch.results(held)
+                refuse_unholdable(self, writes)
+                deletes = [_native_key(k) for k in gone]
                 upserts = [(_native_key(s.key), _from_session(s, now, self._policy), s)
-                           for s in changes.upserts]
+                           for s in writes]
                 self._check_ports(upserts, set(deletes))
                 events = []
                 for nkey in deletes:

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lxml import etree
-from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Session, SessionKey
+from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS, Session
 
 from . import errors
 from .errors import RpcError
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 PENDING_FILE = "pending-commit.json"
 RECORD_VERSION = 1
-
-Lookup = Callable[[Iterable[SessionKey]], Mapping[SessionKey, Session]]
 
 
 class RecordError(ValueError):
@@ -68,13 +66,6 @@ class PendingConfirm:
     deadline: float = 0.0  # time.time() at which it is rolled back unless confirmed
     timer: threading.Timer | None = None
     extensions: int = 0  # follow-up commits recorded beside the first
-
-    def undo_changes(self, lookup: Lookup) -> dict[tuple, Session | None]:
-        """The session batch that puts running back: each previous session written again,
-        and each session the commit created deleted, if it still exists (a delete of an
-        absent one would make the backend refuse the whole batch)."""
-        exists = lookup([k for k, v in self.undo_sessions.items() if v is None])
-        return {k: v for k, v in self.undo_sessions.items() if v is not None or k in exists}
 
 
 class ConfirmedCommit:

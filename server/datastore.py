@@ -26,12 +26,10 @@ from nfmig.nf_backends.base import (
     Backend,
     BackendError,
     NatPolicy,
-    PresumedWrongly,
     Session,
-    SessionChanges,
-    Transaction,
     session_key,
 )
+from nfmig.nf_backends.batch import SessionBatch, SessionEdit, key_text
 
 from . import errors
 from .confirmed_commit import ConfirmedCommit, PendingConfirm
@@ -42,12 +40,10 @@ from .policy import PolicyModel
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import (
     OPERATION_ATTR,
-    EntryColumns,
     HollowEdit,
     NeedsTree,
     SessionDecoder,
-    SessionEdit,
-    as_edits,
+    check_operation,
     session_batches_to_xml,
 )
 from .tree_edit import strip_operations
@@ -55,25 +51,17 @@ from .tree_edit import strip_operations
 log = logging.getLogger(__name__)
 
 CONFIG_DATASTORES = ("running", "candidate", "startup")
-_ADDING = frozenset({"merge", "replace", "create"})  # operations that write a whole entry
 _edit_key = attrgetter("key")
 _edit_session = attrgetter("session")
 
 
-def _adds_whole_entries(edits: list[SessionEdit]) -> bool:
-    """Whether every edit writes a whole entry (merge, replace or create, no leaf taken
-    away): over an absent entry, each then writes exactly the entry it states."""
-    return set(map(attrgetter("operation"), edits)) <= _ADDING and \
-        not any(map(attrgetter("removed"), edits))
-
-
-def _refuse_duplicate(edits: list[SessionEdit]) -> None:
+def _refuse_duplicate(edits: list[SessionEdit], checker: ListEntryChecker) -> None:
     seen = set()
     for edit in edits:
         if edit.key in seen:
             raise errors.invalid_value(
-                f"nat-session {_key_text(edit.key)} appears twice in this edit",
-                path=edit.path, app_tag="data-not-unique")
+                f"nat-session {key_text(edit.key)} appears twice in this edit",
+                path=_entry_path(checker, edit.key), app_tag="data-not-unique")
         seen.add(edit.key)
 
 
@@ -247,59 +235,28 @@ class Datastores:
                     return
                 self._replace_datastore(datastore, config)
                 return
-            policy_edits, bulk = self._split(config, options.default_operation, source,
-                                             keep_columns=True)
+            policy_edits, session_edits = self._split(config, options.default_operation,
+                                                      source)
             base = self._base_for(datastore)
             new_policy = self._policy_model.plan(base.policy, policy_edits)
-            # Straight into running, sessions only: the backend may check for itself that
-            # new sessions are new, instead of the plan looking each one up first.
-            presume = datastore == "running" and not policy_edits and \
-                options.test_option != "test-only"
-            if isinstance(bulk, EntryColumns):
-                try:
-                    if presume and self._write_new(bulk):
-                        return
-                except PresumedWrongly:  # some were there after all: plan on a lookup
-                    presume = False
-            session_edits = as_edits(bulk) or []
-            tx = self.backend.transaction()
-            changes, failed = self._plan_sessions(base.sessions, session_edits,
-                                                  options.error_option, tx, presume)
+            batch = _batch_of(session_edits, self.decoder.checker)
+            if datastore == "running" and options.test_option != "test-only" and \
+                    options.error_option != "continue-on-error":
+                # The NF settles each entry on what it holds, all or nothing.
+                self._commit_changes(new_policy, policy_edits != [], batch)
+                return
+            changes, failed = self._plan_sessions(base.sessions, batch,
+                                                  options.error_option)
             if options.test_option == "test-only":
                 if failed:
                     raise RpcErrors(failed)
                 return
             if datastore == "running":
-                try:
-                    self._commit_changes(new_policy, policy_edits != [], changes, tx)
-                except PresumedWrongly:  # some were there after all: plan on a lookup
-                    tx = self.backend.transaction()
-                    changes, failed = self._plan_sessions(base.sessions, session_edits,
-                                                          options.error_option, tx)
-                    self._commit_changes(new_policy, False, changes, tx)
+                self._commit_changes(new_policy, policy_edits != [], _put(changes))
             else:
                 self._stage(new_policy, policy_edits != [], changes)
             if failed:
                 raise RpcErrors(failed)
-
-    def _write_new(self, bulk: EntryColumns) -> bool:
-        """Write a bulk edit's entries into running straight from their columns, when each
-        adds a whole entry, no key repeats and the backend may presume them all absent (a
-        move's edits); False when the edit needs a plan (nothing is done). Raises
-        PresumedWrongly, having changed nothing, when one exists after all."""
-        if not set(bulk.operations) <= _ADDING:
-            return False
-        new = bulk.new_sessions()
-        keys = set(new.keys())  # one set for both: the check and what the backend records
-        tx = self.backend.transaction()
-        if len(keys) != new.count or not tx.presume_absent(keys):
-            return False
-        try:
-            tx.write_new(new)
-        except BackendError as exc:
-            raise _backend_error(exc, self.decoder) from None
-        log.info("running: %d sessions written, 0 removed", new.count)
-        return True
 
     def _base_for(self, datastore: str) -> Candidate:
         if datastore == "candidate" and self._candidate:
@@ -307,29 +264,32 @@ class Datastores:
         return Candidate(policy=self._policy)
 
     def _split(self, config: etree._Element, default_op: str,
-               source: bytes | HollowEdit | None = None, keep_columns: bool = False
-               ) -> tuple[list[etree._Element], list[SessionEdit] | EntryColumns]:
-        """The policy elements and the session entries of an edit; the entries still in
-        columns (EntryColumns) when they are all alike and ``keep_columns`` allows it."""
-        policy_edits: list[etree._Element] = []
-        session_edits: list[SessionEdit] = []
-        inherited = config.get(OPERATION_ATTR, default_op)
+               source: bytes | HollowEdit | None = None
+               ) -> tuple[list[etree._Element], list[SessionEdit]]:
+        """The policy elements and the session entries of an edit, every entry checked
+        against the model (see SessionDecoder). Raises RpcError, or NeedsTree for a hollowed
+        edit its text reader declines."""
+        inherited = config.get(OPERATION_ATTR)
+        inherited = default_op if inherited is None else check_operation(inherited, "config")
         bulk = self.decoder.decode_bulk(config, inherited, source)
         if bulk is not None:
-            return [], bulk if keep_columns else as_edits(bulk)  # type: ignore[return-value]
-        session_tags = (f"{{{self.ns}}}nat-session", "nat-session")
+            return [], bulk
+        policy_edits: list[etree._Element] = []
+        entries: list[etree._Element] = []
+        session_tag = f"{{{self.ns}}}nat-session"
         policy_tags = (f"{{{self.ns}}}nat-policy", "nat-policy")
-        leaf_attributes = bool(config.xpath("boolean(*/*/@*)"))
-        decode = self.decoder.decode
+        if (config.text or "").strip() or any((child.tail or "").strip() for child in config):
+            raise errors.invalid_value("config holds text among its nodes",
+                                       info={"bad-element": "config"})
         for child in config:
             tag = child.tag
-            if tag in session_tags:
-                session_edits.append(decode(child, inherited, leaf_attributes))
+            if tag == session_tag:
+                entries.append(child)
             elif tag in policy_tags:
                 policy_edits.append(child)
             elif isinstance(tag, str):
                 raise self._unknown_top_level(child)
-        return policy_edits, session_edits
+        return policy_edits, self.decoder.read_strictly(entries, inherited)
 
     def _unknown_top_level(self, element: etree._Element) -> RpcError:
         """Let libyang name what is wrong with a node we do not edit (unknown, or state)."""
@@ -342,68 +302,36 @@ class Datastores:
                                     path=f"/{qname.localname}")
 
     # The sessions: checked entry by entry against the view they edit.
-    def _plan_sessions(self, overlay: dict, edits: list[SessionEdit], error_option: str,
-                       tx: Transaction, presume: bool = False
+    def _plan_sessions(self, overlay: dict, batch: SessionBatch, error_option: str
                        ) -> tuple[dict[tuple, Session | None], list[RpcError]]:
-        """``presume``: the plan may take new sessions as absent if the backend agrees to
-        check that itself (only edits that add whole sessions: for them absent and present
-        plan to the same writes, or to a create that the backend then refuses)."""
-        if not edits:
+        """What each entry of ``batch`` makes of the view ``overlay`` puts over running
+        (the candidate's pending changes), settled as the NF would settle it: the entries
+        after the edit (None: gone), and with continue-on-error the entries that failed."""
+        if not batch:
             return {}, []
-        seen = dict(zip(map(_edit_key, edits), edits, strict=True))
-        if len(seen) != len(edits):
-            _refuse_duplicate(edits)
-        pending = [k for k in seen if k not in overlay] if overlay else list(seen)
-        adding = _adds_whole_entries(edits)
-        if presume and pending and adding and tx.presume_absent(pending):
-            current = {}
-        else:
-            current = tx.lookup(pending) if pending else {}
-        current.update({k: v for k, v in overlay.items() if k in seen and v is not None})
-        if adding and not current:
-            # Whole entries over nothing (the bulk case): each is what its edit states,
-            # whatever the operation; no entry can fail.
-            return dict(zip(seen, map(_edit_session, seen.values()), strict=True)), []
+        keys = batch.keys()
+        pending = [k for k in keys if k not in overlay] if overlay else keys
+        current = self.backend.lookup(pending) if pending else {}
+        wanted = set(keys)
+        current.update({k: v for k, v in overlay.items() if v is not None and k in wanted})
         changes: dict[tuple, Session | None] = {}
         failed: list[RpcError] = []
-        for key, edit in seen.items():
+        for edit in batch.edits:
+            key = edit.key
             if edit.operation == "remove" and current.get(key) is None:
                 continue  # removing what is not there changes nothing (RFC 6241 7.2)
             try:
-                changes[key] = self._plan_entry(edit, current.get(key))
-            except RpcError as exc:
+                changes[key] = edit.result(current.get(key))
+            except BackendError as exc:
                 if error_option != "continue-on-error":
-                    raise
-                failed.append(exc)
+                    raise _backend_error(exc, self.decoder) from None
+                failed.append(_backend_error(exc, self.decoder))
         return changes, failed
 
-    @staticmethod
-    def _plan_entry(edit: SessionEdit, existing: Session | None) -> Session | None:
-        op = edit.operation
-        if op == "create" and existing is not None:
-            raise errors.data_exists(f"nat-session {_key_text(edit.key)} already exists",
-                                     edit.path)
-        if op == "delete" and existing is None:
-            raise errors.data_missing(f"nat-session {_key_text(edit.key)} does not exist, so "
-                                      "it cannot be deleted", edit.path)
-        if op in ("delete", "remove"):
-            return None
-        if op == "none":  # default-operation none: only leaf operations inside apply
-            if existing is None:
-                raise errors.data_missing(f"nat-session {_key_text(edit.key)} does not exist",
-                                          edit.path)
-            return existing._replace(**{f: None for f in edit.removed})
-        if existing is None and op == "merge" and edit.removed:
-            missing = [f for f, how in edit.removed.items() if how == "delete"]
-            if missing:
-                raise errors.data_missing(f"leaf {missing[0]} does not exist", edit.path)
-        return edit.apply_to(existing)
-
     def _commit_changes(self, policy: etree._Element | None, policy_changed: bool,
-                        sessions: dict[tuple, Session | None],
-                        tx: Transaction | None = None) -> None:
-        """Apply to the backend: policy first (new sessions need it), sessions as one batch
-        (through ``tx`` when the sessions were just looked up in it)."""
+                        batch: SessionBatch) -> None:
+        """Apply to the backend: policy first (new sessions need it), then the sessions as
+        one batch; a refused batch puts the old policy back."""
         old_policy = self._policy
         if policy_changed:
             try:
@@ -411,20 +339,16 @@ class Datastores:
             except BackendError as exc:  # the backend undid its part; nothing changed
                 raise _backend_error(exc, self.decoder) from None
             self._policy = policy
-        batch = SessionChanges(
-            upserts=[s for s in sessions.values() if s is not None],
-            deletes=[k for k, s in sessions.items() if s is None])
         if not batch:
             return
         try:
-            (tx or self.backend.transaction()).apply(batch)
+            self.backend.apply(batch)
         except BackendError as exc:
             if policy_changed:
                 self.backend.apply_policy(self._policy_model.to_backend(old_policy))
                 self._policy = old_policy
             raise _backend_error(exc, self.decoder) from None
-        log.info("running: %d sessions written, %d removed", len(batch.upserts),
-                 len(batch.deletes))
+        log.info("running: %d session edits applied", len(batch))
 
     def _stage(self, policy: etree._Element | None, policy_changed: bool,
                sessions: dict[tuple, Session | None]) -> None:
@@ -443,7 +367,7 @@ class Datastores:
         wanted = dict(zip(map(_edit_key, session_edits), map(_edit_session, session_edits),
                           strict=True))
         if len(wanted) != len(session_edits):
-            _refuse_duplicate(session_edits)
+            _refuse_duplicate(session_edits, self.decoder.checker)
         return policy, wanted
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:
@@ -454,7 +378,7 @@ class Datastores:
             if s.key not in wanted:
                 changes[s.key] = None
         if datastore == "running":
-            self._commit_changes(policy, True, changes)
+            self._commit_changes(policy, True, _put(changes))
         else:
             self._stage(policy, True, changes)
 
@@ -473,21 +397,18 @@ class Datastores:
             candidate = self._candidate
             changes: dict[tuple, Session | None] = {}
             live: dict[tuple, Session] = {}
-            tx = self.backend.transaction()
             if candidate is not None and candidate.modified:
-                # a confirmed commit needs what running holds under every key, to undo
-                live = tx.lookup([k for k, v in candidate.sessions.items()
-                                  if confirmed or v is None])
-                changes = {k: v for k, v in candidate.sessions.items()
-                           if v is not None or k in live}
+                changes = candidate.sessions
+                if confirmed:  # to undo it, what running holds under every key
+                    live = self.backend.lookup(list(changes))
             if confirmed:  # recorded (on disk too) before the backend changes
                 self._confirmed.remember(session_id, persist, timeout, self._policy,
                                          candidate is not None and candidate.policy_changed,
                                          changes, live)
             if candidate is not None and candidate.modified:
                 try:
-                    self._commit_changes(candidate.policy, candidate.policy_changed, changes,
-                                         tx)
+                    self._commit_changes(candidate.policy, candidate.policy_changed,
+                                         _put(changes))
                 except RpcError:
                     if pending is None and confirmed:
                         self._confirmed.settle()
@@ -513,8 +434,9 @@ class Datastores:
 
     def _undo(self, pending: PendingConfirm) -> int:
         """Put running back as a confirmed commit found it; the sessions written."""
-        undo = pending.undo_changes(self.backend.lookup)
-        self._commit_changes(pending.undo_policy, pending.policy_changed, undo)
+        # each previous session written again, each one the commit created taken away
+        undo = pending.undo_sessions
+        self._commit_changes(pending.undo_policy, pending.policy_changed, _put(undo))
         return len(undo)
 
     def discard_changes(self, session_id: int) -> None:
@@ -598,15 +520,30 @@ class Datastores:
         os.replace(tmp, self.startup_path)  # never a half-written startup
 
 
-def _key_text(key: tuple) -> str:
-    proto, src, sport, dst, dport = key
-    return f"{proto} {src}:{sport} -> {dst}:{dport}"
+def _batch_of(edits: list[SessionEdit], checker: ListEntryChecker) -> SessionBatch:
+    """The edit's entries as the backend takes them; an entry named twice is refused."""
+    batch = SessionBatch(edits)
+    if len(set(batch.keys())) != len(batch):
+        _refuse_duplicate(edits, checker)
+    return batch
+
+
+def _put(changes: dict[tuple, Session | None]) -> SessionBatch:
+    """Settled entries (None: gone) as a batch whose outcome depends on nothing held."""
+    return SessionBatch.put([s for s in changes.values() if s is not None],
+                            [k for k, s in changes.items() if s is None])
+
+
+def _entry_path(checker: ListEntryChecker, key: tuple) -> str:
+    return checker.entry_path(dict(zip(checker.keys, map(str, key), strict=True)))
 
 
 def _backend_error(exc: BackendError, decoder: SessionDecoder) -> RpcError:
-    path = decoder.checker.entry_path(dict(zip(decoder.checker.keys, map(str, exc.key),
-                                               strict=True))) if exc.key else None
-    tag = {"exists": "data-exists", "missing": "data-missing"}.get(exc.reason,
-                                                                   "operation-failed")
-    return RpcError(tag, f"the NAT refused the change, nothing was applied: {exc}", path=path,
-                    app_tag=exc.reason.replace(" ", "-"))
+    path = _entry_path(decoder.checker, exc.key) if exc.key else None
+    if exc.reason in _EDIT_OUTCOMES:  # the edit's own rules, not a refusal of the NAT
+        return RpcError(_EDIT_OUTCOMES[exc.reason], str(exc), path=path)
+    return RpcError("operation-failed", f"the NAT refused the change, nothing was applied: "
+                    f"{exc}", path=path, app_tag=exc.reason.replace(" ", "-"))
+
+
+_EDIT_OUTCOMES = {"exists": "data-exists", "missing": "data-missing"}

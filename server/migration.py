@@ -1,7 +1,8 @@
 """The model's migration operations: rpc freeze and thaw (the migration window on a source),
-rpc announce-migration (migration events for every subscriber), and rpc track-changes and
+rpc announce-migration (migration events for every subscriber), rpc track-changes and
 changes (which sessions changed since a migration began copying them; the records are
-change_tracking.py's).
+change_tracking.py's), and rpc session-digest (a count and digest of the sessions, by which a
+migrator checks what a target holds without reading it back).
 
 A window holds new sessions of its selection in the backend until thawed or timed out; the
 timeout is the server's, so a migrator that vanishes never leaves the NAT frozen, and the
@@ -11,15 +12,18 @@ dies with a window open does not either.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from lxml import etree
 from nfmig.nf_backends.base import KEY_FIELDS, Backend, BackendError, Session
+
+from nfmig.digest import digest_sum, digest_text
 
 from . import errors
 from .change_tracking import ChangeTracking
@@ -198,6 +202,58 @@ class MigrationChanges:
         return body or "<ok/>"  # RFC 7950 §7.14.4: no output parameters, <ok/>
 
 
+class SessionDigests:
+    """rpc session-digest: how many sessions of the selected sources the NAT holds, and the
+    digest of their keys and translations (nfmig/digest.py), computed a batch of the
+    backend's sessions at a time: the table is never written out as XML or a tree."""
+
+    def __init__(self, backend: Backend, schema: Schema, namespace: str):
+        self.backend = backend
+        self.schema = schema
+        self.namespace = namespace
+
+    def session_digest(self, _session, op: etree._Element) -> str:
+        # datastore is not looked at: both its values (libyang refuses any other), running
+        # and operational, are the backend's live table here
+        request = rpc_input(self.schema, op, required=())
+        selects = source_filter(request.get("source-prefix") or [])
+        try:
+            batches = self.backend.session_batches()
+            if selects is None:
+                count, total = digest_sum(s for batch in batches for s in batch)
+            else:
+                count, total = digest_sum(s for batch in batches for s in batch
+                                          if selects(s.src_address))
+        except (BackendError, OSError) as exc:
+            raise errors.operation_failed(f"the NAT cannot read its sessions: {exc}") \
+                from None
+        ns = self.namespace
+        return (f'<count xmlns="{ns}">{count}</count>'
+                f'<digest xmlns="{ns}">{digest_text(total)}</digest>')
+
+
+def source_filter(prefixes: Iterable[str]) -> Callable[[str], bool] | None:
+    """Whether a src_address is in one of ``prefixes``; None when there are none (every
+    source). Each address is parsed once: a subscriber has many sessions."""
+    networks = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+    if not networks:
+        return None
+    known: dict[str, bool] = {}
+
+    def selects(address: str) -> bool:
+        inside = known.get(address)
+        if inside is None:
+            try:
+                parsed = ipaddress.ip_address(address)
+            except ValueError:
+                inside = False
+            else:  # an address is in no network of the other IP version
+                inside = any(parsed in n for n in networks)
+            known[address] = inside
+        return inside
+    return selects
+
+
 def changes_xml(namespace: str, sessions: Iterable[Session], ended: Iterable[tuple]) -> str:
     """rpc changes' output: a session element per session (written as nat-session entries
     are), an ended element per key; each in the model's namespace."""
@@ -206,15 +262,17 @@ def changes_xml(namespace: str, sessions: Iterable[Session], ended: Iterable[tup
         f'<ended xmlns="{namespace}">{key % tuple(k)}</ended>' for k in ended)
 
 
-def rpc_input(schema: Schema, op: etree._Element) -> dict:
-    """The rpc's input, checked by libyang against the model."""
+def rpc_input(schema: Schema, op: etree._Element,
+              required: tuple[str, ...] = ("migration-id",)) -> dict:
+    """The rpc's input, checked by libyang against the model; ``required``: the leaves it
+    must have (libyang's parse of an rpc leaves mandatory leaves unchecked)."""
     name = etree.QName(op).localname
     try:
         request = schema.parse_operation(etree.tostring(op, encoding="unicode"))
     except YangError as exc:
         raise RpcError("invalid-value", f"{name}: {exc}", type="application") from None
-    for mandatory in ("migration-id", *(("role", "event") if name == "announce-migration"
-                                        else ())):
+    for mandatory in (*required, *(("role", "event") if name == "announce-migration"
+                                   else ())):
         if mandatory not in request:
             raise errors.missing_element(f"{name} needs {mandatory}", mandatory)
     return request

@@ -16,7 +16,7 @@ from . import errors
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpath_filter
-from .migration import MigrationChanges, MigrationWindows
+from .migration import MigrationChanges, MigrationWindows, SessionDigests
 from .notifications import NOTIF_NS, NotificationHub, parse_subscription
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
 from .session_codec import HollowEdit
@@ -84,6 +84,8 @@ class Operations:
         if changes is not None:
             self._handlers[f"{{{datastores.ns}}}track-changes"] = changes.track_changes
             self._handlers[f"{{{datastores.ns}}}changes"] = changes.changes
+        digests = SessionDigests(datastores.backend, schema, datastores.ns)
+        self._handlers[f"{{{datastores.ns}}}session-digest"] = digests.session_digest
 
     # -- capabilities ------------------------------------------------------------------
     def capabilities(self) -> list[str]:

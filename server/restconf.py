@@ -458,10 +458,17 @@ class Routes:
     def _child_target(self, target: Target, element: etree._Element) -> Target:
         qname = etree.QName(element)
         if target.node is None:
-            name = f"{self.r.index.module_of.get(qname.namespace or '')}:{qname.localname}"
-            node = self.r.index.top[name]
+            module = self.r.index.module_of.get(qname.namespace or "")
+            if module is None:
+                raise errors.unknown_namespace(
+                    f"{qname.localname}: no module of this server has the namespace "
+                    f"{qname.namespace or '(none)'}", qname.localname, qname.namespace or "")
+            node = self.r.index.top.get(f"{module}:{qname.localname}")
         else:
-            node = self.r.index.children(target.node)[qname.localname]
+            node = self.r.index.children(target.node).get(qname.localname)
+        if node is None:
+            raise errors.unknown_element(f"{qname.localname} is not a data node here",
+                                         qname.localname, target.instance_path() or "/")
         keys = None
         if node.kind == "list":
             keys = tuple((element.findtext(f"{{{node.ns}}}{k}") or "").strip()

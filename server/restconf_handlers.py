@@ -53,7 +53,7 @@ OPERATIONS = ("ietf-netconf:commit", "ietf-netconf:cancel-commit",
               "ietf-netconf:discard-changes", "ietf-netconf:validate",
               "ietf-netconf:copy-config", "ietf-netconf:delete-config",
               "nfmig-nat:freeze", "nfmig-nat:thaw", "nfmig-nat:announce-migration",
-              "nfmig-nat:track-changes", "nfmig-nat:changes")
+              "nfmig-nat:track-changes", "nfmig-nat:changes", "nfmig-nat:session-digest")
 # RESTCONF has no sessions; its requests share this NETCONF session id (outside the range
 # NETCONF sessions get), so NETCONF locks and confirmed commits see it as one other party.
 RESTCONF_SESSION_ID = 2**31 - 1

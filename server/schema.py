@@ -1,10 +1,10 @@
 """The libyang context every datastore of one server shares, and thin typed wrappers over it.
 
 libyang is the authority on the model: it loads the modules, parses and validates every
-non-bulk edit, answers get-schema and builds the yang-library. For the bulk list
-(``nat-session``) a full libyang parse costs ~30 µs per entry on this kind of machine, so
-:class:`ListEntryChecker` compiles per-leaf checks *from the libyang schema* instead and asks
-libyang itself for every value its fast paths do not settle.
+edit (the bulk list's entries too: :meth:`Schema.canonical_xml`), answers get-schema and
+builds the yang-library. For the bulk list (``nat-session``), :class:`ListEntryChecker`
+compiles per-leaf checks *from the libyang schema*: the exact canonical forms the bulk
+reader may take without asking libyang, and checked conversions of single values.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import re
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,12 @@ class YangError(Exception):
     def to_rpc_error(self) -> RpcError:
         tag = "invalid-value"
         msg = self.message
+        if msg.startswith("Missing XML namespace"):
+            return RpcError("unknown-namespace", msg, path=self.path,
+                            info={"bad-namespace": ""})
         if msg.startswith("No module with namespace"):
-            return RpcError("unknown-namespace", msg, info={"bad-namespace": _quoted(msg)})
+            return RpcError("unknown-namespace", msg, path=self.path,
+                            info={"bad-namespace": _quoted(msg)})
         if " not found as a child of " in msg or msg.startswith("Node \""):
             return RpcError("unknown-element", msg, path=self.path,
                             info={"bad-element": _quoted(msg)})
@@ -143,20 +147,48 @@ class Schema:
             vflags |= lib.LYD_VALIDATE_NO_STATE
         data = text.encode() if isinstance(text, str) else text
         with _PARSE_LOCK:
-            inp = ffi.new("struct ly_in **")
-            if lib.ly_in_new_memory(data, inp) != lib.LY_SUCCESS:
-                raise YangError("cannot read the data")
-            tree = ffi.new("struct lyd_node **")
-            ret = lib.lyd_parse_data(self.ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML, flags,
-                                     vflags, tree)
-            lib.ly_in_free(inp[0], 0)
-            if ret != lib.LY_SUCCESS:
-                if tree[0]:
-                    lib.lyd_free_all(tree[0])
-                raise _take_errors(self.ctx)
-        if not tree[0]:
+            tree = self._parse(data, flags, vflags)
+        if tree is None:
             return None
-        return libyang.DNode.new(self.ctx, tree[0])
+        return libyang.DNode.new(self.ctx, tree)
+
+    def canonical_xml(self, text: str) -> str:
+        """A forest of configuration nodes as libyang reads it strictly (every element,
+        attribute and value checked against the model, the forest as a whole not
+        validated), printed back: each value in its canonical form, each node's children
+        in schema order. Raises YangError."""
+        flags = lib.LYD_PARSE_STRICT | lib.LYD_PARSE_ONLY | lib.LYD_PARSE_NO_STATE
+        with _PARSE_LOCK:
+            tree = self._parse(text.encode(), flags, 0)
+            if tree is None:
+                return ""
+            try:
+                out = ffi.new("char **")
+                if lib.lyd_print_mem(out, tree, lib.LYD_XML, lib.LYD_PRINT_WITHSIBLINGS
+                                     | lib.LYD_PRINT_SHRINK) != lib.LY_SUCCESS:
+                    raise _take_errors(self.ctx)
+                try:
+                    return ffi.string(out[0]).decode()
+                finally:
+                    lib.free(out[0])
+            finally:
+                lib.lyd_free_all(tree)
+
+    def _parse(self, data: bytes, flags: int, vflags: int):
+        """The tree libyang parses from ``data`` (NULL as None); the caller holds the lock
+        and frees the tree."""
+        inp = ffi.new("struct ly_in **")
+        if lib.ly_in_new_memory(data, inp) != lib.LY_SUCCESS:
+            raise YangError("cannot read the data")
+        tree = ffi.new("struct lyd_node **")
+        ret = lib.lyd_parse_data(self.ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML, flags, vflags,
+                                 tree)
+        lib.ly_in_free(inp[0], 0)
+        if ret != lib.LY_SUCCESS:
+            if tree[0]:
+                lib.lyd_free_all(tree[0])
+            raise _take_errors(self.ctx)
+        return tree[0] or None
 
     def check_value(self, snode: libyang.SNode, value: str) -> str | None:
         """libyang's verdict on one leaf value: None if valid, else its message."""
@@ -255,9 +287,10 @@ def _unsigned_list(csv: str) -> list[int] | None:
 
 
 class LeafCheck:
-    """Turns one leaf's XML text into its Python value, or raises ValueError with libyang's
-    own message. Fast paths for unrestricted unsigned integers, enumerations and RFC 6991
-    addresses; everything else goes to libyang (remembered, since values repeat)."""
+    """One leaf of a bulk list: :meth:`convert` turns its XML text into its Python value, or
+    raises ValueError with libyang's own message (fast paths for unrestricted unsigned
+    integers, enumerations and RFC 6991 addresses; everything else asks libyang, remembered
+    since values repeat). :meth:`canonical_column` is the bulk reader's stricter check."""
 
     def __init__(self, schema: Schema, snode: libyang.SNode):
         self.schema = schema
@@ -268,6 +301,10 @@ class LeafCheck:
             libyang.Type.INT8, libyang.Type.INT16, libyang.Type.INT32, libyang.Type.INT64)
         self._cache: dict[str, Any] = {}
         self.convert: Converter = self._by_libyang
+        self._range = _unsigned_range(ytype)
+        self._enums: frozenset[str] | None = None
+        self._address = False
+        self._canonical_seen: set[str] = set()  # addresses found canonical before
         if ytype.base() in _INT_BOUNDS and not list(ytype.all_ranges()):
             self._bounds = _INT_BOUNDS[ytype.base()]
             self.convert = self._unsigned
@@ -275,30 +312,37 @@ class LeafCheck:
             self._enums = frozenset(e.name() for e in ytype.all_enums())
             self.convert = self._enum
         elif ytype.name().endswith(":ip-address-no-zone"):
-            self.convert = self._address
+            self._address = True
+            self.convert = self._address_value
+        # A valid value of the leaf, for a leaf whose value does not matter (one an edit
+        # only names, to take it away).
+        candidates = [str(self._range[0])] if self._range else sorted(self._enums or ()) \
+            or (["0.0.0.0"] if self._address else [])
+        self.placeholder = next((c for c in candidates if schema.check_value(snode, c) is None),
+                                None)
 
-    def convert_many(self, texts: Sequence[str]) -> list[Any]:
-        """:meth:`convert` of a whole column: each distinct text once, and unsigned integers
-        checked all together."""
-        if self.convert == self._unsigned:
-            joined = "".join(texts)
-            if joined.isascii() and joined.isdigit() and all(texts):
-                values = list(map(int, texts))
-                if max(values) <= self._bounds[1]:
-                    return values
-        convert = self.convert
-        distinct = {text: convert(text) for text in set(texts)}
-        return list(map(distinct.__getitem__, texts))
-
-    def convert_separated(self, text: str, separator: str) -> list[Any]:
-        """:meth:`convert_many` of the texts that ``text`` holds with ``separator`` between
-        them (which none of them contains). An unsigned integer column made of plain digits
-        is read as one JSON array: its integers are made without a string for each."""
-        if self.convert == self._unsigned and "," not in text:
-            values = _unsigned_list(text.replace(separator, ","))
-            if values and max(values) <= self._bounds[1]:
-                return values
-        return self.convert_many(text.split(separator))
+    def canonical_column(self, texts: list[str]) -> list[Any] | None:
+        """Each text's value, when every text is written exactly as libyang writes that
+        value (its canonical form); else None, and libyang reads them. The forms accepted
+        are few and exact: decimal digits without leading zeros inside the range, an enum's
+        name, a dotted quad, an IPv6 address as the C library prints it."""
+        if self._range is not None:
+            values = _unsigned_list(",".join(texts))
+            if values is None or len(values) != len(texts):
+                return None
+            low, high = self._range
+            return values if not values or (min(values) >= low and max(values) <= high) \
+                else None
+        if self._enums is not None:
+            return list(texts) if self._enums.issuperset(texts) else None
+        if self._address:
+            new = set(texts).difference(self._canonical_seen)
+            if not all(map(_canonical_address, new)):
+                return None
+            if len(self._canonical_seen) < 65536:
+                self._canonical_seen.update(new)
+            return list(texts)
+        return None
 
     def _unsigned(self, text: str) -> int:
         if text.isascii() and text.isdigit():
@@ -312,7 +356,7 @@ class LeafCheck:
             return text
         return self._by_libyang(text)
 
-    def _address(self, text: str) -> str:
+    def _address_value(self, text: str) -> str:
         cached = self._cache.get(text)
         if cached is not None:
             return cached
@@ -353,11 +397,49 @@ def _canonical_ipv6(text: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
 
 
+_DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                          r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
+def _canonical_address(text: str) -> bool:
+    """Whether ``text`` is an address without zone as libyang prints one."""
+    if _DOTTED_QUAD.fullmatch(text):
+        return True
+    if ":" not in text or not text.isascii():
+        return False
+    try:
+        return _canonical_ipv6(text) == text
+    except (OSError, ValueError):
+        return False
+
+
+def _unsigned_range(ytype: libyang.Type) -> tuple[int, int] | None:
+    """The one interval an unsigned integer type allows, or None (another type, or a range
+    of several parts)."""
+    bounds = _INT_BOUNDS.get(ytype.base())
+    if bounds is None:
+        return None
+    ranges = list(ytype.all_ranges())
+    if not ranges:
+        return bounds
+    parts = [r.strip() for r in " ".join(ranges).split("|")]
+    if len(ranges) != 1 or len(parts) != 1:
+        return None
+    low, _, high = parts[0].partition("..")
+    low, high = low.strip(), (high or low).strip()
+    try:
+        return (bounds[0] if low == "min" else int(low),
+                bounds[1] if high == "max" else int(high))
+    except ValueError:
+        return None
+
+
 class ListEntryChecker:
     """Checks for every leaf of one top-level list, compiled from its libyang schema node."""
 
     def __init__(self, schema: Schema, list_path: str):
         snode = schema.find(list_path)
+        self.schema = schema
         self.name = snode.name()
         self.prefix = list_path.split(":")[0].lstrip("/")
         self.keys = [k.name() for k in snode.keys()]

@@ -31,3 +31,20 @@ def nc(server):
     yield m
     if m.connected:
         m.close_session()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    """Start servers of the simulated NAT by their seed counts (test_migrate.start_nats);
+    all stopped after the test."""
+    from .test_migrate import start_nats
+
+    started = []
+
+    def make(*seeds: int) -> list:
+        new = start_nats(tmp_path / str(len(started)), *seeds)
+        started.extend(new)
+        return new
+    yield make
+    for nat in started:
+        nat.stop()

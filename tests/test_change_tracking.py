@@ -25,7 +25,8 @@ from lxml import etree
 from ncclient import manager
 from ncclient.operations import RPCError
 from nfmig.client.local import LocalServer, start_local_server
-from nfmig.nf_backends.base import CHANGES_LOST, Session, SessionChanges
+from nfmig.nf_backends.base import CHANGES_LOST, Session
+from nfmig.nf_backends.batch import SessionBatch
 from nfmig.nf_backends.openflow import OpenflowBackend
 from nfmig.nf_backends.simulated import SimulatedBackend
 from nfmig.server.change_tracking import ChangeFeed, ChangeTracking
@@ -169,7 +170,7 @@ def test_feed_watches_the_backend_only_while_someone_listens():
     tracking.start("m1", [], 60)
     tracking.start("m2", [], 60)
     assert backend.watching == [True]  # once, however many listen
-    backend.apply(SessionChanges(upserts=[sim_session(1)]))
+    backend.apply(SessionBatch.put([sim_session(1)]))
     assert len(heard) == 1 and tracking.read("m1").keys == {sim_session(1).key}
     tracking.read("m1", stop=True)
     tracking.read("m2", stop=True)
@@ -186,12 +187,12 @@ def test_record_overflows_beyond_its_bound_and_holds_no_keys():
     backend = SimulatedBackend()
     tracking = ChangeTracking(ChangeFeed(backend), limit=10)
     tracking.start("m1", [], 60)
-    backend.apply(SessionChanges(upserts=[sim_session(i) for i in range(10)]))
+    backend.apply(SessionBatch.put([sim_session(i) for i in range(10)]))
     assert tracking.read("m1") == (set(map(Session.key.fget, map(sim_session, range(10)))),
                                    False)
-    backend.apply(SessionChanges(upserts=[sim_session(10)]))
+    backend.apply(SessionBatch.put([sim_session(10)]))
     assert tracking.read("m1") == (set(), True)
-    backend.apply(SessionChanges(deletes=[sim_session(0).key]))  # still overflowed
+    backend.apply(SessionBatch.put(remove=[sim_session(0).key]))  # still overflowed
     assert tracking.read("m1") == (set(), True)
     tracking.start("m1", [], 60)  # tracking again starts over
     assert tracking.read("m1") == (set(), False)
@@ -217,7 +218,7 @@ def test_record_keeps_only_the_sessions_of_its_sources():
     v6 = sim_session(2, "2001:db8::7")._replace(dst_address="2001:db8:1::1",
                                                 translated_address="2001:db8:2::1")
     elsewhere = sim_session(3, "10.3.0.1")
-    backend.apply(SessionChanges(upserts=[inside, v6, elsewhere]))
+    backend.apply(SessionBatch.put([inside, v6, elsewhere]))
     assert tracking.read("m1").keys == {inside.key, v6.key}
     assert tracking.read("m2").keys == set()
     tracking.close_all()

@@ -17,8 +17,7 @@ if os.geteuid() != 0:
     pytest.skip("network namespaces and conntrack need root", allow_module_level=True)
 
 from nfmig.nf_backends import ctparse  # noqa: E402
-from nfmig.nf_backends.base import NewSessions, Session  # noqa: E402
-from nfmig.nf_backends.ctattrs import _BATCH, new_entry  # noqa: E402
+from nfmig.nf_backends.ctattrs import _BATCH  # noqa: E402
 from nfmig.nf_backends.ctnetlink import Conntrack, ConntrackError, CtEntry, _Encoder  # noqa: E402
 from nfmig.nf_backends.linux import LinuxBackend  # noqa: E402
 
@@ -197,97 +196,17 @@ def test_a_batch_of_one_shape_comes_back_from_a_dump_as_it_went_in(conntrack, ki
         assert not any(conntrack.delete(batch))
 
 
-def by_columns(batch: list[CtEntry]) -> list[list]:
-    return list(map(list, zip(*batch, strict=True)))
-
-
-def assert_written_by_columns_as_they_are(conntrack, batch: list[CtEntry]) -> None:
-    assert not any(conntrack.create_columns(by_columns(batch), len(batch)))
-    try:
-        dumped = {e.key: e for e in conntrack.dump()}
-        assert [stable(dumped[e.key]) for e in batch] == [stable(e) for e in batch]
-    finally:
-        assert not any(conntrack.delete(batch))
-
-
-@pytest.mark.parametrize("kind", sorted(ENTRIES))
-def test_a_batch_given_by_columns_comes_back_from_a_dump_as_it_went_in(conntrack, kind):
-    assert_written_by_columns_as_they_are(conntrack, many(ENTRIES[kind], 40, 51000))
-
-
-def test_a_batch_given_by_columns_of_several_shapes_comes_back_as_it_went_in(conntrack):
-    assert_written_by_columns_as_they_are(conntrack, [
-        *many(ENTRIES["tcp ipv4 source nat"], 20, 52000),
-        *many(ENTRIES["tcp ipv6 source nat"], 20, 52100)])  # no one message layout
-
-
-def test_a_batch_given_by_columns_reports_each_refused_entry_at_its_own_index(conntrack):
-    batch = many(ENTRIES["udp ipv4 source nat"], 40, 53000)
-    assert not any(conntrack.create(batch[5:6] + batch[30:31]))
-    try:
-        results = conntrack.create_columns(by_columns(batch), len(batch))
-        assert [i for i, code in enumerate(results) if code] == [5, 30]
-        assert results[5] == errno.EEXIST
-    finally:
-        conntrack.delete(batch)
-
-
 @pytest.mark.parametrize("operation", ["create", "update", "delete", "get"])
 @pytest.mark.parametrize("first_seq", [1, 2**32 - 10])  # numbers wrapping within the batch
 def test_a_batch_encodes_to_the_messages_of_its_entries_one_by_one(operation, first_seq):
     encoder = _Encoder()
     for entries in [*(many(e, 20, 1000) for e in ENTRIES.values()),
-                    [e for e in ENTRIES.values() for _ in range(3)]]:  # mixed shapes
-        messages = encoder._encode_each(entries, first_seq, operation)
+                    [e for e in ENTRIES.values() for _ in range(3)],  # mixed shapes
+                    [e for _ in range(20) for e in ENTRIES.values()]]:  # mixed, by columns
+        seqs = [(first_seq + i) & 0xFFFFFFFF for i in range(len(entries))]
+        messages = encoder._encode_each(entries, seqs, operation)
         assert encoder.encode_all(entries, first_seq, operation) == (
             b"".join(messages), sum(map(len, messages[:-1])))
-
-
-SESSIONS = [
-    Session("TCP", "10.0.0.2", 40000, "192.0.2.100", 443, "192.0.2.1", 20001,
-            tcp_state="established", src_window_scale=7, dst_window_scale=6, timeout=300,
-            orig_packets=5),
-    Session("UDP", "10.0.0.2", 40001, "192.0.2.100", 53, "192.0.2.1", 20002, timeout=60),
-    Session("ICMP", "10.0.0.2", 77, "192.0.2.100", 0, "192.0.2.1", 20003, timeout=30),
-    Session("TCP", "2001:db8:1::2", 40002, "2001:db8:2::100", 443, "2001:db8:2::1", 20004,
-            tcp_state="time-wait", timeout=120),
-    Session("TCP", "192.0.2.100", 40003, "192.0.2.1", 8080, None, None, "10.0.0.2", 80,
-            tcp_state="established", timeout=300),
-]
-
-
-@pytest.mark.parametrize("session", SESSIONS, ids=lambda s: f"{s.protocol}-{s.src_address}")
-def test_sessions_of_one_kind_become_the_entries_they_become_one_by_one(session):
-    backend = LinuxBackend("unused")  # conversions only: never started
-    batch = [session._replace(src_port=session.src_port + i) for i in range(20)]
-    assert backend._entries(batch) == backend._entries_each(batch)
-    assert backend._entries_of_one_kind(batch) is not None  # the columns did the work
-
-
-@pytest.mark.parametrize("session", [s for s in SESSIONS if s.protocol != "ICMP"],
-                         ids=lambda s: f"{s.protocol}-{s.src_address}")
-def test_new_sessions_given_by_columns_become_the_entries_they_become_one_by_one(session):
-    backend = LinuxBackend("unused")
-    batch = [session._replace(src_port=session.src_port + i) for i in range(20)]
-    columns = tuple(None if set(c) == {None} else list(c) for c in zip(*batch, strict=True))
-    entries = zip(*backend._new_entry_columns(NewSessions(columns, len(batch))), strict=True)
-    assert list(map(new_entry, entries)) == backend._entries_each(batch)
-
-
-def test_new_icmp_sessions_are_not_written_by_columns():
-    # Their native key has no destination port: sessions that differ only in it fold into
-    # one kernel entry, which apply() sorts out.
-    backend = LinuxBackend("unused")
-    batch = [SESSIONS[2]._replace(src_port=100 + i) for i in range(20)]
-    columns = tuple(list(c) for c in zip(*batch, strict=True))
-    assert backend._new_entry_columns(NewSessions(columns, len(batch))) is None
-
-
-def test_sessions_of_several_kinds_become_their_entries_one_by_one():
-    backend = LinuxBackend("unused")
-    batch = SESSIONS * 4
-    assert backend._entries_of_one_kind(batch) is None
-    assert backend._entries(batch) == backend._entries_each(batch)
 
 
 class _Recorder:
@@ -360,26 +279,12 @@ def test_a_read_whose_messages_do_not_all_repeat_the_first_is_not_read_by_column
     assert ctparse.parse_run(read, len(read), len(messages[0])) is None
 
 
-@pytest.mark.parametrize("kind", sorted(ENTRIES))
-def test_a_read_of_one_protocol_becomes_the_sessions_it_becomes_entry_by_entry(kind):
+def test_imported_counts_are_added_to_the_sessions_of_a_read():
     backend = LinuxBackend("unused")  # conversions only: never started
-    batch = many(ENTRIES[kind], 20, 1000)
-    assert backend._session_list(batch) == list(backend._sessions_from(batch))
-
-
-def test_a_read_of_several_protocols_becomes_the_sessions_it_becomes_entry_by_entry():
-    backend = LinuxBackend("unused")
-    batch = list(ENTRIES.values()) * 3
-    assert backend._session_list(batch) == list(backend._sessions_from(batch))
-
-
-def test_imported_counts_are_added_to_the_sessions_of_a_read_by_columns():
-    backend = LinuxBackend("unused")
     batch = [e._replace(orig_packets=1, orig_bytes=2, reply_packets=3, reply_bytes=4)
              for e in many(ENTRIES["tcp ipv4 source nat"], 20, 1000)]
     backend._offsets = {batch[3].key: (10, 20, 30, 40), batch[17].key: (1, 1, 1, 1)}
-    sessions = backend._session_list(batch)
-    assert sessions == list(backend._sessions_from(batch))
+    sessions = list(backend._sessions_from(batch))
     assert sessions[3][-4:] == (11, 22, 33, 44) and sessions[4][-4:] == (1, 2, 3, 4)
 
 

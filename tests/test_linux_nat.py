@@ -477,7 +477,7 @@ def test_kernel_entries_are_found_by_key_and_counted(nats):
     assert missing.value.tag == "data-missing"
 
 
-# A bulk edit presumes its new sessions absent and lets the kernel say otherwise.
+# A bulk edit creates its sessions and lets the kernel say which it holds already.
 def test_a_bulk_merge_updates_the_sessions_already_there_and_creates_the_rest(nats):
     a, _ = nats
     a.client.edit(kernel_session(23010, "merge", timeout=100))
@@ -485,6 +485,18 @@ def test_a_bulk_merge_updates_the_sessions_already_there_and_creates_the_rest(na
     timeouts = kernel_timeouts(a)
     assert set(timeouts) == set(range(23000, 23100))
     assert 500 < timeouts[23010] <= 600  # updated, not created again
+
+
+def test_a_bulk_merge_keeps_what_it_leaves_out_of_a_session_already_there(nats):
+    a, _ = nats
+    a.client.edit(kernel_session(23510, "merge", timeout=100))
+    without_timeout = [kernel_session(23500 + i, "merge").replace(
+        "<timeout>300</timeout>", "") for i in range(100)]
+    a.client.edit("".join(without_timeout))
+    timeouts = kernel_timeouts(a)
+    assert set(timeouts) == set(range(23500, 23600))
+    assert timeouts[23510] <= 100  # merged: the timeout it had, not the policy's
+    assert timeouts[23511] > 100
 
 
 def test_a_bulk_create_that_meets_an_existing_session_changes_nothing(nats):

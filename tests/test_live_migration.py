@@ -18,9 +18,7 @@ from nfmig.client.migrate import Migration, Options
 from nfmig.server.auth import add_user
 
 from nfmig.cli import main
-from tests.test_migrate import NAT_NS, NO_HOST_KEY_CHECK, PASSWORD, Nat, migrate, nats, session
-
-__all__ = ["nats"]  # the fixture, used by name
+from tests.test_migrate import NAT_NS, NO_HOST_KEY_CHECK, PASSWORD, Nat, migrate, session
 
 GATEWAYS = (f'<nat-policy xmlns="{NAT_NS}">'
             "<gateway-address><address>10.0.0.1</address><interface>inside</interface>"

@@ -274,12 +274,12 @@ def test_an_ipv6_gateway_address_is_refused_naming_it_and_nothing_changes(sdn):
 ], ids=["ipv6", "destination-nat", "icmpv6"])
 def test_a_session_this_nat_cannot_hold_is_refused_naming_it(sdn, entry):
     protocol, src, dst, translated, extra = entry
-    ports = "<src_port>5000</src_port><dst_port>80</dst_port>" if protocol == "TCP" else \
-        "<src_port>7</src_port><dst_port>0</dst_port>"
+    sport, dport = ("5000", "80") if protocol == "TCP" else ("7", "0")
     with pytest.raises(RPCError) as refused:
         sdn.client.edit(f'<nat-session xmlns="{NAT_NS}"><protocol>{protocol}</protocol>'
-                        f"<src_address>{src}</src_address><dst_address>{dst}</dst_address>"
-                        f"{ports}<translated_address>{translated}</translated_address>"
+                        f"<src_address>{src}</src_address><src_port>{sport}</src_port>"
+                        f"<dst_address>{dst}</dst_address><dst_port>{dport}</dst_port>"
+                        f"<translated_address>{translated}</translated_address>"
                         f"<translated_port>5000</translated_port>{extra}</nat-session>")
     assert "the OpenFlow NAT" in str(refused.value)
     assert f"[protocol='{protocol}'][src_address='{src}']" in refused.value.path

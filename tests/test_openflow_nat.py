@@ -25,8 +25,8 @@ from nfmig.nf_backends.base import (  # noqa: E402
     GatewayAddress,
     NatPolicy,
     Session,
-    SessionChanges,
 )
+from nfmig.nf_backends.batch import SessionBatch  # noqa: E402
 from nfmig.nf_backends.ofnat_procs import record_path  # noqa: E402
 from nfmig.nf_backends.openflow import OpenflowBackend  # noqa: E402
 
@@ -86,7 +86,7 @@ def test_a_request_the_app_cannot_handle_fails_alone(nat):
         nat.ctl.ask("settle", batch=12345, ok=True)
     nat.hold_new_sessions(["0.0.0.0/0", "::/0"])  # IPv6 sources never reach this NAT
     nat.hold_new_sessions([])
-    nat.apply(SessionChanges(upserts=[session(30000, 20000)]))
+    nat.apply(SessionBatch.put([session(30000, 20000)]))
     assert [s.key for s in nat.sessions()] == [session(30000, 20000).key]
     assert nat._app.pid == app and nat._app.poll() is None
 
@@ -165,7 +165,7 @@ def test_imported_sessions_read_back_with_counters_and_delete_by_key(nat):
     given = [session(31000 + i, 20000 + i, orig_packets=5, orig_bytes=500, reply_packets=7,
                      reply_bytes=700, src_window_scale=7, dst_window_scale=9) for i in range(3)]
     given.append(session(31010, 20005, "UDP", timeout=60))
-    nat.apply(SessionChanges(upserts=given))
+    nat.apply(SessionBatch.put(given))
     found = {s.key: s for s in nat.sessions()}
     assert found.keys() == {s.key for s in given}
     for s in given:
@@ -177,7 +177,7 @@ def test_imported_sessions_read_back_with_counters_and_delete_by_key(nat):
     assert nat.lookup([given[0].key, ("TCP", "10.0.0.9", 1, "192.0.2.100", 80)]).keys() \
         == {given[0].key}
     assert nat.stats().session_count == 4
-    nat.apply(SessionChanges(deletes=[s.key for s in given[:2]]))
+    nat.apply(SessionBatch.put(remove=[s.key for s in given[:2]]))
     assert {s.key for s in nat.sessions()} == {s.key for s in given[2:]}
 
 
@@ -186,64 +186,64 @@ def test_thousands_of_sessions_import_read_back_and_delete_in_one_batch_each(nat
     given = [Session("UDP" if i % 3 == 0 else "TCP", f"10.0.0.{2 + i % 200}",
                      40000 + i // 200, TestBed.SERVER, 443, TestBed.EXTERNAL, 1024 + i,
                      timeout=600) for i in range(3000)]
-    nat.apply(SessionChanges(upserts=given))
+    nat.apply(SessionBatch.put(given))
     found = {s.key: s for s in nat.sessions()}
     assert found.keys() == {s.key for s in given}
     assert all(found[s.key][:7] == s[:7] for s in given)
     assert nat.lookup(s.key for s in given).keys() == found.keys()
-    nat.apply(SessionChanges(deletes=[s.key for s in given]))
+    nat.apply(SessionBatch.put(remove=[s.key for s in given]))
     assert list(nat.sessions()) == [] and nat.stats().session_count == 0
 
 
 def test_a_batch_the_switch_refuses_leaves_nothing_installed(nat):
-    nat.apply(SessionChanges(upserts=[session(32000, 20001)]))
+    nat.apply(SessionBatch.put([session(32000, 20001)]))
     nat.ovs.limit_table(0, 20)  # room for a few more pairs, not for twelve
     with pytest.raises(BackendError, match="nothing applied"):
-        nat.apply(SessionChanges(upserts=[session(32001 + i, 20002 + i) for i in range(12)],
-                                 deletes=[session(32000, 20001).key]))
+        nat.apply(SessionBatch.put([session(32001 + i, 20002 + i) for i in range(12)],
+                                 remove=[session(32000, 20001).key]))
     assert [s.key for s in nat.sessions()] == [session(32000, 20001).key]
-    nat.apply(SessionChanges(upserts=[session(32001, 20002)]))  # its port was released
+    nat.apply(SessionBatch.put([session(32001, 20002)]))  # its port was released
 
 
 def test_a_refused_update_keeps_the_old_translated_port_reserved(nat):
-    nat.apply(SessionChanges(upserts=[session(35000, 20001)]))
+    nat.apply(SessionBatch.put([session(35000, 20001)]))
     nat.ovs.limit_table(0, 20)
     moved = session(35000, 20002)  # the same session, another translated port
     with pytest.raises(BackendError, match="nothing applied"):
-        nat.apply(SessionChanges(upserts=[moved] + [session(35001 + i, 21000 + i)
+        nat.apply(SessionBatch.put([moved] + [session(35001 + i, 21000 + i)
                                                     for i in range(12)]))
     assert [s.translated_port for s in nat.sessions()] == [20001]
     with pytest.raises(BackendError) as refused:
-        nat.apply(SessionChanges(upserts=[session(35100, 20001)]))
+        nat.apply(SessionBatch.put([session(35100, 20001)]))
     assert refused.value.reason == "port taken"
-    nat.apply(SessionChanges(upserts=[session(35101, 20002)]))  # never really taken
+    nat.apply(SessionBatch.put([session(35101, 20002)]))  # never really taken
 
 
 def test_a_batch_may_give_a_deleted_sessions_port_to_a_new_one(nat):
     old, new = session(36000, 20004), session(36001, 20004)
-    nat.apply(SessionChanges(upserts=[old]))
-    nat.apply(SessionChanges(upserts=[new], deletes=[old.key]))
+    nat.apply(SessionBatch.put([old]))
+    nat.apply(SessionBatch.put([new], remove=[old.key]))
     assert [s.key for s in nat.sessions()] == [new.key]
     with pytest.raises(BackendError) as refused:
-        nat.apply(SessionChanges(upserts=[old]))
+        nat.apply(SessionBatch.put([old]))
     assert refused.value.reason == "port taken"
 
 
 def test_an_idle_session_expires_and_frees_its_translated_port(nat):
-    nat.apply(SessionChanges(upserts=[session(37000, 20006, timeout=1)]))
+    nat.apply(SessionBatch.put([session(37000, 20006, timeout=1)]))
     deadline = time.monotonic() + 15
     while (nat.stats().sessions_expired == 0 or list(nat.sessions())) \
             and time.monotonic() < deadline:
         time.sleep(0.2)  # the switch idles flows out about once a second
     assert nat.stats().sessions_expired == 1
     assert list(nat.sessions()) == []
-    nat.apply(SessionChanges(upserts=[session(37001, 20006)]))  # the app let the port go
+    nat.apply(SessionBatch.put([session(37001, 20006)]))  # the app let the port go
 
 
 def test_a_translated_endpoint_in_use_is_refused(nat):
-    nat.apply(SessionChanges(upserts=[session(33000, 20003)]))
+    nat.apply(SessionBatch.put([session(33000, 20003)]))
     with pytest.raises(BackendError) as refused:
-        nat.apply(SessionChanges(upserts=[session(33001, 20004), session(33002, 20003)]))
+        nat.apply(SessionBatch.put([session(33001, 20004), session(33002, 20003)]))
     assert refused.value.reason == "port taken"
     assert refused.value.key == session(33002, 20003).key
     assert len(list(nat.sessions())) == 1
@@ -266,7 +266,7 @@ def connect(bed: TestBed, port: int) -> list[str]:
 
 def test_new_connection_gets_a_port_by_packet_in_never_an_imported_one(bed, nat):
     imported = [session(34000 + i, 20000 + i) for i in range(9)]  # all but 20009
-    nat.apply(SessionChanges(upserts=imported))
+    nat.apply(SessionBatch.put(imported))
     bed.activate(bed.nat_b)
     assert connect(bed, 5501) == [TestBed.EXTERNAL, "20009"]
     new = [s for s in nat.sessions() if s.dst_port == 5501]
@@ -291,26 +291,26 @@ def echo(ident: int, tident: int | None = None, **kw) -> Session:
 
 def test_icmp_echo_sessions_read_back_as_imported_and_delete_by_key(nat):
     given = echo(4242, orig_packets=3, orig_bytes=252, reply_packets=3, reply_bytes=252)
-    nat.apply(SessionChanges(upserts=[given]))
+    nat.apply(SessionBatch.put([given]))
     [got] = nat.sessions()
     assert got[:9] == given[:9] and got[13:] == given[13:]
     assert 0 < got.timeout <= 30
     assert nat.lookup([given.key]) == {given.key: got}
-    nat.apply(SessionChanges(deletes=[given.key]))
+    nat.apply(SessionBatch.put(remove=[given.key]))
     assert list(nat.sessions()) == []
 
 
 def test_an_icmp_session_whose_identifier_is_rewritten_is_refused(nat):
     with pytest.raises(BackendError) as refused:
-        nat.apply(SessionChanges(upserts=[echo(4242, 4243)]))
+        nat.apply(SessionBatch.put([echo(4242, 4243)]))
     assert refused.value.reason == "not supported"
     assert "identifier" in str(refused.value)
 
 
 def test_two_echo_sessions_the_switch_cannot_tell_apart_are_refused(nat):
-    nat.apply(SessionChanges(upserts=[echo(4242)]))
+    nat.apply(SessionBatch.put([echo(4242)]))
     with pytest.raises(BackendError) as refused:
-        nat.apply(SessionChanges(upserts=[echo(4243)]))  # same peer and address
+        nat.apply(SessionBatch.put([echo(4243)]))  # same peer and address
     assert refused.value.reason == "port taken"
 
 
@@ -338,9 +338,9 @@ def test_changes_are_reported_up_to_a_flush_whatever_made_them(bed, nat):
     nat.watch(heard.extend)
     kept, updated, expiring = session(38000, 20001), session(38001, 20002), \
         session(38002, 20003, "UDP", timeout=1)
-    nat.apply(SessionChanges(upserts=[kept, updated, expiring]))
-    nat.apply(SessionChanges(upserts=[updated._replace(tcp_state="fin-wait")],
-                             deletes=[kept.key]))
+    nat.apply(SessionBatch.put([kept, updated, expiring]))
+    nat.apply(SessionBatch.put([updated._replace(tcp_state="fin-wait")],
+                             remove=[kept.key]))
     bed.activate(bed.nat_b)
     seen_as = connect(bed, 5502)  # the server's peer: the translated endpoint
     [made] = [s for s in nat.sessions() if s.dst_port == 5502]
@@ -356,7 +356,7 @@ def test_changes_are_reported_up_to_a_flush_whatever_made_them(bed, nat):
     assert events_of(heard, opened) == ["created", "updated"]  # the SYN, then its reply
     assert made.dst_window_scale is not None
     nat.watch(None)
-    nat.apply(SessionChanges(deletes=[updated.key]))
+    nat.apply(SessionBatch.put(remove=[updated.key]))
     nat.flush_changes()
     assert events_of(heard, updated.key) == ["created", "updated"]  # not followed now
 
@@ -365,7 +365,7 @@ def test_a_flush_takes_in_every_expiry_the_switch_made_before_it(nat):
     heard: list = []
     nat.watch(heard.extend)
     given = [session(39000 + i, 21000 + i, timeout=1) for i in range(300)]
-    nat.apply(SessionChanges(upserts=given))
+    nat.apply(SessionBatch.put(given))
     deadline = time.monotonic() + 15
     while list(nat.sessions()) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -409,6 +409,6 @@ def test_an_app_that_ends_loses_its_changes_and_the_listener_is_told(nat, monkey
             time.sleep(0.1)
     assert nat._app.pid != first
     added = session(40000, 20005)
-    nat.apply(SessionChanges(upserts=[added], deletes=[]))
+    nat.apply(SessionBatch.put([added]))
     nat.flush_changes()
     assert events_of(heard, added.key) == ["created"]

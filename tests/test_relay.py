@@ -7,12 +7,13 @@ import ctypes
 import os
 import random
 import socket
+import threading
 
 import pytest
 from ncclient.transport.errors import NetconfFramingError
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import _SEND_BLOCK, NatClient, _framed_blocks
-from nfmig.client.relay import MoveError, _Relay, move_sessions
+from nfmig.client.relay import EntryStream, MoveError, _Relay, move_sessions
 from nfmig.client.streaming import ChunkReader
 from nfmig.nf_backends.base import Session
 from nfmig.server.session_codec import sessions_to_xml
@@ -142,6 +143,36 @@ def test_a_reply_that_goes_on_after_its_last_entry_fails_the_move(clients):
     with pytest.raises(MoveError, match="does not end after its last session"):
         relay.outcome()
     assert ports(target) == []
+
+
+class Held(EntryStream):
+    """Takes blocks into a list, each only once the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__("m4", 64, 64)
+        self.taken: list[bytes] = []
+        self.taking, self.go_on = threading.Event(), threading.Event()
+
+    def take(self, entries: bytes) -> None:
+        self.taking.set()
+        self.go_on.wait(10)
+        self.taken.append(entries)
+
+
+def test_a_stream_stopped_while_a_block_is_taken_takes_none_after_it():
+    stream = Held()
+    entries = "".join(sessions_to_xml([udp(6300 + i) for i in range(3)], NAT_NS)).encode()
+    head = f'<rpc-reply xmlns="{NC_NS}" message-id="m4"><data xmlns="urn:x">'.encode()
+    feeding = threading.Thread(target=stream.feed, args=(head + entries,))
+    feeding.start()
+    assert stream.taking.wait(10)
+    assert not stream.fail(RuntimeError("stop"), wait=0.1)  # the block is still being taken
+    stream.go_on.set()
+    feeding.join(10)
+    assert stream.fail(RuntimeError("stop"), wait=10)
+    stream.feed(entries)
+    stream.feed(None)
+    assert len(stream.taken) == 1 and str(stream.failure) == "stop"
 
 
 # -- the chunk reader ---------------------------------------------------------------------

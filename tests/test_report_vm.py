@@ -14,7 +14,7 @@ from nfmig.client.report import Report, process_memory
 
 from nfmig.cli import main
 
-from .test_migrate import nats, run_cli  # noqa: F401  (nats is a fixture)
+from .test_migrate import run_cli
 
 # A parent that starts a child holding 40 MiB it has written to (so they are resident), and
 # prints the child's pid once the memory is there.
