@@ -263,13 +263,7 @@ class LinuxBackend(Backend):
         keys = batch.keys()
         current = self._read(set(keys))
         if {e.operation for e in batch.edits} <= {"delete", "remove"}:
-            # Whether each is held is all these need to know of the sessions read.
-            held = [self._native_key(k) in current for k in keys]
-            for edit, there in zip(batch.edits, held, strict=True):
-                if not there:
-                    edit.result(None)  # raises for a delete of what is not there
-            self._write([], [k for k, there in zip(keys, held, strict=True) if there],
-                        current)
+            self._take_away(batch.edits, list(map(current.get, map(self._native_key, keys))))
             return
         writes, gone = batch.results(self._sessions_of(current))
         self._write(writes, gone, current)
@@ -306,6 +300,18 @@ class LinuxBackend(Backend):
                                strict=True))
             self._remember_counts(written, held)
             self._imported += len(entries) - len(clashes)
+
+    def _take_away(self, edits: list[SessionEdit], held: list[CtEntry | None]) -> None:
+        """Delete the entries the kernel holds under the edits' keys (``held``, each edit's
+        or None); whether each is held is all a delete or remove needs to know."""
+        for edit, entry in zip(edits, held, strict=True):
+            if entry is None:
+                edit.result(None)  # raises for a delete of what is not there
+        gone = [entry for entry in held if entry is not None]
+        with self._lock:
+            self._delete(gone)
+            for entry in gone:  # what they brought left with them
+                self._offsets.pop(entry.key, None)
 
     def _settle(self, edit: SessionEdit, entry: CtEntry, held: dict[tuple, CtEntry]
                 ) -> Session:

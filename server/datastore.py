@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lxml import etree
 from nfmig.nf_backends.base import (
+    SESSION_FIELDS,
     Backend,
     BackendError,
     NatPolicy,
@@ -128,11 +129,28 @@ class Datastores:
             policy = candidate.policy if candidate else self._policy
             overlay = dict(candidate.sessions) if candidate else {}
         nodes = [TopNode(self.ns, "nat-session", lambda: session_batches_to_xml(
-            self._session_batches_with(overlay), self.ns))]
+            self._session_batches_with(overlay), self.ns),
+            select=lambda wanted: self._selected(overlay, wanted))]
         if policy is not None:
             policy_text = etree.tostring(policy, encoding="unicode")
             nodes.insert(0, TopNode(self.ns, "nat-policy", lambda: [policy_text]))
         return nodes
+
+    def _selected(self, overlay: dict, wanted: list[dict[str, str]]
+                  ) -> Callable[[], Iterator[str]] | None:
+        """The producer of the entries with the leaf values of one of ``wanted`` (a
+        subtree filter's content matches), selected as they are read; None when a leaf
+        named is not one of the list's."""
+        fields = [[(SESSION_FIELDS.index(name), value) for name, value in one.items()]
+                  for one in wanted if one.keys() <= set(SESSION_FIELDS)]
+        if len(fields) != len(wanted):
+            return None
+
+        def chosen(batch: list[Session]) -> list[Session]:
+            return [s for s in batch if any(all(s[i] is not None and str(s[i]) == value
+                                                for i, value in one) for one in fields)]
+        return lambda: session_batches_to_xml(map(chosen, self._session_batches_with(overlay)),
+                                              self.ns)
 
     def config_text(self, datastore: str) -> str:
         return "".join(node.text() for node in self.config_nodes(datastore))

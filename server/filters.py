@@ -29,6 +29,12 @@ def _is_content_match(filter_el: etree._Element) -> bool:
     return len(filter_el) == 0 and filter_el.text is not None and filter_el.text.strip() != ""
 
 
+# What a list's producer needs to select its entries itself: one {leaf: value} per filter
+# node of content matches; it answers a producer of the selected entries, or None when it
+# cannot select on those leaves (the filter then runs on the parsed entries).
+Select = Callable[[list[dict[str, str]]], Callable[[], Iterable[str]] | None]
+
+
 @dataclass(frozen=True)
 class TopNode:
     """A top-level data node, or the run of entries of a top-level list, as XML produced on
@@ -37,6 +43,7 @@ class TopNode:
     namespace: str | None  # None with name None: not known before parsing (stored text)
     name: str | None
     produce: Callable[[], Iterable[str]]
+    select: Select | None = None  # see Select; for a list that can select its own entries
 
     def text(self) -> str:
         return "".join(self.produce())
@@ -62,6 +69,35 @@ def select_top_nodes(nodes: Iterable[TopNode], filter_el: etree._Element
                         for f in hits)
             picked.append((node, whole))
     return picked
+
+
+def content_matches(filter_el: etree._Element, namespace: str | None, name: str
+                    ) -> list[dict[str, str]] | None:
+    """The leaf values each filter node for the list ``name`` asks for, when every one of
+    them holds content match nodes of distinct leaves and nothing else: such a node selects
+    an entry whole when each of its content matches equals one of the entry's leaves (RFC
+    6241 §6.2.5), and the nodes select the union. None for any other filter (selection or
+    containment nodes, attributes, text, another namespace), which :func:`subtree_filter`
+    decides on the parsed entries."""
+    wanted = []
+    for f in filter_el:
+        if not _is_element(f) or not _matches_name(f, namespace, name):
+            continue
+        if f.attrib or (f.text or "").strip():
+            return None
+        values: dict[str, str] = {}
+        for child in f:
+            if not _is_element(child):
+                continue  # comments and processing instructions select nothing
+            leaf = etree.QName(child)
+            if leaf.namespace not in (None, namespace) or leaf.localname in values or \
+                    child.attrib or not _is_content_match(child):
+                return None
+            values[leaf.localname] = child.text.strip()
+        if not values:
+            return None  # a selection node: the whole list
+        wanted.append(values)
+    return wanted or None
 
 
 def _matches_name(filter_el: etree._Element, namespace: str | None, name: str) -> bool:

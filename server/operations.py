@@ -15,7 +15,14 @@ from lxml import etree
 from . import errors
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
-from .filters import TopNode, limit_depth, select_top_nodes, subtree_filter, xpath_filter
+from .filters import (
+    TopNode,
+    content_matches,
+    limit_depth,
+    select_top_nodes,
+    subtree_filter,
+    xpath_filter,
+)
 from .migration import MigrationChanges, MigrationWindows, SessionDigests
 from .notifications import NOTIF_NS, NotificationHub, parse_subscription
 from .schema import Schema, is_yang_1_1, module_ns, module_revision
@@ -203,9 +210,18 @@ class Operations:
     def _subtree_reply(self, ns: str, nodes: list[TopNode], subtree: etree._Element
                        ) -> Iterator[str]:
         """Whole nodes the filter selects go out as produced; only the rest is parsed."""
-        picked = select_top_nodes(nodes, subtree)
-        whole = [node for node, is_whole in picked if is_whole]
-        partial = [node.text() for node, is_whole in picked if not is_whole]
+        whole: list[TopNode] = []
+        partial: list[str] = []
+        for node, is_whole in select_top_nodes(nodes, subtree):
+            # A list that selects its own entries by content matches is never parsed.
+            wanted = content_matches(subtree, node.namespace, node.name or "") \
+                if node.select is not None and not is_whole else None
+            produce = node.select(wanted) if node.select is not None and wanted else None
+            if is_whole or produce is not None:
+                whole.append(node if produce is None else
+                             TopNode(node.namespace, node.name, produce))
+            else:
+                partial.append(node.text())
         rest = ""
         if partial:
             filtered = subtree_filter(self._parse_data(ns, partial), subtree)
