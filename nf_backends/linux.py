@@ -33,16 +33,9 @@ from .base import (
     refuse_unholdable,
 )
 from .batch import SessionBatch, SessionEdit
-from .ctattrs import new_entry
+from .ctattrs import ECHO_REPLY, TCP, CtEntry, new_entry
 from .ctevents import ConntrackEvents
-from .ctnetlink import (
-    ECHO_REPLY,
-    ERRNO_REASONS,
-    TCP,
-    Conntrack,
-    CtEntry,
-    EntryCount,
-)
+from .ctnetlink import ERRNO_REASONS, Conntrack, EntryCount
 from .linux_config import NamespaceConfig
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ if os.geteuid() != 0:
 
 from nfmig.nf_backends import ctparse  # noqa: E402
 from nfmig.nf_backends.ctattrs import _BATCH  # noqa: E402
-from nfmig.nf_backends.ctnetlink import Conntrack, ConntrackError, CtEntry, _Encoder  # noqa: E402
+from nfmig.nf_backends.ctencode import Encoder  # noqa: E402
+from nfmig.nf_backends.ctnetlink import Conntrack, ConntrackError, CtEntry  # noqa: E402
 from nfmig.nf_backends.linux import LinuxBackend  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
@@ -199,7 +200,7 @@ def test_a_batch_of_one_shape_comes_back_from_a_dump_as_it_went_in(conntrack, ki
 @pytest.mark.parametrize("operation", ["create", "update", "delete", "get"])
 @pytest.mark.parametrize("first_seq", [1, 2**32 - 10])  # numbers wrapping within the batch
 def test_a_batch_encodes_to_the_messages_of_its_entries_one_by_one(operation, first_seq):
-    encoder = _Encoder()
+    encoder = Encoder()
     for entries in [*(many(e, 20, 1000) for e in ENTRIES.values()),
                     [e for e in ENTRIES.values() for _ in range(3)],  # mixed shapes
                     [e for _ in range(20) for e in ENTRIES.values()]]:  # mixed, by columns
