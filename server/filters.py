@@ -213,6 +213,39 @@ def xpath_filter(data: etree._Element, select: str, namespaces: dict) -> etree._
     return out
 
 
+# "/P:name[TEST]": the entries of a top-level list picked by a test of each one's own leaves.
+_ENTRY_TEST = re.compile(r"\s*/\s*([A-Za-z_][\w.-]*):([A-Za-z_][\w.-]*)\s*\[(.*)\]\s*", re.S)
+_TEST_TOKEN = re.compile(r"""\s+|"[^"]*"|'[^']*'|\d+(?:\.\d*)?|\.\d+|!=|<=|>=|[=<>+(),-]"""
+                         r"|([A-Za-z_][\w.-]*)(?::([A-Za-z_][\w.-]*))?")
+# Functions and operator names of such a test: none looks beyond the node it is given.
+_OWN_LEAF_WORDS = frozenset({
+    "and", "or", "div", "mod", "not", "true", "false", "boolean", "number", "string",
+    "concat", "contains", "starts-with", "substring", "substring-after", "substring-before",
+    "string-length", "normalize-space", "translate"})
+
+
+def selects_by_own_leaves(select: str, namespaces: dict, namespace: str, name: str) -> bool:
+    """Whether ``select`` picks entries of the top-level list ``name`` by a test of each
+    entry's own leaves only (names of its children, literals, numbers, operators and the
+    functions above): then it picks the same entries from any run of the list as from the
+    whole of it, and :func:`xpath_filter` may be given the list a part at a time."""
+    found = _ENTRY_TEST.fullmatch(select)
+    if found is None or namespaces.get(found.group(1)) != namespace or \
+            found.group(2) != name:
+        return False
+    test, pos = found.group(3), 0
+    while pos < len(test):
+        token = _TEST_TOKEN.match(test, pos)
+        if token is None or token.end() == pos:
+            return False
+        word, local = token.group(1), token.group(2)
+        if word is not None and (namespaces.get(word) != namespace if local is not None
+                                 else word not in _OWN_LEAF_WORDS):
+            return False
+        pos = token.end()
+    return True
+
+
 def _place(node: etree._Element, copies: dict) -> None:
     chain = []
     parent = node.getparent()

@@ -20,6 +20,7 @@ from .filters import (
     content_matches,
     limit_depth,
     select_top_nodes,
+    selects_by_own_leaves,
     subtree_filter,
     xpath_filter,
 )
@@ -197,6 +198,10 @@ class Operations:
             if subtree is None:
                 return _stream_data(ns, nodes, "")
             return self._subtree_reply(ns, nodes, subtree)
+        if xpath is not None and max_depth is None:
+            picked = self._entries_by_test(ns, nodes, xpath)
+            if picked is not None:
+                return picked
         data = self._parse_data(ns, (n.text() for n in nodes))
         if xpath is not None:
             select = xpath.get("select") if xpath.tag.endswith("}filter") else xpath.text
@@ -206,6 +211,22 @@ class Operations:
         if max_depth is not None:
             limit_depth(data, max_depth)
         return etree.tostring(data, encoding="unicode")
+
+    def _entries_by_test(self, ns: str, nodes: list[TopNode], xpath: etree._Element
+                         ) -> str | None:
+        """An XPath filter that picks nat-session entries by their own leaves (a selection
+        of subscribers' prefixes, say), run on each run of entries as it is read instead of
+        on a tree of the whole table; None for any other filter."""
+        select = (xpath.get("select") if xpath.tag.endswith("}filter") else xpath.text) or ""
+        lists = [n for n in nodes if n.namespace == self.ds.ns and n.name == "nat-session"]
+        if len(lists) != 1 or not selects_by_own_leaves(select, xpath.nsmap, self.ds.ns,
+                                                   "nat-session"):
+            return None
+        picked = []
+        for run in lists[0].produce():
+            found = xpath_filter(self._parse_data(ns, [run]), select, xpath.nsmap)
+            picked += (etree.tostring(entry, encoding="unicode") for entry in found)
+        return f'<data xmlns="{ns}">{"".join(picked)}</data>'
 
     def _subtree_reply(self, ns: str, nodes: list[TopNode], subtree: etree._Element
                        ) -> Iterator[str]:

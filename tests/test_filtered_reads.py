@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import random
+from xml.sax.saxutils import escape
 
 import pytest
 from lxml import etree
 from ncclient import manager
 from nfmig.client.local import start_local_server
-from nfmig.server.filters import content_matches
+from nfmig.client.selection import Selection
+from nfmig.server.filters import content_matches, selects_by_own_leaves
 
 from .conftest import NAT_NS, NC_NS
 
@@ -122,3 +124,53 @@ def test_a_subscriber_filter_of_get_data_returns_only_its_sessions(m):
     found = entries(reply.xml)
     assert found and as_set(found) == as_set([e for e in table
                                               if e["src_address"] == address])
+
+
+XPATH_TESTS = ["nfnat:dst_port=443", "nfnat:protocol='UDP' and nfnat:src_port > 2000",
+               "contains(nfnat:translated_address, '.1')", "not(nfnat:tcp_state)",
+               "number(nfnat:src_port) mod 7 = 3", "starts-with(nfnat:src_address, '10.0.0.1')",
+               "position() = 3", "nfnat:src_port = ../nfnat:nat-session[1]/nfnat:src_port",
+               "count(../nfnat:nat-session) > 10"]
+
+
+def get_data(m: manager.Manager, xpath: str, depth: bool) -> list[dict[str, str]]:
+    request = (f'<get-data xmlns="urn:ietf:params:xml:ns:yang:ietf-netconf-nmda" '
+               f'xmlns:ds="urn:ietf:params:xml:ns:yang:ietf-datastores">'
+               f"<datastore>ds:running</datastore>"
+               f'<xpath-filter xmlns:nfnat="{NAT_NS}">{escape(xpath)}</xpath-filter>'
+               + ("<max-depth>65535</max-depth>" if depth else "") + "</get-data>")
+    return entries(m.dispatch(etree.fromstring(request)).xml)
+
+
+def random_xpath(rnd: random.Random, table: list[dict[str, str]]) -> str:
+    if rnd.random() < 0.5:
+        prefixes = [f"{rnd.choice(table)['src_address']}/{rnd.choice([8, 16, 20, 24, 28, 30])}"
+                    for _ in range(rnd.randint(1, 3))]
+        return etree.fromstring(Selection.subscribers(*prefixes).filter_xml()).text or ""
+    tests = rnd.sample(XPATH_TESTS, rnd.randint(1, 2))
+    return "/nfnat:nat-session[" + f" {rnd.choice(['and', 'or'])} ".join(
+        f"({t})" for t in tests) + "]"
+
+
+def test_xpath_filters_on_entries_own_leaves_select_what_the_whole_table_selects(m):
+    """Compared with the same filter asked with a max-depth, which filters the whole table
+    as one tree."""
+    rnd = random.Random(SEED)
+    table = entries(m.get_config(source="running").xml)
+    for i in range(40):
+        xpath = random_xpath(rnd, table)
+        assert as_set(get_data(m, xpath, False)) == as_set(get_data(m, xpath, True)), \
+            f"xpath {i} (FILTER_SEED={SEED}): {xpath}"
+
+
+@pytest.mark.parametrize(("select", "own"), [
+    ("/n:nat-session[n:dst_port=443]", True),
+    ("/n:nat-session[starts-with(n:src_address, '10.') and number(n:src_port) > 5]", True),
+    ("/n:nat-session[position()=1]", False),
+    ("/n:nat-session[n:src_port=../n:nat-session[1]/n:src_port]", False),
+    ("//n:nat-session[n:dst_port=443]", False),
+    ("/n:nat-session[n:dst_port=443]/n:src_port", False),
+    ("/n:nat-session[dst_port=443]", False)])
+def test_an_xpath_filter_is_run_a_run_of_entries_at_a_time_only_on_their_own_leaves(select,
+                                                                                      own):
+    assert selects_by_own_leaves(select, {"n": NAT_NS}, NAT_NS, "nat-session") is own
