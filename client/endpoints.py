@@ -398,12 +398,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """True when the failure is the transport, not an answer from the server."""
-    return isinstance(exc, TransportError | SSHError | OSError | TimeoutExpiredError
-                      | EndpointError)
-
-
 def nat_rpc_input(**leaves: str | int | list[str] | None) -> str:
     """The input leaves of one of the model's operations as XML: None leaves out, a list
     repeats the leaf."""

@@ -66,9 +66,6 @@ SESSION_FIELDS: tuple[str, ...] = Session._fields
 # A Session made in C from a tuple of every field: bulk work makes one per entry.
 new_session = partial(tuple.__new__, Session)
 SESSION_BATCH = 256  # sessions per list of Backend.session_batches (by default)
-NUMERIC_FIELDS = frozenset(
-    f for f, t in Session.__annotations__.items() if "int" in str(t)
-)
 
 
 @dataclass
@@ -176,31 +173,37 @@ def _family_refusal(s: Session) -> str | None:
     return None
 
 
-def refuse_unholdable(backend: Backend, sessions: list[Session]) -> None:
-    """Raise BackendError for the first of ``sessions`` the backend cannot hold, before a
-    write changes anything. Whole columns are looked at first: a bulk write of one IP
-    version (the usual case) needs no look at each session."""
-    if not sessions or (type(backend).refusal is Backend.refusal and
-                        _one_version(list(zip(*sessions, strict=True)))):
+def refusals(backend: Backend, sessions: list[Session]) -> Iterator[BackendError]:
+    """A BackendError for each of ``sessions`` the backend cannot hold, naming it. Whole
+    columns are looked at first: a bulk of one IP version (the usual case) needs no look at
+    each session."""
+    if not sessions or (type(backend).refusal is Backend.refusal and _one_version(sessions)):
         return
     for session in sessions:
         why = backend.refusal(session)
         if why is not None:
-            raise BackendError(f"this NAT cannot hold the session: {why}", session.key,
+            yield BackendError(f"this NAT cannot hold the session: {why}", session.key,
                                "not supported")
 
 
-def _one_version(columns: list) -> bool:
-    """Whether every address in the columns (Session's fields, in order) is of one IP
-    version and no ICMP kind crosses it: then no session has a family refusal."""
+def refuse_unholdable(backend: Backend, sessions: list[Session]) -> None:
+    """Raise the first of :func:`refusals`, before a write changes anything."""
+    refused = next(refusals(backend, sessions), None)
+    if refused is not None:
+        raise refused
+
+
+def _one_version(sessions: list[Session]) -> bool:
+    """Whether every address of every session is of one IP version and no ICMP kind
+    crosses it: then no session has a family refusal."""
     v6: bool | None = None
-    for index in (1, 3, 5, 7):
-        kinds = {":" in a for a in columns[index] if a is not None}
+    for index in (1, 3, 5, 7):  # src, dst, translated and translated_dst address
+        kinds = {":" in a for a in map(itemgetter(index), sessions) if a is not None}
         if len(kinds) > 1 or (v6 is not None and kinds and kinds != {v6}):
             return False
         if kinds:
             v6 = kinds.pop()
-    return ("ICMP" if v6 else "ICMPv6") not in set(columns[0])
+    return ("ICMP" if v6 else "ICMPv6") not in set(map(itemgetter(0), sessions))
 
 
 class Backend(ABC):

@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import attrgetter
 from pathlib import Path
 
 from lxml import etree
@@ -28,6 +27,7 @@ from nfmig.nf_backends.base import (
     BackendError,
     NatPolicy,
     Session,
+    refusals,
     session_key,
 )
 from nfmig.nf_backends.batch import SessionBatch, SessionEdit, key_text
@@ -52,8 +52,6 @@ from .tree_edit import strip_operations
 log = logging.getLogger(__name__)
 
 CONFIG_DATASTORES = ("running", "candidate", "startup")
-_edit_key = attrgetter("key")
-_edit_session = attrgetter("session")
 
 
 def _refuse_duplicate(edits: list[SessionEdit], checker: ListEntryChecker) -> None:
@@ -382,11 +380,8 @@ class Datastores:
                       ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
         policy_edits, session_edits = self._split(config, "replace")
         policy = self._policy_model.plan(None, [strip_operations(e) for e in policy_edits])
-        wanted = dict(zip(map(_edit_key, session_edits), map(_edit_session, session_edits),
-                          strict=True))
-        if len(wanted) != len(session_edits):
-            _refuse_duplicate(session_edits, self.decoder.checker)
-        return policy, wanted
+        batch = _batch_of(session_edits, self.decoder.checker)
+        return policy, dict(zip(batch.keys(), batch.sessions(), strict=True))
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:
         policy, wanted = self._plan_replace(config)
@@ -495,13 +490,7 @@ class Datastores:
     def _check_held(self, sessions: list[Session]) -> None:
         """The staged sessions this NF could not hold: one rpc-error each, naming the entry,
         so that a migrator learns them all before anything moves."""
-        refused = []
-        for session in sessions:
-            why = self.backend.refusal(session)
-            if why is not None:
-                refused.append(_backend_error(
-                    BackendError(f"this NAT cannot hold the session: {why}", session.key,
-                                 "not supported"), self.decoder))
+        refused = [_backend_error(exc, self.decoder) for exc in refusals(self.backend, sessions)]
         if refused:
             raise RpcErrors(refused)
 

@@ -517,6 +517,17 @@ def _imported(i: int, state: str = "established", timeout: int = 600) -> str:
                        f"<dst_window_scale>7</dst_window_scale><timeout>{timeout}</timeout>")
 
 
+def _import_changes(m: manager.Manager, created: range) -> None:
+    """Edits of imported sessions: ``created`` new ones, the first ten updated (their TCP
+    state) and the next ten deleted."""
+    m.edit_config(target="running", config=config(*(_imported(i) for i in created)))
+    m.edit_config(target="running", config=config(*(_imported(i, "fin-wait")
+                                                    for i in range(10))))
+    m.edit_config(target="running", config=config(*(
+        _imported(i).replace(f'xmlns="{NAT_NS}"', f'xmlns="{NAT_NS}" {op_attr("delete")}')
+        for i in range(10, 20))))
+
+
 def _check_linux_changes(bed: TestBed, m: manager.Manager, watcher: manager.Manager) -> None:
     m.edit_config(target="running", config=config(*(_imported(i) for i in range(60))))
     old_server, old_client, closed = _open_tcp(bed, 5101)  # before tracking: closes later
@@ -526,12 +537,7 @@ def _check_linux_changes(bed: TestBed, m: manager.Manager, watcher: manager.Mana
     assert closed in before and before[closed]["tcp_state"] == "established"
     # Imports: created, updated (TCP state), deleted; and real connections: one opened,
     # one closed (its TCP state changes as it closes).
-    m.edit_config(target="running", config=config(*(_imported(i) for i in range(60, 80))))
-    m.edit_config(target="running", config=config(*(_imported(i, "fin-wait")
-                                                    for i in range(10))))
-    m.edit_config(target="running", config=config(*(
-        _imported(i).replace(f'xmlns="{NAT_NS}"', f'xmlns="{NAT_NS}" {op_attr("delete")}')
-        for i in range(10, 20))))
+    _import_changes(m, range(60, 80))
     new_server, new_client, opened = _open_tcp(bed, 5102)
     _finish(old_server, old_client)
     time.sleep(0.3)  # the closing handshake's last ACK has crossed the NAT
@@ -593,12 +599,7 @@ def _check_sdn_changes(bed: TestBed, m: manager.Manager) -> None:
     track(m, "m-sdn", TestBed.INSIDE_PREFIX)
     before = table(m)
     assert expiring <= before.keys()
-    m.edit_config(target="running", config=config(*(_imported(i) for i in range(70, 90))))
-    m.edit_config(target="running", config=config(*(_imported(i, "fin-wait")
-                                                    for i in range(10))))
-    m.edit_config(target="running", config=config(*(
-        _imported(i).replace(f'xmlns="{NAT_NS}"', f'xmlns="{NAT_NS}" {op_attr("delete")}')
-        for i in range(10, 20))))
+    _import_changes(m, range(70, 90))
     m.edit_config(target="running", config=config(_sdn_policy(600)))  # for the next one
     new_server, new_client, _ = _open_tcp(bed, 5202)
     deadline = time.monotonic() + 20
