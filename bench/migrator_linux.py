@@ -25,7 +25,8 @@ over the whole port range):
    memory read after each;
 6. Linux -> Linux only: conntrackd (FTFW, bench/conntrackd_ref.py) resyncs the same N
    sessions between the two NAT namespaces, from `conntrackd -n` on B until B's kernel
-   holds N.
+   holds N; then the stack's floor (bench/floor.py): the interpreter's start with the
+   command's imports, A's table read and B's written with nfmig's netlink code alone.
 
 Printed per direction and size (medians of `--repeat` runs): "sessions in B's kernel", the
 seconds from the command's start (interpreter start included) until B holds every session
@@ -69,6 +70,7 @@ from types import FrameType
 from typing import Any
 
 from conntrackd_ref import add_sync_link, measure_conntrackd
+from floor import measure_floor
 from nfmig.client.demo_linux import gateway_policy
 from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NAT_NS, NatClient
@@ -343,6 +345,7 @@ def run_once(backends: tuple[str, str], n: int, workdir: Path, reference: bool,
             add_sync_link(bed)
             figures["conntrackd_s"] = measure_conntrackd(bed, a, b, sessions,
                                                          workdir / "conntrackd")
+            figures |= measure_floor(a.ct, b.ct, kernel_entries(sessions))
     return figures
 
 

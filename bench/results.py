@@ -27,6 +27,7 @@ def medians(runs: list[dict]) -> dict:
     if ctd:
         out["ratio"] = out["command_s"] / ctd
         out["ratio_in_kernel"] = out["in_kernel_s"] / ctd if out.get("in_kernel_s") else None
+        out["ratio_floor"] = out["floor_s"] / ctd if out.get("floor_s") else None
     return out
 
 
@@ -56,6 +57,11 @@ ROWS: list[tuple[str, str | None, int]] = [
     ("delta new/changed/ended", "delta", 0),
     ("switchover (ms)", "switchover_ms", 1),
     ("conntrackd resync, same N (s)", "conntrackd_s", 3),
+    ("the stack's floor, no protocol (s)", "floor_s", 3),
+    ("  start + imports", "floor_start_s", 3),
+    ("  A's table read (netlink, parsed)", "floor_read_s", 3),
+    ("  written into B (netlink)", "floor_write_s", 3),
+    ("  / conntrackd", "ratio_floor", 2),
     ("server memory (RSS, MB)", None, 0),
     ("A, table loaded", "rss_a_loaded", 0),
     ("B, table loaded", "rss_b_loaded", 0),
@@ -186,6 +192,10 @@ def goals(results: dict, rounds: int) -> list[str]:
                        m.get("ratio_in_kernel"), IN_KERNEL_GOAL, how))
     lines.append(_goal(f"{where}, whole command (verify, delete on A) / conntrackd",
                        m.get("ratio"), COMMAND_GOAL, how))
+    if m.get("ratio_floor") and m.get("in_kernel_s"):
+        lines.append(f"  {where}: the stack's floor alone (start, read A, write B; no "
+                     f"protocol) is {m['ratio_floor']:.2f}x conntrackd; the command's time "
+                     f"in B's kernel is {m['in_kernel_s'] / m['floor_s']:.2f}x that floor")
     for r in results.values():
         if r["direction"] != "Linux -> Linux" and r["sessions"] == HETERO_SIZE:
             lines.append(_goal(f"{r['direction']} {HETERO_SIZE // 1000}k, whole command / "

@@ -19,6 +19,7 @@ from ncclient.transport.errors import SessionCloseError, TransportError
 from ncclient.transport.session import END_DELIM, MSG_DELIM, NetconfBase
 from ncclient.transport.ssh import SSHSession
 from ncclient.xml_ import new_ele, sub_ele
+from nfmig.nf_backends.base import KEY_FIELDS
 
 from .streaming import ChunkReader
 
@@ -172,7 +173,7 @@ NAT_NS = "urn:nfmig:params:xml:ns:yang:nfmig-nat"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
-KEY_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
+KEY_LEAVES = KEY_FIELDS
 
 
 class TextReply(RPCReply):

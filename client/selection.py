@@ -13,15 +13,17 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from operator import methodcaller
 from typing import Any, NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 from lxml import etree
+from nfmig.nf_backends.base import KEY_FIELDS, SESSION_FIELDS
 
 from .netconf import NAT_NS, NC_NS
 
-KEY_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port")
+KEY_LEAVES = KEY_FIELDS
 _PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -210,12 +212,6 @@ def _prefix_condition(net: Network) -> str:
 
 
 # -- entries on the client ------------------------------------------------------------------
-# The nat-session leaves in the model's order.
-_LEAF_ORDER = (
-    "protocol", "src_address", "src_port", "dst_address", "dst_port", "translated_address",
-    "translated_port", "translated_dst_address", "translated_dst_port", "tcp_state",
-    "src_window_scale", "dst_window_scale", "timeout", "orig_packets", "orig_bytes",
-    "reply_packets", "reply_bytes")
 _ENTRY = re.compile(r"<nat-session\b[^>]*>.*?</nat-session>", re.S)
 _LEAF = re.compile(r"<(?:[\w.-]+:)?(protocol|src_address|src_port|dst_address|dst_port|"
                    r"translated_address|translated_port)\b[^>]*>\s*([^<]*?)\s*<")
@@ -294,7 +290,7 @@ def _written_entry() -> re.Pattern:
     return re.compile(
         re.escape(f'<nat-session xmlns="{NAT_NS}">')
         + "".join(leaf(k, True) for k in KEY_LEAVES)
-        + "".join(f"(?:{leaf(n, n in captured)})?" for n in _LEAF_ORDER[len(KEY_LEAVES):])
+        + "".join(f"(?:{leaf(n, n in captured)})?" for n in SESSION_FIELDS[len(KEY_LEAVES):])
         + "</nat-session>")
 
 
@@ -384,13 +380,14 @@ def entries_xml(entries: Iterable[Entry]) -> str:
 
 def removal_xml(entries: Iterable[Entry], operation: str = "remove") -> str:
     """Key-only entries with an operation: ``remove`` deletes an entry if it exists."""
-    parts = []
-    for e in entries:
-        keys = "".join(f"<{name}>{escape(value)}</{name}>"
-                       for name, value in zip(KEY_LEAVES, e.key, strict=True))
-        parts.append(f'<nat-session xmlns:nc="{NC_NS}" nc:operation="{operation}">{keys}'
-                     "</nat-session>")
-    return "".join(parts)
+    keys = [e.key for e in entries]
+    values = list(chain.from_iterable(keys))
+    joined = "".join(values)
+    if "&" in joined or "<" in joined or ">" in joined:  # a tree-read key: escape it
+        values = list(map(escape, values))
+    template = (f'<nat-session xmlns:nc="{NC_NS}" nc:operation="{operation}">'
+                + "".join(f"<{name}>%s</{name}>" for name in KEY_LEAVES) + "</nat-session>")
+    return (template * len(keys)) % tuple(values)
 
 
 def replacement_xml(entries: Iterable[Entry]) -> str:

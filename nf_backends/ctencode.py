@@ -220,6 +220,7 @@ def _by_tuple_layout(e: CtEntry, msg_type: int) -> _Layout:
     return lay.finish()
 
 
+_BY_TUPLE = ("delete", "get")  # kinds whose messages carry the original tuple only
 _UNIFORM_FROM = 16  # entries from which encode_all tries the columns first
 # Network-order values swapped once, so that a whole message packs in native order.
 _SWAPPED_PORT = [int.from_bytes(p.to_bytes(2, "big"), "little") for p in range(1 << 16)]
@@ -297,7 +298,8 @@ class Encoder:
         # One shape: the first entry's family and protocol throughout, and each optional
         # field in every entry or in none.
         if families.count(first.family) != n or protos.count(first.proto) != n or \
-                None in timeouts or any(column.count(None) not in (0, n) for column in (
+                (None in timeouts and kind not in _BY_TUPLE) or \
+                any(column.count(None) not in (0, n) for column in (
                     states, ws_origs, ws_replies, nat_addrs, nat_ports, dnat_addrs,
                     dnat_ports)):
             return None

@@ -209,6 +209,17 @@ class Conntrack:
                 found[index] = parse_entry(data, pos + 20, pos + length, data[pos + 16])
         return found
 
+    def get_messages(self, entries: list[CtEntry]) -> list[bytes | None]:
+        """Like :meth:`get`, each entry's message as the kernel sent it, unparsed: whether
+        an entry is held is often all a caller needs, and the message parses later (see
+        :func:`parse_message`) only when its content is wanted."""
+        found: list[bytes | None] = [None] * len(entries)
+        for index, data, pos, length, kind in self._exchange(
+                len(entries), lambda start, stop: self._send(entries[start:stop], "get")):
+            if kind == CT_NEW:
+                found[index] = bytes(data[pos:pos + length])
+        return found
+
     def last_messages(self) -> dict[int, str]:
         return dict(self._messages)
 
@@ -272,6 +283,11 @@ class Conntrack:
             yield reply
             if reply[3] == NLMSG_ERROR and reply[4] == last:
                 return
+
+
+def parse_message(message: bytes) -> CtEntry:
+    """The entry of one message :meth:`Conntrack.get_messages` returned."""
+    return parse_entry(message, 20, len(message), message[16])
 
 
 def _messages(buf: bytearray, size: int) -> Iterator[tuple[int, int, int, int]]:

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from operator import itemgetter
 
@@ -35,7 +35,7 @@ from .base import (
 from .batch import SessionBatch, SessionEdit
 from .ctattrs import ECHO_REPLY, TCP, CtEntry, new_entry
 from .ctevents import ConntrackEvents
-from .ctnetlink import ERRNO_REASONS, Conntrack, EntryCount
+from .ctnetlink import ERRNO_REASONS, Conntrack, EntryCount, parse_message
 from .linux_config import NamespaceConfig
 
 log = logging.getLogger(__name__)
@@ -253,11 +253,10 @@ class LinuxBackend(Backend):
             if len(set(map(_entry_key, entries))) == len(entries):
                 self._add(batch.edits, sessions, entries)
                 return
-        keys = batch.keys()
-        current = self._read(set(keys))
         if {e.operation for e in batch.edits} <= {"delete", "remove"}:
-            self._take_away(batch.edits, list(map(current.get, map(self._native_key, keys))))
+            self._take_away(batch.edits)
             return
+        current = self._read(set(batch.keys()))
         writes, gone = batch.results(self._sessions_of(current))
         self._write(writes, gone, current)
 
@@ -294,15 +293,19 @@ class LinuxBackend(Backend):
             self._remember_counts(written, held)
             self._imported += len(entries) - len(clashes)
 
-    def _take_away(self, edits: list[SessionEdit], held: list[CtEntry | None]) -> None:
-        """Delete the entries the kernel holds under the edits' keys (``held``, each edit's
-        or None); whether each is held is all a delete or remove needs to know."""
-        for edit, entry in zip(edits, held, strict=True):
-            if entry is None:
-                edit.result(None)  # raises for a delete of what is not there
-        gone = [entry for entry in held if entry is not None]
+    def _take_away(self, edits: list[SessionEdit]) -> None:
+        """Delete the entries the kernel holds under the edits' keys. Whether each is held
+        is all a delete or remove needs to know: the kernel's answers stay unparsed, and are
+        read only to put back what was deleted when a later delete fails."""
+        probes = [self._probe(edit.key) for edit in edits]
         with self._lock:
-            self._delete(gone)
+            held = self.ct.get_messages(probes)
+            for edit, message in zip(edits, held, strict=True):
+                if message is None:
+                    edit.result(None)  # raises for a delete of what is not there
+            gone = [probe for probe, message in zip(probes, held, strict=True) if message]
+            messages = list(filter(None, held))
+            self._delete(gone, lambda i: parse_message(messages[i]))
             for entry in gone:  # what they brought left with them
                 self._offsets.pop(entry.key, None)
 
@@ -358,13 +361,17 @@ class LinuxBackend(Backend):
             self.ct.update([held[e.key] for e in updates])
         return failed
 
-    def _delete(self, entries: list[CtEntry]) -> None:
-        """Delete, or delete nothing: a session that vanished meanwhile (expired) is fine."""
+    def _delete(self, entries: list[CtEntry],
+                original: Callable[[int], CtEntry] | None = None) -> None:
+        """Delete, or delete nothing: a session that vanished meanwhile (expired) is fine.
+        On a refusal the deleted ones are created again, as ``original`` (by index) says
+        they were when ``entries`` name them by their keys only."""
         results = self.ct.delete(entries)
         failed = [(e, c) for e, c in zip(entries, results, strict=True)
                   if c and ERRNO_REASONS.get(c) != "missing"]
         if failed:
-            self.ct.create([e for e, c in zip(entries, results, strict=True) if not c])
+            self.ct.create([original(i) if original else entries[i]
+                            for i, code in enumerate(results) if not code])
             entry, code = failed[0]
             raise BackendError(f"conntrack refused to delete the session: "
                                f"{os.strerror(code)}", self._key(entry),

@@ -17,11 +17,11 @@ import re
 from collections.abc import Iterable, Sequence
 from hashlib import blake2b
 
+from nfmig.nf_backends.base import SESSION_FIELDS
+
 # The leaves of a session's canonical text, in the nat-session list's order: its key, then
 # its translation (the first nine fields of nf_backends.base.Session, in that order).
-DIGEST_LEAVES = ("protocol", "src_address", "src_port", "dst_address", "dst_port",
-                 "translated_address", "translated_port", "translated_dst_address",
-                 "translated_dst_port")
+DIGEST_LEAVES = SESSION_FIELDS[:SESSION_FIELDS.index("translated_dst_port") + 1]
 SEPARATOR = " "  # no enum name, address or port number contains one
 MODULUS = 1 << 64
 EMPTY = "0" * 16  # the digest of no session

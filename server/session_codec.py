@@ -127,6 +127,11 @@ class SessionDecoder:
         self._leaves = [checker.leaves[name] for name in SESSION_FIELDS]
         self._present: dict[int, tuple[str, ...]] = {}
         self._patterns = {SESSION_FIELDS: _ANY_LAYOUT}
+        # Whether the last edit read mixed layouts: a bulk copy sends a table in many
+        # edits alike, so the next one starts with the general pattern instead of first
+        # splitting with its first entry's only to find it does not cover the block. A
+        # guess only: either pattern reads exactly what it reads.
+        self._last_mixed = False
         if tuple(checker.keys) != KEY_FIELDS or set(checker.leaves) != set(SESSION_FIELDS):
             raise RuntimeError("the nat-session list of the YANG model and the backend "
                                "interface's Session disagree")
@@ -206,7 +211,7 @@ class SessionDecoder:
         that leaves anything unread (a mixed table: then the rest go to it directly)."""
         operations: list[str] = []
         columns: dict[str, list | None] = dict.fromkeys(SESSION_FIELDS)  # None: none yet
-        mixed = False
+        mixed = self._last_mixed
         start = 0
         while start < len(body):
             end = body.find(_END, start + _BLOCK)
@@ -236,6 +241,8 @@ class SessionDecoder:
                 elif column is not None:
                     column += repeat(None, len(block_heads))
             start = end
+        self._last_mixed = any(column is not None and 0 < column.count(None) < len(column)
+                               for column in columns.values())
         try:
             values = list(map(_canonical, self._leaves, columns.values()))
         except _Declined:

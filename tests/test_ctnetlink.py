@@ -210,6 +210,19 @@ def test_a_batch_encodes_to_the_messages_of_its_entries_one_by_one(operation, fi
             b"".join(messages), sum(map(len, messages[:-1])))
 
 
+@pytest.mark.parametrize("operation", ["delete", "get"])
+def test_keys_alone_encode_by_columns_to_the_messages_of_their_entries(operation):
+    """What names an entry by its original tuple (a lookup or delete by key) carries no
+    timeout, and still encodes by columns to what each entry encodes to alone."""
+    encoder = Encoder()
+    for entry in ENTRIES.values():
+        probes = [e._replace(timeout=None) for e in many(entry, 20, 1000)]
+        messages = encoder._encode_each(probes, list(range(1, 21)), operation)
+        assert encoder.encode_columns(list(zip(*probes, strict=True)), list(range(1, 21)),
+                                      operation) == (bytearray(b"".join(messages)),
+                                                     len(messages[0]))
+
+
 class _Recorder:
     """A dump's parser that keeps every message's bytes (padded as in a read) by key."""
 

@@ -510,6 +510,26 @@ def test_a_bulk_create_that_meets_an_existing_session_changes_nothing(nats):
     assert timeouts[24050] <= 100
 
 
+# A batch of deletes and removes only asks the kernel which keys it holds, and deletes those.
+def test_a_bulk_delete_naming_a_session_not_there_deletes_nothing(nats):
+    a, _ = nats
+    a.client.edit("".join(kernel_session(26000 + i, "merge") for i in range(100)))
+    with pytest.raises(RPCError) as missing:
+        a.client.edit("".join(kernel_session(26000 + i, "delete") for i in range(101)))
+    assert missing.value.tag == "data-missing"
+    assert "26100" in (missing.value.path or "")
+    assert set(kernel_timeouts(a)) == set(range(26000, 26100))
+
+
+def test_a_bulk_remove_takes_away_what_is_there_and_passes_over_the_rest(nats):
+    a, _ = nats
+    a.client.edit("".join(kernel_session(26200 + i, "merge") for i in range(100)))
+    a.client.edit("".join(kernel_session(26150 + i, "remove") for i in range(100)))
+    assert set(kernel_timeouts(a)) == set(range(26250, 26300))
+    a.client.edit("".join(kernel_session(26250 + i, "delete") for i in range(50)))
+    assert kernel_timeouts(a) == {}
+
+
 def with_counts(entry: str, counts: tuple[int, int, int, int]) -> str:
     leaves = "".join(f"<{name}>{value}</{name}>" for name, value in zip(
         ("orig_packets", "orig_bytes", "reply_packets", "reply_bytes"), counts, strict=True))
