@@ -35,14 +35,21 @@ class LocalServer:
 
 
 def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float = 60,
-                       verbose: bool = False, password: str | None = None) -> LocalServer:
+                       verbose: bool = False, password: str | None = None,
+                       scrypt_cost: int | None = None) -> LocalServer:
     """`nfmig serve` on 127.0.0.1 for user admin with ``password`` (a fresh random one when
-    None), port chosen by the kernel."""
+    None), port chosen by the kernel. ``scrypt_cost`` (log2 N) hashes the password: by
+    default 14 for a password made here, nfmig's default (17) for one given."""
     workdir.mkdir(parents=True, exist_ok=True)
     users = workdir / "users"
-    password = password or secrets.token_urlsafe(16)
+    if password is None:
+        password = secrets.token_urlsafe(16)
+        # A random 128-bit secret gains nothing from key stretching; a cheaper hash keeps
+        # the many logins of tests and demos fast.
+        scrypt_cost = 14 if scrypt_cost is None else scrypt_cost
+    cost = [] if scrypt_cost is None else [f"--scrypt-cost={scrypt_cost}"]
     subprocess.run([sys.executable, "-m", "nfmig", "adduser", "--users", str(users), "admin",
-                    f"--password={password}"], check=True, capture_output=True)
+                    f"--password={password}", *cost], check=True, capture_output=True)
     port_file = workdir / "port"
     port_file.unlink(missing_ok=True)
     log = workdir / "server.log"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from nfmig import __version__, migrate_cli
+from nfmig.server import login_policy, ssh_limits
 
 
 def _port(text: str) -> int:
@@ -89,16 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--restconf-plain-http", action="store_true",
                        help="RESTCONF over plain HTTP instead of HTTPS; only with a loopback "
                             "--listen address")
+    serve.add_argument("--nacm-recovery-user", metavar="NAME",
+                       help="a user of --users whose sessions from this host (a loopback "
+                            "address) bypass NACM access control, to repair a lock-out "
+                            "(default: none)")
+    login_policy.add_login_options(serve)
+    ssh_limits.add_ssh_options(serve)
 
     adduser = sub.add_parser("adduser", help="add a user to a users file",
                              description="Add a password (stored scrypt-hashed) or an SSH "
-                             "public key for NAME to FILE (created with mode 0600).")
+                             "public key for NAME to FILE (created with mode 0600), and NACM "
+                             "groups. A user with no group at all is in group admin (full "
+                             "access); the server ships groups operator (read-only) and "
+                             "migrator (what nfmig migrate needs).")
     adduser.add_argument("--users", type=Path, required=True, metavar="FILE")
     adduser.add_argument("name", metavar="NAME")
-    how = adduser.add_mutually_exclusive_group(required=True)
+    how = adduser.add_mutually_exclusive_group()
     how.add_argument("--password", metavar="PW",
                      help="the password; '-' reads it from standard input or a prompt")
     how.add_argument("--key", type=Path, metavar="PUBKEYFILE", help="an OpenSSH public key file")
+    adduser.add_argument("--group", action="append", default=[], metavar="GROUP",
+                         help="an NACM group of the user (repeatable; alone, adds groups to "
+                              "an existing user)")
+    adduser.add_argument("--scrypt-cost", type=int, metavar="LOG2N",
+                         help="scrypt work factor N = 2^LOG2N (default 17: 128 MiB and a few "
+                              "hundred ms per login). Lower only for a random machine-made "
+                              "secret, e.g. in tests; a password a person chose needs 17")
 
     demo = sub.add_parser("demo", help="move all sessions between two NAT instances",
                           description="As root: two Linux kernel NATs in network namespaces "
@@ -121,7 +138,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           netconf_port=args.netconf_port,
                           max_message_size=args.max_message_size,
                           restconf_port=args.restconf_port, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, restconf_plain_http=args.restconf_plain_http)
+                          tls_key=args.tls_key, restconf_plain_http=args.restconf_plain_http,
+                          nacm_recovery_user=args.nacm_recovery_user)
+    config.login = login_policy.policy_from_args(args)
+    config.ssh = ssh_limits.limits_from_args(args)
     problem = _restconf_problem(args)
     if problem:
         return _fail(problem)
@@ -183,15 +203,19 @@ def _restconf_problem(args: argparse.Namespace) -> str | None:
 def _cmd_adduser(args: argparse.Namespace) -> int:
     from nfmig.server.auth import UsersFileError, add_user
 
+    if args.password is None and args.key is None and not args.group:
+        return _fail("give --password, --key or --group")
     password = args.password
     if password == "-":
         password = (getpass.getpass(f"password for {args.name}: ") if sys.stdin.isatty()
                     else sys.stdin.readline().rstrip("\n"))
     try:
-        add_user(args.users, args.name, password=password, pubkey_file=args.key)
+        add_user(args.users, args.name, password=password, pubkey_file=args.key,
+                 log2_n=args.scrypt_cost, groups=args.group)
     except (UsersFileError, OSError) as exc:
         return _fail(str(exc))
-    print(f"added {args.name} to {args.users}")
+    print(f"added {args.name} to {args.users}"
+          + (f" in group {', '.join(args.group)}" if args.group else ""))
     return 0
 
 

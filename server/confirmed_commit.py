@@ -291,7 +291,7 @@ def write_record(path: Path, pending: PendingConfirm,
                                else sessions).items()),
     }
     data = json.dumps(record, separators=(",", ":")).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state dir is private
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

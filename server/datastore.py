@@ -32,11 +32,13 @@ from nfmig.nf_backends.base import (
 )
 from nfmig.nf_backends.batch import SessionBatch, SessionEdit, key_text
 
-from . import errors
+from . import errors, nacm
 from .confirmed_commit import ConfirmedCommit, PendingConfirm
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
 from .gc_pause import collector_paused
+from .locks import DatastoreLocks
+from .nacm_config import NACM_NS, NACM_TAG, NacmModel, default_tree
 from .policy import PolicyModel
 from .schema import ListEntryChecker, Schema, YangError
 from .session_codec import (
@@ -78,10 +80,12 @@ class Candidate:
     policy: etree._Element | None
     sessions: dict[tuple, Session | None] = field(default_factory=dict)
     policy_changed: bool = False
+    nacm: etree._Element | None = None  # /nacm (RFC 8341), held whole like the policy
+    nacm_changed: bool = False
 
     @property
     def modified(self) -> bool:
-        return self.policy_changed or bool(self.sessions)
+        return self.policy_changed or self.nacm_changed or bool(self.sessions)
 
 
 class Datastores:
@@ -94,9 +98,13 @@ class Datastores:
         self._policy_model = PolicyModel(schema)
         self._lock = threading.RLock()
         self._policy: etree._Element | None = None
+        # The shipped rule-lists, until a startup with a /nacm of its own replaces them.
+        self._nacm_model = NacmModel(schema)
+        self._nacm: etree._Element | None = default_tree()
+        self._nacm_before: list[etree._Element | None] = []  # a confirmed commit's undo
         self._candidate: Candidate | None = None
         self._confirmed = ConfirmedCommit(self.state_dir, self._undo, self._expire)
-        self.locks: dict[str, int] = {}
+        self.locks = DatastoreLocks()
         self.startup_path = self.state_dir / "startup.xml"
 
     # -- start-up ----------------------------------------------------------------------
@@ -116,6 +124,11 @@ class Datastores:
         with self._lock, collector_paused():
             self._confirmed.roll_back_recorded()
 
+    @property
+    def nacm_tree(self) -> etree._Element | None:
+        """Running's /nacm, the rules in force (replaced, never changed in place)."""
+        return self._nacm
+
     # -- reads -------------------------------------------------------------------------
     def config_nodes(self, datastore: str) -> list[TopNode]:
         """The configuration of a datastore as top-level nodes, serialised on demand."""
@@ -125,6 +138,7 @@ class Datastores:
         with self._lock:
             candidate = self._candidate if datastore == "candidate" else None
             policy = candidate.policy if candidate else self._policy
+            nacm_tree = candidate.nacm if candidate else self._nacm
             overlay = dict(candidate.sessions) if candidate else {}
         nodes = [TopNode(self.ns, "nat-session", lambda: session_batches_to_xml(
             self._session_batches_with(overlay), self.ns),
@@ -132,6 +146,9 @@ class Datastores:
         if policy is not None:
             policy_text = etree.tostring(policy, encoding="unicode")
             nodes.insert(0, TopNode(self.ns, "nat-policy", lambda: [policy_text]))
+        if nacm_tree is not None:
+            nacm_text = etree.tostring(nacm_tree, encoding="unicode")
+            nodes.append(TopNode(NACM_NS, "nacm", lambda: [nacm_text]))
         return nodes
 
     def _selected(self, overlay: dict, wanted: list[dict[str, str]]
@@ -200,37 +217,20 @@ class Datastores:
     # -- locks -------------------------------------------------------------------------
     def lock(self, datastore: str, session_id: int) -> None:
         with self._lock:
-            holder = self.locks.get(datastore)
-            if holder is not None:
-                raise errors.lock_denied(
-                    f"{datastore} is already locked by session {holder}", holder)
-            if datastore == "candidate" and self._candidate and self._candidate.modified:
-                raise errors.lock_denied("candidate has uncommitted changes; commit or "
-                                         "discard-changes first", 0)
-            self.locks[datastore] = session_id
+            dirty = datastore == "candidate" and self._candidate and self._candidate.modified
+            self.locks.take(datastore, session_id, "candidate has uncommitted changes; "
+                            "commit or discard-changes first" if dirty else None)
 
     def unlock(self, datastore: str, session_id: int) -> None:
         with self._lock:
-            holder = self.locks.get(datastore)
-            if holder is None:
-                raise errors.operation_failed(f"{datastore} is not locked", type="protocol")
-            if holder != session_id:
-                raise errors.lock_denied(f"{datastore} is locked by session {holder}", holder)
-            del self.locks[datastore]
+            self.locks.give_back(datastore, session_id)
 
     def release_locks(self, session_id: int) -> list[str]:
         with self._lock:
-            held = [ds for ds, sid in self.locks.items() if sid == session_id]
-            for ds in held:
-                del self.locks[ds]
+            held = self.locks.release(session_id)
             if "candidate" in held and self._candidate:
                 self._candidate = None  # RFC 6241 §8.3.5.2: a lock holder's edits go
             return held
-
-    def check_writable(self, datastore: str, session_id: int) -> None:
-        holder = self.locks.get(datastore)
-        if holder is not None and holder != session_id:
-            raise errors.in_use(f"{datastore} is locked by session {holder}")
 
     # -- edits -------------------------------------------------------------------------
     def edit(self, datastore: str, config: etree._Element, options: EditOptions,
@@ -244,7 +244,7 @@ class Datastores:
             raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
                                        "running or candidate", info={"bad-element": "target"})
         with self._lock, collector_paused():
-            self.check_writable(datastore, session_id)
+            self.locks.check_writable(datastore, session_id)
             if options.default_operation == "replace":
                 if options.test_option == "test-only":
                     self._plan_replace(config)
@@ -253,13 +253,21 @@ class Datastores:
                 return
             policy_edits, session_edits = self._split(config, options.default_operation,
                                                       source)
+            nacm_edits = [e for e in policy_edits if e.tag == NACM_TAG]
+            policy_edits = [e for e in policy_edits if e.tag != NACM_TAG]
             base = self._base_for(datastore)
             new_policy = self._policy_model.plan(base.policy, policy_edits)
+            new_nacm = self._nacm_model.plan(base.nacm, nacm_edits)
             batch = _batch_of(session_edits, self.decoder.checker)
+            if options.test_option != "test-only":  # refused before anything is applied
+                nacm.guard_write([(base.policy, new_policy), (base.nacm, new_nacm)], batch,
+                                 self._held(base.sessions))
             if datastore == "running" and options.test_option != "test-only" and \
                     options.error_option != "continue-on-error":
                 # The NF settles each entry on what it holds, all or nothing.
                 self._commit_changes(new_policy, policy_edits != [], batch)
+                if nacm_edits:
+                    self._nacm = new_nacm
                 return
             changes, failed = self._plan_sessions(base.sessions, batch,
                                                   options.error_option)
@@ -269,20 +277,34 @@ class Datastores:
                 return
             if datastore == "running":
                 self._commit_changes(new_policy, policy_edits != [], _put(changes))
+                if nacm_edits:
+                    self._nacm = new_nacm
             else:
-                self._stage(new_policy, policy_edits != [], changes)
+                self._stage(new_policy, policy_edits != [], changes, new_nacm,
+                            nacm_edits != [])
             if failed:
                 raise RpcErrors(failed)
 
     def _base_for(self, datastore: str) -> Candidate:
         if datastore == "candidate" and self._candidate:
             return self._candidate
-        return Candidate(policy=self._policy)
+        return Candidate(policy=self._policy, nacm=self._nacm)
+
+    def _held(self, overlay: dict) -> Callable[[list], set]:
+        """Which of some keys the view ``overlay`` puts over running holds (for access
+        control, which asks only when the answer decides)."""
+        def held(keys: list) -> set:
+            found = {k for k in keys if overlay.get(k) is not None}
+            rest = [k for k in keys if k not in overlay]
+            if rest:
+                found.update(k for k, v in self.backend.lookup(rest).items() if v is not None)
+            return found
+        return held
 
     def _split(self, config: etree._Element, default_op: str,
                source: bytes | HollowEdit | None = None
                ) -> tuple[list[etree._Element], list[SessionEdit]]:
-        """The policy elements and the session entries of an edit, every entry checked
+        """The policy (and /nacm) elements and the session entries of an edit, every entry checked
         against the model (see SessionDecoder). Raises RpcError, or NeedsTree for a hollowed
         edit its text reader declines."""
         inherited = config.get(OPERATION_ATTR)
@@ -301,7 +323,7 @@ class Datastores:
             tag = child.tag
             if tag == session_tag:
                 entries.append(child)
-            elif tag in policy_tags:
+            elif tag in policy_tags or tag == NACM_TAG:
                 policy_edits.append(child)
             elif isinstance(tag, str):
                 raise self._unknown_top_level(child)
@@ -328,8 +350,9 @@ class Datastores:
         keys = batch.keys()
         pending = [k for k in keys if k not in overlay] if overlay else keys
         current = self.backend.lookup(pending) if pending else {}
-        wanted = set(keys)
-        current.update({k: v for k, v in overlay.items() if v is not None and k in wanted})
+        if overlay:  # the batch's own keys: the overlay grows with each edit of a bulk copy
+            staged = map(overlay.get, keys)
+            current.update((k, v) for k, v in zip(keys, staged, strict=True) if v is not None)
         changes: dict[tuple, Session | None] = {}
         failed: list[RpcError] = []
         for edit in batch.edits:
@@ -367,33 +390,51 @@ class Datastores:
         log.info("running: %d session edits applied", len(batch))
 
     def _stage(self, policy: etree._Element | None, policy_changed: bool,
-               sessions: dict[tuple, Session | None]) -> None:
-        candidate = self._candidate or Candidate(policy=self._policy)
+               sessions: dict[tuple, Session | None], nacm_tree: etree._Element | None = None,
+               nacm_changed: bool = False) -> None:
+        candidate = self._candidate or Candidate(policy=self._policy, nacm=self._nacm)
         candidate.sessions.update(sessions)
         if policy_changed:
             candidate.policy = policy
             candidate.policy_changed = True
+        if nacm_changed:
+            candidate.nacm = nacm_tree
+            candidate.nacm_changed = True
         self._candidate = candidate
 
     # -- replace (default-operation replace, copy-config) -------------------------------
     def _plan_replace(self, config: etree._Element
-                      ) -> tuple[etree._Element | None, dict[tuple, Session | None]]:
-        policy_edits, session_edits = self._split(config, "replace")
-        policy = self._policy_model.plan(None, [strip_operations(e) for e in policy_edits])
+                      ) -> tuple[etree._Element | None, dict[tuple, Session | None], bool,
+                                 etree._Element | None]:
+        """The policy and sessions ``config`` replaces a datastore's with; whether it
+        replaces /nacm too (only when it holds one: replacing the NAT's configuration
+        does not take the access control with it, nor lock everyone out), and with what."""
+        edits, session_edits = self._split(config, "replace")
+        nacm_edits = [strip_operations(e) for e in edits if e.tag == NACM_TAG]
+        policy = self._policy_model.plan(None, [strip_operations(e) for e in edits
+                                                if e.tag != NACM_TAG])
+        new_nacm = self._nacm_model.plan(None, nacm_edits)
         batch = _batch_of(session_edits, self.decoder.checker)
-        return policy, dict(zip(batch.keys(), batch.sessions(), strict=True))
+        return (policy, dict(zip(batch.keys(), batch.sessions(), strict=True)),
+                nacm_edits != [], new_nacm)
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:
-        policy, wanted = self._plan_replace(config)
+        policy, wanted, replaces_nacm, new_nacm = self._plan_replace(config)
+        base = self._base_for(datastore)
+        if not replaces_nacm:
+            new_nacm = base.nacm
         changes: dict[tuple, Session | None] = dict(wanted)
         for s in self._sessions_with(self._candidate.sessions if datastore == "candidate"
                                      and self._candidate else {}):
             if s.key not in wanted:
                 changes[s.key] = None
+        nacm.guard_write([(base.policy, policy), (base.nacm, new_nacm)],
+                         lambda: _put(changes), self._held(base.sessions))
         if datastore == "running":
             self._commit_changes(policy, True, _put(changes))
+            self._nacm = new_nacm
         else:
-            self._stage(policy, True, changes)
+            self._stage(policy, True, changes, new_nacm, replaces_nacm)
 
     def _replace_running(self, config: etree._Element) -> None:
         with self._lock:
@@ -405,13 +446,19 @@ class Datastores:
         """Candidate into running. A confirmed commit is undone unless confirmed (by a
         plain commit of the same session, or one naming its persist id) within timeout."""
         with self._lock, collector_paused():
-            self.check_writable("running", session_id)
+            self.locks.check_writable("running", session_id)
             pending = self._confirmed.check(session_id, persist_id)
             candidate = self._candidate
             changes: dict[tuple, Session | None] = {}
             live: dict[tuple, Session] = {}
             if candidate is not None and candidate.modified:
                 changes = candidate.sessions
+                # what the commit writes into running, checked for the one committing
+                nacm.guard_write([(self._policy, candidate.policy if candidate.policy_changed
+                                   else self._policy),
+                                  (self._nacm, candidate.nacm if candidate.nacm_changed
+                                   else self._nacm)],
+                                 lambda: _put(changes), self._held({}))
                 if confirmed:  # to undo it, what running holds under every key
                     live = self.backend.lookup(list(changes))
             if confirmed:  # recorded (on disk too) before the backend changes
@@ -426,8 +473,13 @@ class Datastores:
                     if pending is None and confirmed:
                         self._confirmed.settle()
                     raise
+                if candidate.nacm_changed:
+                    if confirmed and not self._nacm_before:
+                        self._nacm_before.append(self._nacm)  # what a rollback puts back
+                    self._nacm = candidate.nacm
                 self._candidate = None
             if not confirmed and pending is not None:
+                self._nacm_before.clear()
                 self._confirmed.settle()
                 log.info("confirmed commit confirmed by session %s", session_id)
 
@@ -450,11 +502,13 @@ class Datastores:
         # each previous session written again, each one the commit created taken away
         undo = pending.undo_sessions
         self._commit_changes(pending.undo_policy, pending.policy_changed, _put(undo))
+        if self._nacm_before:
+            self._nacm = self._nacm_before.pop()
         return len(undo)
 
     def discard_changes(self, session_id: int) -> None:
         with self._lock:
-            self.check_writable("candidate", session_id)
+            self.locks.check_writable("candidate", session_id)
             self._candidate = None
 
     def validate(self, source: str) -> None:
@@ -498,7 +552,7 @@ class Datastores:
     def copy_config(self, source: str | etree._Element, target: str, session_id: int) -> None:
         with self._lock, collector_paused():
             if target != "startup":
-                self.check_writable(target, session_id)
+                self.locks.check_writable(target, session_id)
             if isinstance(source, str):
                 text = self.config_text(source)
                 config = etree.fromstring(f"<config>{text}</config>".encode())
@@ -506,7 +560,8 @@ class Datastores:
                 config = source
             if target == "startup":
                 self._plan_replace(config)  # validates; startup holds only valid config
-                self.check_writable("startup", session_id)
+                self.locks.check_writable("startup", session_id)
+                nacm.guard_whole(self._config_tags())
                 self._write_startup("".join(etree.tostring(c, encoding="unicode")
                                             for c in config if isinstance(c.tag, str)))
             else:
@@ -517,8 +572,12 @@ class Datastores:
             raise errors.invalid_value(f"delete-config cannot delete {target}; only startup",
                                        info={"bad-element": target})
         with self._lock:
-            self.check_writable("startup", session_id)
+            self.locks.check_writable("startup", session_id)
+            nacm.guard_whole(self._config_tags())
             self.startup_path.unlink(missing_ok=True)
+
+    def _config_tags(self) -> tuple[str, ...]:
+        return (f"{{{self.ns}}}nat-policy", f"{{{self.ns}}}nat-session", NACM_TAG)
 
     def _write_startup(self, text: str) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -101,3 +101,12 @@ def operation_failed(message: str, path: str | None = None, type: str = "applica
 
 def not_supported(message: str, type: str = "protocol") -> RpcError:  # noqa: A002
     return RpcError("operation-not-supported", message, type=type)
+
+
+def too_big(message: str) -> RpcError:
+    """A request beyond one of the server's limits (RFC 6241: too large to handle)."""
+    return RpcError("too-big", message, type="rpc")
+
+
+def malformed(message: str) -> RpcError:
+    return RpcError("malformed-message", message, type="rpc")

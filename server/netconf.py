@@ -1,8 +1,9 @@
-"""NETCONF over SSH (RFC 6241, RFC 6242) on python-netconf's session and SSH server classes.
+"""NETCONF over SSH (RFC 6241, RFC 6242) on python-netconf's session class.
 
-python-netconf supplies the SSH accept loop and the per-session reader thread; this module
-replaces what it does not do well for this server: binding one address, hello leniency,
-fast and size-limited framing, and sending replies built as text.
+python-netconf supplies the per-session reader thread; this module replaces what it does
+not do well for this server: hello leniency, fast and size-limited framing, and sending
+replies built as text. The SSH server itself (limits, algorithms, host keys) is
+ssh_server.py.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import re
-import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 import paramiko
-import sshutil.server
 from lxml import etree
 from netconf import base as nc_base
 from netconf.error import ChannelClosed
@@ -31,14 +28,24 @@ from .framing import (
     ChannelEOF,
     FrameReader,
     FramingError,
-    MessageTooBig,
+    MessageRefused,
     end_of_message,
     frame_chunks,
     frame_eom,
 )
 from .gc_pause import collector_paused
 from .operations import NC, Operations, Reply, SessionInfo
+from .request_limits import (
+    HEAD,
+    MAX_MESSAGE_ID,
+    check_rpc_attributes,
+    head_problem,
+    root_start_tag,
+    xml_problem,
+)
 from .session_codec import HollowEdit, NeedsTree, hollow_edit
+from .ssh_limits import SshLimits
+from .ssh_server import SshServer, load_or_create_host_keys
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +59,29 @@ def _parse(text: bytes) -> etree._Element:
     return etree.fromstring(text, parser=_PARSER)
 
 
-_MESSAGE_ID = re.compile(rb"""message-id\s*=\s*["']([^"']{1,256})["']""")
-WINDOW = 8 << 20
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+# A client's hello lists capabilities; nothing near the size limit of a request.
+HELLO_LIMIT = 1 << 20
 STREAM_BLOCK = 256 << 10
 FIRST_STREAM_BLOCK = 32 << 10
-# Largest SSH packet we accept: large packets let a client send a bulk edit in few pieces.
-MAX_PACKET = 256 << 10
 HELLO_TIMEOUT = 60
 
 
-class _Incoming(NamedTuple):
-    """A request as received: its text, and its hollowed edit when it is a bulk one."""
+class _Incoming:
+    """A request as received: its text, and its hollowed edit when it is a bulk one.
+    Handling takes them out: python-netconf's loop, and the receiving thread, hold the
+    last request until the next one arrives, and it may be hundreds of megabytes."""
 
-    message: bytes
-    hollow: HollowEdit | None
+    __slots__ = ("hollow", "message")
+
+    def __init__(self, message: bytes, hollow: HollowEdit | None):
+        self.message: bytes | None = message
+        self.hollow = hollow
+
+    def take(self) -> tuple[bytes, HollowEdit | None]:
+        message, hollow = self.message or b" ", self.hollow
+        self.message = self.hollow = None
+        return message, hollow
 
 
 class _ReadFailed(NamedTuple):
@@ -83,7 +99,7 @@ class NetconfSession(nc_base.NetconfSession):
         self.channel = channel
         sid = server.allocate_session_id()
         super().__init__(channel, debug, sid)
-        self.reader = FrameReader(channel.recv, server.max_message)
+        self.reader = FrameReader(channel.recv, server.max_message, head_problem, HEAD)
         self.send_lock = threading.Lock()
         transport = channel.get_transport()
         peer = transport.getpeername()[0] if transport else "unknown"
@@ -93,6 +109,9 @@ class NetconfSession(nc_base.NetconfSession):
 
     # -- hello -------------------------------------------------------------------------
     def _open_session(self, is_server: bool) -> None:
+        # Known from its hello on: a client may name this session (kill-session) as soon
+        # as it has read the session-id, before the server has read the client's hello.
+        self.server.register(self)
         self.channel.settimeout(HELLO_TIMEOUT)
         try:
             caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.ops.capabilities())
@@ -115,12 +134,11 @@ class NetconfSession(nc_base.NetconfSession):
             return
         self.capabilities = client_caps
         self.session_open = True
-        self.server.register(self)
         log.info("session %s opened for %s from %s (base %s)", self.session_id,
                  self.info.username, self.info.source_host, "1.1" if self.new_framing else "1.0")
         # Two threads: one receives (and prepares) each request while the other handles
         # the one before, in order.
-        self._inbox: queue.Queue[_Incoming | MessageTooBig | _ReadFailed] = queue.Queue(1)
+        self._inbox: queue.Queue[_Incoming | MessageRefused | _ReadFailed] = queue.Queue(1)
         self.reader_thread = threading.Thread(target=self._read_message_thread,
                                               name=f"netconf-{self.session_id}", daemon=True)
         self.reader_thread.keep_running = True
@@ -129,8 +147,14 @@ class NetconfSession(nc_base.NetconfSession):
                          daemon=True).start()
 
     def _read_client_hello(self) -> set[str]:
-        raw = self.reader.read_eom().strip()  # some clients send a newline before <?xml
+        try:
+            raw = self.reader.read_eom(HELLO_LIMIT).strip()  # a newline may precede <?xml
+        except MessageRefused as exc:
+            raise ValueError(f"the hello is refused: {exc}") from None
         root = etree.fromstring(raw, parser=_PARSER)
+        problem = xml_problem(root)
+        if problem is not None:
+            raise ValueError(problem.message)
         if root.tag != f"{{{NC}}}hello":
             raise ValueError(f"expected hello, got {root.tag}")
         if root.find(f"{{{NC}}}session-id") is not None:
@@ -162,14 +186,16 @@ class NetconfSession(nc_base.NetconfSession):
         except queue.Full:
             pass
 
-    def _read_one(self) -> _Incoming | MessageTooBig:
+    def _read_one(self) -> _Incoming | MessageRefused:
         try:
             message = self.reader.read_chunked() if self.new_framing else self.reader.read_eom()
-        except MessageTooBig as exc:
+        except MessageRefused as exc:
             return exc
         message = message or b" "  # an empty message is malformed, not end of session
         hollow = hollow_edit(message, _parse)
-        if hollow is not None:
+        # An envelope beyond the limits is answered as such; its edit is not prepared.
+        if hollow is not None and xml_problem(hollow.root) is None and \
+                check_rpc_attributes(hollow.root) is None:
             try:
                 with collector_paused():
                     self.ops.prepare(hollow)
@@ -178,7 +204,7 @@ class NetconfSession(nc_base.NetconfSession):
                           exc_info=True)
         return _Incoming(message, hollow)
 
-    def _hand_over(self, item: _Incoming | MessageTooBig | _ReadFailed) -> bool:
+    def _hand_over(self, item: _Incoming | MessageRefused | _ReadFailed) -> bool:
         """Queue ``item`` for the handling thread; False once that thread has ended."""
         while self.session_open and self.reader_thread.is_alive():
             try:
@@ -188,7 +214,7 @@ class NetconfSession(nc_base.NetconfSession):
                 continue
         return False
 
-    def _receive_message(self) -> _Incoming | MessageTooBig:
+    def _receive_message(self) -> _Incoming | MessageRefused:
         item = self._inbox.get()
         if not isinstance(item, _ReadFailed):
             return item
@@ -201,18 +227,11 @@ class NetconfSession(nc_base.NetconfSession):
         except (ChannelEOF, OSError, EOFError):
             raise ChannelClosed(self) from None
 
-    def _reader_handle_message(self, incoming: _Incoming | MessageTooBig) -> None:
-        if isinstance(incoming, MessageTooBig):
-            match = _MESSAGE_ID.search(incoming.head)
-            attrs = {"message-id": match.group(1).decode(errors="replace")} if match else {}
-            log.warning("session %s: message of %d bytes exceeds the limit of %d bytes",
-                        self.session_id, incoming.size, self.server.max_message)
-            self._send_error(RpcError(
-                "too-big", f"the request is {incoming.size} bytes; this server accepts at "
-                f"most {self.server.max_message} bytes (--max-message-size)", type="rpc"),
-                attrs)
+    def _reader_handle_message(self, incoming: _Incoming | MessageRefused) -> None:
+        if isinstance(incoming, MessageRefused):
+            self._refused(incoming)
             return
-        message, hollow = incoming
+        message, hollow = incoming.take()
         try:
             root = hollow.root if hollow is not None else _parse(message.strip())
         except etree.XMLSyntaxError as exc:
@@ -220,6 +239,13 @@ class NetconfSession(nc_base.NetconfSession):
             self._send_error(RpcError("malformed-message" if self.new_framing else
                                       "operation-failed", f"the message is not well-formed "
                                       f"XML: {exc}", type="rpc"), None)
+            return
+        problem = xml_problem(root, None if hollow is not None else message)
+        if problem is not None:
+            self.info.in_bad_rpcs += 1
+            log.warning("session %s: request refused: %s", self.session_id, problem.message)
+            self._send_error(problem, _attr_echo(root)[0] if root.tag == f"{{{NC}}}rpc"
+                             else None)
             return
         if root.tag != f"{{{NC}}}rpc":
             self.info.in_bad_rpcs += 1
@@ -234,10 +260,25 @@ class NetconfSession(nc_base.NetconfSession):
         finally:
             self.info.request = None
 
+    def _refused(self, refused: MessageRefused) -> None:
+        """Answer a message refused while it arrived (the framing layer drops the rest of
+        it), echoing what its first bytes hold of the rpc's attributes."""
+        self.info.in_bad_rpcs += 1
+        error = refused.reason if isinstance(refused.reason, RpcError) else RpcError(
+            "too-big", f"the request is {refused.size} bytes or more; this server accepts "
+            f"at most {self.server.max_message} bytes (--max-message-size)", type="rpc")
+        log.warning("session %s: request refused at %d bytes: %s", self.session_id,
+                    refused.size, error.message)
+        self._send_error(error, _head_echo(refused.head))
+
     def _handle_rpc(self, rpc: etree._Element) -> None:
-        attrs = dict(rpc.attrib)
+        attrs, problem = _attr_echo(rpc)
         self.info.in_rpcs += 1
-        if "message-id" not in attrs:
+        if problem is not None:
+            log.warning("session %s: request refused: %s", self.session_id, problem.message)
+            self._send_error(problem, attrs)
+            return
+        if rpc.get("message-id") is None:
             self._send_error(RpcError("missing-attribute", "rpc has no message-id",
                                       type="rpc", info={"bad-attribute": "message-id",
                                                         "bad-element": "rpc"}), attrs)
@@ -291,15 +332,17 @@ class NetconfSession(nc_base.NetconfSession):
                 raise RpcError("malformed-message" if self.new_framing else
                                "operation-failed", f"the message is not well-formed XML: "
                                f"{exc}", type="rpc") from None
+            problem = xml_problem(root, message)  # the edit's content is parsed now
+            if problem is not None:
+                raise problem from None
             return self.ops.dispatch(self.info, next(c for c in root if isinstance(c.tag, str)))
 
     # -- sending -----------------------------------------------------------------------
-    def _send_reply(self, body: Reply, attrs: dict | None) -> int:
-        """Send a reply, a large one block by block while it is still being produced."""
-        extra = "".join(f" {_attr_name(k)}={quoteattr(v)}" for k, v in (attrs or {}).items())
-        nsdecl = "".join(f' xmlns:{p}="{ns}"' for p, ns in _attr_namespaces(attrs or {}))
+    def _send_reply(self, body: Reply, attrs: str | None) -> int:
+        """Send a reply, a large one block by block while it is still being produced;
+        ``attrs`` is the rpc's attributes as the reply echoes them (:func:`_attr_echo`)."""
         head = (f'<?xml version="1.0" encoding="UTF-8"?><rpc-reply xmlns="{NC}"'
-                f"{nsdecl}{extra}>")
+                f"{attrs or ''}>")
         pieces = [head, body, "</rpc-reply>"] if isinstance(body, str) else \
             itertools.chain((head,), body, ("</rpc-reply>",))
         blocks = _blocks(pieces)
@@ -336,10 +379,10 @@ class NetconfSession(nc_base.NetconfSession):
         with self.send_lock:
             self.channel.sendall(framed)
 
-    def _send_error(self, error: RpcError, attrs: dict | None) -> int:
+    def _send_error(self, error: RpcError, attrs: str | None) -> int:
         return self._send_errors([error], attrs)
 
-    def _send_errors(self, errors: list[RpcError], attrs: dict | None) -> int:
+    def _send_errors(self, errors: list[RpcError], attrs: str | None) -> int:
         self.info.out_rpc_errors += 1
         return self._send_reply("".join(e.to_xml() for e in errors), attrs)
 
@@ -389,84 +432,75 @@ def _blocks(pieces: Iterable[str], size: int = STREAM_BLOCK,
         yield "".join(buffered).encode()
 
 
-def _attr_name(name: str) -> str:
-    if name.startswith("{"):
-        ns, local = name[1:].split("}", 1)
-        return f"a{abs(hash(ns)) % 10000}:{local}"
-    return name
+def _attr_echo(rpc: etree._Element) -> tuple[str, RpcError | None]:
+    """The rpc's attributes as its rpc-reply carries them (RFC 6241 §4.2), and what is
+    wrong with them if they are beyond the limits (then only a message-id within its
+    limit is echoed). Each namespace is declared once, under the client's own prefix."""
+    problem = check_rpc_attributes(rpc)  # before reading them: see MAX_ATTRIBUTES
+    if problem is None:
+        items = rpc.items()
+    else:
+        message_id = rpc.get("message-id")
+        items = [("message-id", message_id)] if message_id is not None and \
+            len(message_id) <= MAX_MESSAGE_ID else []
+    return _attr_text(items, rpc.nsmap), problem
 
 
-def _attr_namespaces(attrs: dict) -> list[tuple[str, str]]:
+def _attr_text(items: list[tuple[str, str]], nsmap: dict[str | None, str]) -> str:
+    prefix_of = {ns: prefix for prefix, ns in nsmap.items() if prefix}
+    declared: dict[str, str] = {}
     out = []
-    for name in attrs:
+    for name, value in items:
         if name.startswith("{"):
-            ns = name[1:].split("}", 1)[0]
-            out.append((f"a{abs(hash(ns)) % 10000}", ns))
-    return out
+            ns, local = name[1:].split("}", 1)
+            if ns == XML_NS:  # bound to "xml" by definition, and never declared
+                prefix = "xml"
+            else:
+                prefix = declared.get(ns)
+                if prefix is None:
+                    prefix = prefix_of.get(ns) or _free_prefix(nsmap, declared)
+                    declared[ns] = prefix
+            name = f"{prefix}:{local}"
+        out.append(f" {name}={quoteattr(value)}")
+    return "".join(f" xmlns:{p}={quoteattr(ns)}" for ns, p in declared.items()) + \
+        "".join(out)
 
 
-class _SshConnection(sshutil.server.SSHServerSocket):
-    """One SSH connection; wider windows than paramiko's defaults for bulk transfers."""
-
-    def __init__(self, server_ctl, session_class, extra_args, server, newsocket, addr, debug):
-        self.session_class = session_class
-        self.extra_args = extra_args
-        self.server = server
-        self.client_socket = newsocket
-        self.client_addr = addr
-        self.debug = debug
-        self.server_ctl = server_ctl
-        self.sessions = []
-        # Replies are small writes after large reads: Nagle's algorithm would hold one back
-        # until the client acknowledged the last, which it delays (40 ms on Linux).
-        newsocket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.ssh = paramiko.Transport(newsocket, default_window_size=WINDOW,
-                                      default_max_packet_size=MAX_PACKET)
-        self.ssh.add_server_key(server.host_key)
-        self.ssh.start_server(server=server_ctl)
-        self.lock = threading.Lock()
-        self.running = True
-        self.thread = threading.Thread(target=self._accept_chan_thread, name="ssh-channels",
-                                       daemon=True)
-        self.thread.start()
+def _free_prefix(nsmap: dict[str | None, str], declared: dict[str, str]) -> str:
+    taken = {p for p in nsmap if p} | set(declared.values())
+    return next(p for p in (f"a{i}" for i in itertools.count()) if p not in taken)
 
 
-class NetconfListener(sshutil.server.SSHServer):
-    """Listens on exactly one address and port; sessions are :class:`NetconfSession`."""
+def _head_echo(head: bytes) -> str | None:
+    """The attributes to echo for a request refused from its first bytes: those of its
+    rpc start tag, if that tag is complete there and well-formed."""
+    tag = root_start_tag(head)
+    if tag is None:
+        return None
+    try:
+        root = _parse(tag)
+    except etree.XMLSyntaxError:
+        return None
+    return _attr_echo(root)[0] if root.tag == f"{{{NC}}}rpc" else None
+
+
+class NetconfListener(SshServer):
+    """The NETCONF subsystem over :class:`SshServer`: each session channel becomes a
+    :class:`NetconfSession`."""
 
     def __init__(self, operations: Operations, authenticator: SshAuthenticator,
-                 host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 830,
-                 max_message: int = 256 << 20):
+                 host_keys: Sequence[paramiko.PKey], address: str = "127.0.0.1",
+                 port: int = 830, max_message: int = 256 << 20,
+                 limits: SshLimits | None = None):
         self.operations = operations
         self.max_message = max_message
-        self.server_ctl = authenticator
-        self.server_socket_class = _SshConnection
-        self.server_session_class = NetconfSession
-        self.extra_args = None
-        self.debug = False
-        self.host_key = host_key
-        self.lock = threading.Lock()
-        self.sockets = []
+        self._sid_lock = threading.Lock()
         self._next_sid = 1
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        self.ports = {family: self.port}
-        self.close_wsocket, self.close_rsocket = socket.socketpair()
-        self.thread = threading.Thread(target=self._accept_socket_thread, args=[sock],
-                                       name="netconf-accept", daemon=True)
-        self.thread.start()
-        log.info("NETCONF over SSH listening on %s port %d", address, self.port)
+        super().__init__(authenticator, host_keys, address, port, limits or SshLimits(),
+                         name="NETCONF")
 
     def allocate_session_id(self) -> int:
-        with self.lock:
+        with self._sid_lock:
             sid = self._next_sid
             self._next_sid += 1
             return sid
@@ -475,29 +509,23 @@ class NetconfListener(sshutil.server.SSHServer):
         self.operations.sessions[session.session_id] = session.info
 
     def unregister(self, session: NetconfSession) -> None:
+        self.session_ended(session.channel)
         if session.info.session_id in self.operations.sessions:
             released = self.operations.end_session(session.info.session_id)
             log.info("session %s closed%s", session.info.session_id,
                      f"; released locks on {', '.join(released)}" if released else "")
 
-    def __del__(self):  # sshutil logs an error from its own __del__; nothing to say here
-        pass
+    def _open_session(self, channel: paramiko.Channel) -> NetconfSession:
+        return NetconfSession(channel, self, None, False)
+
+    def _activity(self, session: NetconfSession) -> Hashable | None:
+        # Idle means: no request in progress, none received since the last look, and no
+        # subscription (a subscriber waits for notifications, not for its client).
+        info = session.info
+        if not session.session_open or info.request is not None or \
+                self.operations.hub.subscribed(info.session_id):
+            return None
+        return info.in_rpcs, info.in_bad_rpcs, info.out_rpc_errors
 
 
-def load_or_create_host_key(state_dir: Path) -> paramiko.PKey:
-    """The server's SSH host key, generated (ECDSA P-256) into the state dir on first start."""
-    path = Path(state_dir) / "ssh_host_ecdsa_key"
-    if path.exists():
-        return paramiko.ECDSAKey.from_private_key_file(str(path))
-    key = paramiko.ECDSAKey.generate(bits=256)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        tmp.chmod(0o600)
-        key.write_private_key(f)
-    tmp.replace(path)
-    log.info("generated SSH host key %s (%s)", path, key.fingerprint)
-    return key
-
-
-__all__ = ["NetconfListener", "NetconfSession", "load_or_create_host_key"]
+__all__ = ["NetconfListener", "NetconfSession", "load_or_create_host_keys"]

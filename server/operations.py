@@ -12,7 +12,7 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from . import errors
+from . import errors, nacm
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import (
@@ -64,6 +64,7 @@ class Operations:
         self.schema = schema
         self.hub = hub
         self.sessions: dict[int, SessionInfo] = {}
+        self.nacm: nacm.Nacm | None = None  # access control (server/nacm.py); None: none
         self.content_id = hashlib.sha256(
             ";".join(f"{m.name()}@{module_revision(m)}" for m in schema.modules()).encode()
         ).hexdigest()[:16]
@@ -129,7 +130,13 @@ class Operations:
             raise errors.not_supported(
                 f"operation {qname.localname} ({qname.namespace or 'no namespace'}) is not "
                 "supported by this server")
-        return handler(session, operation)
+        if self.nacm is None:
+            return handler(session, operation)
+        access = self.nacm.access_of(session.username, session.source_host)
+        qname = etree.QName(operation)
+        with nacm.acting(access):
+            self.nacm.check_exec(access, qname.namespace or "", qname.localname)
+            return handler(session, operation)
 
     def prepare(self, request: HollowEdit) -> None:
         """The part of handling a bulk edit that needs no datastore (reading its entries),
@@ -184,6 +191,7 @@ class Operations:
     def _reply_data(self, ns: str, nodes: list[TopNode], nc_filter: etree._Element | None, *,
                     subtree: etree._Element | None = None, xpath: etree._Element | None = None,
                     max_depth: int | None = None) -> Reply:
+        nodes = nacm.readable(nodes)  # what the user may not read is left out
         if nc_filter is not None:
             kind = nc_filter.get("type", "subtree")
             if kind == "xpath":
@@ -258,7 +266,8 @@ class Operations:
         return [*self.ds.state_nodes(),
                 # yang-library and modules-state in one text: left to the filter to split
                 TopNode(None, None, lambda: [self.schema.yang_library_xml(self.content_id)]),
-                TopNode(NCM, "netconf-state", lambda: [self._netconf_state()])]
+                TopNode(NCM, "netconf-state", lambda: [self._netconf_state()]),
+                *([self.nacm.state_node()] if self.nacm is not None else [])]
 
     def _netconf_state(self) -> str:
         caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.capabilities())
@@ -421,7 +430,11 @@ class Operations:
         selector = parse_subscription(op)
         if session.notify is None:
             raise errors.operation_failed("this session cannot receive notifications")
-        self.hub.subscribe(session.session_id, session.notify, selector)
+        send = session.notify
+        access = nacm.current()
+        if access is not None:  # each notification judged as it is delivered
+            send = access.engine.filtered(access, send)
+        self.hub.subscribe(session.session_id, send, selector)
         return OK
 
     def end_session(self, session_id: int) -> list[str]:

@@ -3,19 +3,17 @@ server's process and over its datastores.
 
 The web server runs in its own thread with its own event loop; datastore work, which blocks
 (locks, the backend, libyang), runs in the loop's executor so one large request does not stall
-the others. Authentication is HTTP Basic against the users file SSH uses.
+the others. Authentication is HTTP Basic against the users file SSH uses, throttled and
+counted together with SSH's logins (login_guard.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
+import contextvars
 import ipaddress
 import json
 import logging
-import os
 import re
 import ssl
 import threading
@@ -27,10 +25,14 @@ from urllib.parse import unquote
 from aiohttp import web
 from lxml import etree
 
-from . import errors
-from .auth import User, verify_password
+from . import errors, nacm
+from .auth import User
 from .errors import RpcError, RpcErrors
+from .gc_pause import collector_paused
+from .login_guard import BasicAuth, Logins, Outcome
+from .login_policy import LoginPolicy
 from .operations import Operations
+from .request_limits import read_body
 from .restconf_codec import (
     JSON,
     RESTCONF_NS,
@@ -52,42 +54,6 @@ from .restconf_streams import BASE_MARK, EventStreams
 log = logging.getLogger(__name__)
 
 REALM = 'Basic realm="restconf", charset="UTF-8"'
-_AUTH_CACHE_LIMIT = 256
-
-
-class BasicAuth:
-    """HTTP Basic against the users file. A verified password is remembered (as a keyed
-    hash, in memory only) so each request does not pay scrypt's deliberate cost again."""
-
-    def __init__(self, users: dict[str, User]):
-        self.users = users
-        self._key = os.urandom(32)
-        self._known: set[bytes] = set()
-        self._lock = threading.Lock()
-
-    def check(self, header: str | None) -> str | None:
-        """The authenticated user name, or None."""
-        if not header or not header.startswith("Basic "):
-            return None
-        try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode() \
-                .partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        token = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
-        with self._lock:
-            if token in self._known:
-                return user
-        record = self.users.get(user)
-        if record is None or not any(verify_password(password, h)
-                                     for h in record.password_hashes):
-            log.warning("RESTCONF: authentication failed for user %r", user)
-            return None
-        with self._lock:
-            if len(self._known) >= _AUTH_CACHE_LIMIT:
-                self._known.clear()
-            self._known.add(token)
-        return user
 
 
 def error_response(errs: list[RpcError], accept: str | None, status: int | None = None,
@@ -130,34 +96,61 @@ def _auth_middleware(auth: BasicAuth):
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         if request.path == "/.well-known/host-meta":
             return await handler(request)
-        loop = asyncio.get_running_loop()
-        user = await loop.run_in_executor(None, auth.check, request.headers.get("Authorization"))
-        if user is None:
-            return error_response([RpcError("access-denied", "authentication required: HTTP "
-                                            "Basic with a user of the server's users file",
-                                            type="protocol")],
-                                  request.headers.get("Accept"), 401,
-                                  {"WWW-Authenticate": REALM})
-        request["user"] = user
+        outcome = await auth.check(request.headers.get("Authorization"),
+                                   request.remote or "unknown")
+        if not outcome.ok:
+            return _refusal(outcome, request.headers.get("Accept"))
+        request["user"] = outcome.user
         return await handler(request)
     return middleware
+
+
+def _nacm_middleware(operations: Operations):
+    """The request's user, as access control knows them, for the rest of the request (the
+    executor threads get it with the request's context: see _blocking)."""
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        if operations.nacm is None or "user" not in request:
+            return await handler(request)
+        with nacm.acting(operations.nacm.access_of(request["user"], request.remote or "")):
+            return await handler(request)
+    return middleware
+
+
+def _refusal(outcome: Outcome, accept: str | None) -> web.Response:
+    """401 for wrong credentials; 429 while the address or user is locked out after
+    failed logins, 503 while every password worker is busy (each with Retry-After)."""
+    retry = {"Retry-After": str(max(1, round(outcome.retry_after)))}
+    if outcome.reason == "locked":
+        return error_response([RpcError("access-denied", "too many failed logins from this "
+                                         "address or for this user; try again later",
+                                         type="protocol")], accept, 429, retry)
+    if outcome.reason == "busy":
+        return error_response([RpcError("resource-denied", "too many logins being checked; "
+                                         "try again shortly", type="protocol")], accept, 503,
+                              retry)
+    return error_response([RpcError("access-denied", "authentication required: HTTP Basic "
+                                    "with a user of the server's users file",
+                                    type="protocol")], accept, 401, {"WWW-Authenticate": REALM})
 
 
 class RestconfListener:
     """The RESTCONF web server of one nfmig server, running in its own thread."""
 
     def __init__(self, operations: Operations, users: dict[str, User], listen: str, port: int,
-                 tls: ssl.SSLContext | None, max_message_size: int):
+                 tls: ssl.SSLContext | None, max_message_size: int,
+                 logins: Logins | None = None):
         if tls is None and not _is_loopback(listen):
             raise ValueError("plain HTTP RESTCONF is allowed only on a loopback address")
         self.resources = Resources(operations)
         remember_namespaces(self.resources.index)
         self.routes = Routes(self.resources, operations)
+        self.routes.body_limit = max_message_size
         self.tls = tls
         self.listen = listen
         self.port = port
         self._max = max_message_size
-        self._auth = BasicAuth(users)
+        self._auth = BasicAuth(logins or Logins(users, LoginPolicy()))
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -170,7 +163,8 @@ class RestconfListener:
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=self._max,
-                              middlewares=[_errors_middleware, _auth_middleware(self._auth)])
+                              middlewares=[_errors_middleware, _auth_middleware(self._auth),
+                                           _nacm_middleware(self.routes.ops)])
         self.routes.add_to(app)
         return app
 
@@ -241,6 +235,7 @@ class Routes:
     def __init__(self, resources: Resources, operations: Operations):
         self.r = resources
         self.ops = operations
+        self.body_limit = 256 << 20  # the listener's --max-message-size
         self._first_seen: dict[str, float] = {}  # entity tag -> when first served
         self.streams = EventStreams(operations.hub, resources.index, resources.json)
         resources.state_extra.append(self.streams.state_node())
@@ -305,7 +300,7 @@ class Routes:
             raise web.HTTPMethodNotAllowed(request.method, ["POST", "OPTIONS"])
         name = request.match_info["name"]
         media = _content_type(request, PLAIN) if request.can_read_body else JSON
-        body = await request.read()
+        body = await self._body(request)
         session = self.r.session_info(request["user"], request.remote or "")
         reply = await _blocking(self.r.invoke, name, body, media, session)
         if reply.strip() in ("", "<ok/>"):
@@ -371,7 +366,7 @@ class Routes:
 
     async def put(self, request: web.Request, store: str, target: Target) -> web.Response:
         media = _content_type(request, PLAIN)
-        body = await request.read()
+        body = await self._body(request)
         check_insert(request.rel_url.query, target.node)
         if not target.steps:
             inner = await _blocking(self.r.body_elements, body, media, None,
@@ -390,7 +385,7 @@ class Routes:
 
     async def post(self, request: web.Request, store: str, target: Target) -> web.Response:
         media = _content_type(request, PLAIN)
-        body = await request.read()
+        body = await self._body(request)
         if store == "startup":
             raise errors.not_supported("startup is replaced whole: PUT the datastore",
                                        type="application")
@@ -416,7 +411,7 @@ class Routes:
 
     async def patch(self, request: web.Request, store: str, target: Target) -> web.Response:
         kind = (request.content_type or "").lower()
-        body = await request.read()
+        body = await self._body(request)
         if kind in YANG_PATCH:
             reply = _accept(request, YANG_PATCH[kind])  # yang-patch-status as asked
             status, text = await _blocking(apply_yang_patch, self.r, store, target, body,
@@ -471,11 +466,18 @@ class Routes:
                                          qname.localname, target.instance_path() or "/")
         keys = None
         if node.kind == "list":
-            keys = tuple((element.findtext(f"{{{node.ns}}}{k}") or "").strip()
-                         for k in node.keys)
+            keys = tuple((element.findtext(f"{{{node.ns}}}{k}")  # a nested entry's keys
+                          or element.findtext(k) or "").strip() for k in node.keys)
         elif node.kind == "leaf-list":
             keys = ((element.text or "").strip(),)
         return Target([*target.steps, Step(node, keys)])
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request's body, its limits held while it arrives (request_limits); one of
+        a type no resource takes is refused before it is read."""
+        media = _content_type(request, {**PLAIN, **YANG_PATCH}) if request.can_read_body \
+            else None
+        return await read_body(request, self.body_limit, media == JSON, media == XML)
 
     @staticmethod
     def _location(request: web.Request, target: Target) -> str:
@@ -511,7 +513,16 @@ class Routes:
 
 
 async def _blocking(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    # in the request's context: who is asking (nacm) goes along
+    return await asyncio.get_running_loop().run_in_executor(
+        None, contextvars.copy_context().run, _paused, fn, *args)
+
+
+def _paused(fn, *args):
+    # As a NETCONF request runs: no cyclic collection meanwhile, the heap tidied after a
+    # long one (gc_pause), so a large body's memory goes back once it is handled.
+    with collector_paused():
+        return fn(*args)
 
 
 def _rest(request: web.Request, prefix: str) -> str:

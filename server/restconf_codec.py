@@ -47,7 +47,7 @@ class Node:
     ns: str
     kind: str  # container | list | leaf | leaf-list | anydata
     keys: tuple[str, ...] = ()
-    value: str = "string"  # number | text-number | boolean | empty | identityref | string
+    value: str = "string"  # number | text-number | boolean | empty | identityref | union | string
     config: bool = True
     user_ordered: bool = False
     snode: libyang.SNode | None = field(default=None, repr=False)
@@ -92,12 +92,10 @@ class SchemaIndex:
         return node
 
     def children(self, node: Node) -> dict[str, Node]:
-        if node._children is None:
-            node._children = {}
-            if node.kind in ("container", "list"):
-                for child in node.snode.children():
-                    if child.nodetype() in _KINDS:
-                        node._children[child.name()] = self._node(child)
+        if node._children is None:  # built whole, then shown: requests run in threads
+            node._children = {child.name(): self._node(child)
+                              for child in (node.snode.children() if node.kind in (
+                                  "container", "list") else ()) if child.nodetype() in _KINDS}
         return node._children
 
     def rpc_input(self, name: str) -> Node | None:
@@ -118,6 +116,10 @@ def _value_kind(ytype: libyang.Type) -> str:
     base = ytype.base()
     if base == libyang.Type.LEAFREF:
         return _value_kind(ytype.leafref_type())
+    if base == libyang.Type.UNION:
+        # RFC 7951 §6.10: each member type's own JSON type; one kind when they agree.
+        kinds = {_value_kind(t) for t in ytype.union_types()}
+        return kinds.pop() if len(kinds) == 1 else "union"
     if base in _NUMBER:
         return "number"
     if base in _NUMBER_TEXT:
@@ -368,8 +370,13 @@ class XmlWriter:
             if isinstance(value, bool) or not isinstance(value, int):
                 bad = "a JSON number"
         elif kind == "text-number":
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
+            if not isinstance(value, str):  # RFC 7951 §6.1 (as libyang's strict parsing)
                 bad = "a JSON string holding the number"
+        elif kind == "union":
+            if value is None or isinstance(value, list | dict | float):
+                bad = "a JSON string, number or boolean as one of its member types is"
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
         elif kind == "boolean":
             if not isinstance(value, bool):
                 bad = "true or false"
@@ -384,8 +391,9 @@ class XmlWriter:
         elif not isinstance(value, str):
             bad = "a JSON string"
         if bad:
+            shown = json.dumps(value)[:80]  # an error stays small, whatever was sent
             raise errors.invalid_value(f"{where}: {node.name} is {bad} in JSON "
-                                       f"(RFC 7951), not {json.dumps(value)}", path=where,
+                                       f"(RFC 7951), not {shown}", path=where,
                                        info={"bad-element": node.name})
         return escape(str(value))
 
@@ -402,7 +410,7 @@ def _no_text(value) -> None:
 # it stands; other pairs go through XmlWriter.value, which refuses them with the reason.
 _LEAF_TEXT: dict[tuple[str, type], Callable] = {
     ("number", int): str, ("text-number", str): _string_text, ("string", str): _string_text,
-    ("text-number", int): str, ("boolean", bool): lambda v: "true" if v else "false",
+    ("boolean", bool): lambda v: "true" if v else "false",
 }
 
 

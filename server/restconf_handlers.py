@@ -16,16 +16,17 @@ from urllib.parse import quote
 from lxml import etree
 from nfmig.nf_backends.base import KEY_FIELDS, Session
 
-from . import errors
+from . import errors, nacm
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import TopNode, limit_depth
+from .nacm_config import NacmJsonWriter, NacmModel
 from .operations import Operations, SessionInfo
+from .request_limits import load_json, xml_problem
 from .restconf_codec import (
     JSON,
     RESTCONF_NS,
     XML,
-    JsonWriter,
     Node,
     SchemaIndex,
     Step,
@@ -78,7 +79,7 @@ class Resources:
         self.schema = ops.schema
         self.index = SchemaIndex(ops.schema)
         self.state_extra: list[TopNode] = []  # state only RESTCONF has (restconf-state)
-        self.json = JsonWriter(self.index)
+        self.json = NacmJsonWriter(self.index, NacmModel(ops.schema).module_of)
         self.xml = XmlWriter(self.index)
 
     def session_info(self, user: str, peer: str) -> SessionInfo:
@@ -90,7 +91,7 @@ class Resources:
         target = parse_api_path(self.index, path)
         bulk = not target.steps or (len(target.steps) == 1 and target.node.name ==
                                     "nat-session" and target.steps[0].keys is None)
-        if bulk and query.plain:
+        if bulk and query.plain and nacm.reads_whole(self.ds.ns, "nat-session"):
             return self._read_fast(datastore, target, query, media)
         nodes = self._top_nodes(datastore, target, query.content)
         data = self._tree(nodes)
@@ -150,7 +151,7 @@ class Resources:
                 if session is not None:
                     nodes.append(TopNode(top.ns, top.name, lambda: sessions_to_xml(
                         [session], top.ns)))
-        return nodes
+        return nacm.readable(nodes)  # what the user may not read is left out
 
     def _one_session(self, datastore: str, step: Step) -> Session | None:
         key = self.session_key(step.keys or ())
@@ -217,7 +218,9 @@ class Resources:
             text = print_with_defaults(tree, mode)
         finally:
             tree.free()
-        new = etree.fromstring(text) if text else None
+        new = None
+        if text:  # libyang prints other modules' default containers (/nacm) beside it
+            new = etree.fromstring(f"<x>{text}</x>").find(f"{{{self.ds.ns}}}nat-policy")
         if new is not None and mode == "report-all-tagged":
             tag_defaults(new)
         if policy is not None:
@@ -268,11 +271,7 @@ class Resources:
         """The request's content as XML elements: the nodes it holds (under ``wrapper``,
         e.g. ietf-restconf:data, when the resource is a datastore)."""
         if media == JSON:
-            try:
-                obj = json.loads(text or b"null")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise errors.RpcError("malformed-message", f"the body is not JSON: {exc}",
-                                      type="rpc") from None
+            obj = load_json(text)
             if wrapper is not None:
                 if not isinstance(obj, dict) or list(obj) != [wrapper]:
                     raise bad_request(f"the body is one member, {wrapper}", wrapper)
@@ -280,11 +279,7 @@ class Resources:
             xml = self.xml.members(obj, parent)
             holder = etree.fromstring(f"<x>{xml}</x>".encode(), parser=_PARSER)
             return list(holder)
-        try:
-            root = etree.fromstring(text, parser=_PARSER)
-        except etree.XMLSyntaxError as exc:
-            raise errors.RpcError("malformed-message", f"the body is not XML: {exc}",
-                                  type="rpc") from None
+        root = parse_body(text)
         if wrapper is not None:
             if root.tag != f"{{{RESTCONF_NS}}}data":
                 raise bad_request(f"the body is <data xmlns=\"{RESTCONF_NS}\">", "data")
@@ -341,6 +336,8 @@ class Resources:
         if keys and node.kind == "list":
             for name, value in zip(node.keys, keys, strict=True):
                 found = inner[0].findtext(f"{{{node.ns}}}{name}")
+                if found is None:  # a nested entry's body is read without its namespace
+                    found = inner[0].findtext(name)
                 if found is None:
                     inner[0].insert(0, etree.Element(f"{{{node.ns}}}{name}"))
                     inner[0][0].text = value
@@ -370,20 +367,12 @@ class Resources:
         inner = ""
         if text.strip():
             if media == JSON:
-                try:
-                    obj = json.loads(text)
-                except (ValueError, UnicodeDecodeError) as exc:
-                    raise errors.RpcError("malformed-message", f"the body is not JSON: {exc}",
-                                          type="rpc") from None
+                obj = load_json(text)
                 if not isinstance(obj, dict) or list(obj) != [f"{module}:input"]:
                     raise bad_request(f"the body is one member, {module}:input", "input")
                 inner = self.xml.members(obj[f"{module}:input"], node)
             else:
-                try:
-                    root = etree.fromstring(text, parser=_PARSER)
-                except etree.XMLSyntaxError as exc:
-                    raise errors.RpcError("malformed-message", f"the body is not XML: {exc}",
-                                          type="rpc") from None
+                root = parse_body(text)
                 if root.tag != f"{{{ns}}}input":
                     raise bad_request(f'the body is <input xmlns="{ns}">', "input")
                 inner = "".join(etree.tostring(c, encoding="unicode") for c in root)
@@ -401,6 +390,19 @@ class Resources:
             module, local = name.split(":")
             parts.append(f'<{local} xmlns="{self.index.ns_of[module]}"/>')
         return f'<operations xmlns="{RESTCONF_NS}">{"".join(parts)}</operations>'
+
+
+def parse_body(text: bytes) -> etree._Element:
+    """An XML request body, refused (4xx) unless well-formed and within the limits
+    (request_limits.xml_problem) before anything walks it."""
+    try:
+        root = etree.fromstring(text, parser=_PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise errors.malformed(f"the body is not XML: {exc}") from None
+    problem = xml_problem(root, text)
+    if problem is not None:
+        raise problem
+    return root
 
 
 def _startup_session(resources: Resources, key: tuple) -> Session | None:

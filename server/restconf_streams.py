@@ -22,6 +22,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 from lxml import etree
 
+from . import nacm
 from .filters import TopNode
 from .notifications import NOTIF_NS, NotificationHub, event_time
 from .restconf_codec import JsonWriter, SchemaIndex
@@ -192,6 +193,8 @@ class EventStreams:
 
     async def _send(self, response: web.StreamResponse, message: str, encoding: str,
                     selector: Callable[[etree._Element], bool] | None) -> None:
+        if not nacm.notification_permitted(message):  # judged as delivered (RFC 8341)
+            return
         root = None
         if selector is not None:
             root = etree.fromstring(message.encode(), parser=_PARSER)

@@ -35,6 +35,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "ietf-origin": (),
     "ietf-netconf-with-defaults": (),
     "ietf-restconf-monitoring": (),
+    "ietf-netconf-acm": (),  # RFC 8341: /nacm in running, enforced by nacm.py
 }
 
 # libyang keeps its error list per context, so parses on one context are serialised.
@@ -141,7 +142,9 @@ class Schema:
         flags = lib.LYD_PARSE_STRICT
         if not validate:
             flags |= lib.LYD_PARSE_ONLY
-        vflags = 0
+        # Only the modules the text has data of: validating the others would add their
+        # default containers (/nacm) beside what was parsed.
+        vflags = lib.LYD_VALIDATE_PRESENT
         if config:
             flags |= lib.LYD_PARSE_NO_STATE
             vflags |= lib.LYD_VALIDATE_NO_STATE

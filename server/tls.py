@@ -25,7 +25,7 @@ VALID_DAYS = 825  # the longest lifetime common TLS clients accept for a server 
 
 
 def load_or_create_certificate(state_dir: Path, listen: str) -> tuple[Path, Path]:
-    """The state directory's certificate and key, created (key mode 0600) when missing."""
+    """The state directory's certificate and key, created (mode 0600) when missing."""
     cert, key = Path(state_dir) / CERT_FILE, Path(state_dir) / KEY_FILE
     if cert.exists() and key.exists():
         return cert, key
@@ -55,11 +55,15 @@ def load_or_create_certificate(state_dir: Path, listen: str) -> tuple[Path, Path
     key_bytes = private.private_bytes(serialization.Encoding.PEM,
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key_bytes)
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Both 0600, like everything in the state directory; fchmod because a file left over
+    # (a key without its certificate) keeps its old mode through O_TRUNC.
+    for path, data in ((key, key_bytes),
+                       (cert, certificate.public_bytes(serialization.Encoding.PEM))):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(data)
     log.info("RESTCONF: created a self-signed certificate %s", cert)
     return cert, key
 

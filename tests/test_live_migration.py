@@ -60,7 +60,7 @@ def test_sessions_opened_during_the_copy_follow_it_and_none_is_on_both_sides(tmp
                                                                              nats):
     workdir = tmp_path / "busy"
     workdir.mkdir()
-    add_user(workdir / "users", "ops", password=PASSWORD)
+    add_user(workdir / "users", "ops", password=PASSWORD, log2_n=14)  # a cheap test hash
     a = Nat(start_local_server(workdir, "--sessions", "2000", "--traffic", "500"))
     (b,) = nats(0)
     try:

@@ -117,7 +117,7 @@ def test_a_target_that_refuses_an_edit_too_big_for_it_rolls_back(nats, tmp_path)
     (a,) = nats(SEVERAL_BLOCKS)
     workdir = tmp_path / "small"
     workdir.mkdir()
-    add_user(workdir / "users", "ops", password=PASSWORD)
+    add_user(workdir / "users", "ops", password=PASSWORD, log2_n=14)  # a cheap test hash
     b = Nat(start_local_server(workdir, "--max-message-size", str(400 << 10)))
     try:
         before = a.sessions()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 from lxml import etree
 from ncclient.operations import RPCError
@@ -240,6 +242,30 @@ def test_a_session_killed_while_idle_leaves_no_thread_behind(server, nc):
     while server_threads(server) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server_threads(server) == before
+
+
+def test_a_session_can_be_killed_before_its_clients_hello_is_read(server, nc):
+    """A client knows a session-id from the server's hello, before the server has read the
+    client's: killing that session then works and closes it."""
+    transport = paramiko.Transport(("127.0.0.1", server.port))
+    try:
+        transport.connect(username=server.user, password=server.password)
+        channel = transport.open_session()
+        channel.settimeout(30)
+        channel.invoke_subsystem("netconf")
+        hello = b""
+        while b"]]>]]>" not in hello:
+            chunk = channel.recv(65536)
+            assert chunk, "the server closed the session before its hello"
+            hello += chunk
+        victim = int(re.search(rb"<session-id>(\d+)</session-id>", hello).group(1))
+        nc.kill_session(str(victim))  # the victim never sent its hello
+        deadline = time.monotonic() + 10
+        while channel.recv(65536) and time.monotonic() < deadline:
+            pass
+        assert channel.closed or channel.eof_received
+    finally:
+        transport.close()
 
 
 def test_unknown_rpc_is_operation_not_supported(nc):
