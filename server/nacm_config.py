@@ -22,7 +22,7 @@ from lxml import etree
 from . import errors
 from .errors import RpcError
 from .restconf_codec import JsonWriter, Node
-from .schema import Schema, YangError, module_ns
+from .schema import Schema, module_ns
 from .session_codec import OPERATION_ATTR
 from .tree_edit import edit_node
 
@@ -324,12 +324,7 @@ class NacmModel:
 
     def check(self, tree: etree._Element) -> None:
         """Raise the RpcError libyang's verdict (or the compiler's) makes of ``tree``."""
-        try:
-            parsed = self.schema.parse_xml(etree.tostring(tree))
-        except YangError as exc:
-            raise exc.to_rpc_error() from None
-        if parsed is not None:
-            parsed.free()
+        self.schema.check_config(etree.tostring(tree))
         try:
             compile_rules(tree, self.resolve)
         except ValueError as exc:

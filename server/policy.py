@@ -12,7 +12,7 @@ import copy
 from lxml import etree
 from nfmig.nf_backends.base import AddressMapping, GatewayAddress, NatPolicy, Timeouts
 
-from .schema import Schema, YangError
+from .schema import Schema
 from .session_codec import OPERATION_ATTR
 from .tree_edit import edit_node
 
@@ -50,12 +50,7 @@ class PolicyModel:
 
     def validate(self, policy: etree._Element) -> None:
         """Raise the RpcError libyang's verdict makes when ``policy`` is not valid."""
-        try:
-            tree = self.schema.parse_xml(etree.tostring(policy))
-        except YangError as exc:
-            raise exc.to_rpc_error() from None
-        if tree is not None:
-            tree.free()
+        self.schema.check_config(etree.tostring(policy))
 
     def to_backend(self, policy: etree._Element | None) -> NatPolicy:
         """The backend's view of a (valid) policy tree, the model's defaults filled in; no

@@ -155,6 +155,16 @@ class Schema:
             return None
         return libyang.DNode.new(self.ctx, tree)
 
+    def check_config(self, text: str | bytes) -> None:
+        """Raise the RpcError libyang's verdict makes when the configuration forest
+        ``text`` is not valid."""
+        try:
+            tree = self.parse_xml(text)
+        except YangError as exc:
+            raise exc.to_rpc_error() from None
+        if tree is not None:
+            tree.free()
+
     def canonical_xml(self, text: str) -> str:
         """A forest of configuration nodes as libyang reads it strictly (every element,
         attribute and value checked against the model, the forest as a whole not

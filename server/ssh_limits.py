@@ -7,7 +7,11 @@ Kept apart from ssh_server.py so that building the command line imports nothing 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from .option_table import add_group, number, seconds, settings_from
+
+_WEEK = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -30,60 +34,31 @@ class SshLimits:
             raise ValueError("the idle timeout must not be negative")
 
 
-def _seconds(least: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not least <= value <= 7 * 86400:
-            raise argparse.ArgumentTypeError(f"must be between {least:g} and 604800 seconds")
-        return value
-    return parse
-
-
-def _number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 100_000:
-        raise argparse.ArgumentTypeError("must be between 1 and 100000")
-    return value
-
-
 # option, SshLimits field, type, metavar, help (the default is appended)
 _OPTIONS = (
-    ("--login-grace-time", "login_grace_time", _seconds(0.1), "SECONDS",
+    ("--login-grace-time", "login_grace_time", seconds(0.1, _WEEK), "SECONDS",
      "close a connection that has not logged in and opened its NETCONF session within this "
      "time, or that has held no session for this long since its last one closed"),
-    ("--max-startups", "max_startups", _number, "N",
+    ("--max-startups", "max_startups", number(1, 100_000), "N",
      "connections at once that are not logged in or hold no session; a new connection "
      "beyond N closes the oldest such connection of the source address holding the most of "
      "them, so connections held open by someone else cannot lock an operator out"),
-    ("--max-sessions", "max_sessions", _number, "N",
+    ("--max-sessions", "max_sessions", number(1, 100_000), "N",
      "NETCONF sessions at once, of all users; one more is refused with the SSH reason "
      "'resource shortage'"),
-    ("--max-sessions-per-user", "max_sessions_per_user", _number, "N",
+    ("--max-sessions-per-user", "max_sessions_per_user", number(1, 100_000), "N",
      "NETCONF sessions at once of one user; one more is refused the same way"),
-    ("--idle-timeout", "idle_timeout", _seconds(0), "SECONDS",
+    ("--idle-timeout", "idle_timeout", seconds(0, _WEEK), "SECONDS",
      "close a session that has sent no request for this long, has none in progress and "
      "holds no notification subscription (0: never)"),
 )
 
 
 def add_ssh_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "SSH connections and sessions", "Bounds on what clients, logged in or not, may hold "
-        "open. Only modern SSH algorithms are offered (see the README).")
-    defaults = SshLimits()
-    for option, name, kind, metavar, text in _OPTIONS:
-        group.add_argument(option, dest=f"ssh_{name}", type=kind, metavar=metavar,
-                           default=getattr(defaults, name),
-                           help=f"{text} (default {getattr(defaults, name):g})")
+    add_group(parser, "SSH connections and sessions", "Bounds on what clients, logged in or "
+              "not, may hold open. Only modern SSH algorithms are offered (see the README).",
+              SshLimits(), _OPTIONS, "ssh_")
 
 
 def limits_from_args(args: argparse.Namespace) -> SshLimits:
-    names = {f.name for f in fields(SshLimits)}
-    return SshLimits(**{name: getattr(args, f"ssh_{name}") for name in names
-                        if hasattr(args, f"ssh_{name}")})
+    return settings_from(SshLimits, args, "ssh_")
