@@ -296,6 +296,46 @@ class _Reporter:
         log.warning(message + " (%d such refusals since the last report)", *args, count)
 
 
+class _Verified:
+    """Passwords verified lately, for ``ttl`` seconds: an NMS that opens a session per
+    operation, and RESTCONF's Basic that sends the password with every request, would
+    otherwise pay a whole scrypt hash (128 MiB) each time. Kept in memory as an HMAC under
+    a key made at start, never the password itself; only a password that was right is
+    ever remembered, so a guess learns nothing from it."""
+
+    _LIMIT = 1024
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._key = os.urandom(32)
+        self._known: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _token(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\0{password}".encode(errors="surrogatepass"),
+                        hashlib.sha256).digest()
+
+    def knows(self, user: str, password: str) -> bool:
+        token = self._token(user, password)
+        with self._lock:
+            expires = self._known.get(token)
+            if expires is None:
+                return False
+            if expires > time.monotonic():
+                return True
+            del self._known[token]
+            return False
+
+    def remember(self, user: str, password: str) -> None:
+        if self.ttl <= 0:
+            return
+        token = self._token(user, password)
+        with self._lock:
+            self._known[token] = time.monotonic() + self.ttl
+            while len(self._known) > self._LIMIT:
+                self._known.popitem(last=False)
+
+
 class Logins:
     """The server's one login service: users, failure counts and hash workers, shared by
     SSH and RESTCONF so that guesses on one protocol count on the other too."""
@@ -305,6 +345,7 @@ class Logins:
         self.policy = policy
         self.guard = LoginGuard(policy)
         self.pool = HashPool(policy.workers, policy.queue)
+        self._verified = _Verified(policy.cache_ttl)
         self._busy = _Reporter()
         params = [p for u in users.values() for h in u.password_hashes
                   if (p := hash_params(h)) is not None]
@@ -362,16 +403,22 @@ class Logins:
             raise
         self.guard.settle(attempt, ok)
         if ok:
+            self._verified.remember(attempt.user, password)
             log.log(logging.INFO if attempt.via.startswith("RESTCONF") else logging.DEBUG,
                     "user %s logged in from %s (%s)", shown(attempt.user), attempt.address,
                     attempt.via)
             return Outcome("ok", attempt.user)
         return Outcome("failed", attempt.user)
 
-    def _start(self, address: str, user: str, via: str) -> Outcome | Attempt:
+    def _start(self, address: str, user: str, password: str, via: str
+               ) -> Outcome | Attempt:
+        """A locked address or user is refused before anything else, a password verified
+        lately is taken at once, any other attempt begins (after its delay)."""
         retry = self.guard.locked(address, user, via)
         if retry:
             return Outcome("locked", user, retry)
+        if self._verified.knows(user, password):
+            return Outcome("ok", user)
         return self.guard.begin(address, user, via)
 
     def _after_wait(self, attempt: Attempt, password: str) -> Outcome | Future:
@@ -393,7 +440,7 @@ class Logins:
                        alive: Callable[[], bool] | None = None) -> Outcome:
         """A password login, waiting in the calling thread (an SSH connection's own).
         ``alive`` false ends the wait early: the connection is gone."""
-        started = self._start(address, user, via)
+        started = self._start(address, user, password, via)
         if isinstance(started, Outcome):
             return started
         deadline = time.monotonic() + started.delay
@@ -414,7 +461,7 @@ class Logins:
     async def check_password_async(self, address: str, user: str, password: str,
                                    via: str) -> Outcome:
         """A password login for a coroutine: the delay and the hash never block its loop."""
-        started = self._start(address, user, via)
+        started = self._start(address, user, password, via)
         if isinstance(started, Outcome):
             return started
         try:
@@ -445,18 +492,11 @@ class Logins:
 
 
 class BasicAuth:
-    """RESTCONF's HTTP Basic against the login service. The password comes with every
-    request: one verified is remembered for ``cache_ttl`` seconds, in memory, as an HMAC
-    under a key made at start (never the password itself), so each request does not pay
-    scrypt again. A locked address or user is refused before the memory is consulted."""
-
-    _LIMIT = 1024
+    """RESTCONF's HTTP Basic against the login service (the password comes with every
+    request: the service remembers one it verified lately)."""
 
     def __init__(self, logins: Logins):
         self.logins = logins
-        self._key = os.urandom(32)
-        self._known: OrderedDict[bytes, float] = OrderedDict()
-        self._lock = threading.Lock()
 
     async def check(self, header: str | None, address: str) -> Outcome:
         if not header or not header.startswith("Basic "):
@@ -466,23 +506,5 @@ class BasicAuth:
                 .partition(":")
         except (ValueError, UnicodeDecodeError):
             return Outcome("failed")
-        via = "RESTCONF Basic"
-        retry = self.logins.guard.locked(address, user, via)
-        if retry:
-            return Outcome("locked", user, retry)
-        token = hmac.new(self._key, f"{user}\0{password}".encode(errors="surrogatepass"),
-                         hashlib.sha256).digest()
-        now = time.monotonic()
-        with self._lock:
-            expires = self._known.get(token)
-            if expires is not None:
-                if expires > now:
-                    return Outcome("ok", user)
-                del self._known[token]
-        outcome = await self.logins.check_password_async(address, user, password, via)
-        if outcome.ok and self.logins.policy.cache_ttl > 0:
-            with self._lock:
-                self._known[token] = now + self.logins.policy.cache_ttl
-                while len(self._known) > self._LIMIT:
-                    self._known.popitem(last=False)
-        return outcome
+        return await self.logins.check_password_async(address, user, password,
+                                                      "RESTCONF Basic")

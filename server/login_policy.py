@@ -28,7 +28,7 @@ class LoginPolicy:
     max_auth_tries: int = 6  # failed attempts on one SSH connection before disconnecting
     workers: int = field(default_factory=default_workers)  # concurrent password hashes
     queue: int = 16  # logins waiting for a worker; beyond, refused at once
-    cache_ttl: float = 60.0  # seconds a verified RESTCONF password is remembered
+    cache_ttl: float = 60.0  # seconds a verified password is remembered
 
     def delay_for(self, failures: int) -> float:
         if failures <= 0 or self.delay <= 0:
@@ -55,7 +55,8 @@ _OPTIONS = (
     ("--login-queue", "queue", number(0, 1_000_000), "N",
      "logins waiting for a hash worker; more are refused at once"),
     ("--login-cache", "cache_ttl", seconds(0, 86400), "SECONDS",
-     "how long RESTCONF remembers a verified password (as a keyed hash; 0: never)"),
+     "how long a verified password is remembered, for SSH and RESTCONF logins alike "
+     "(as a keyed hash; 0: never)"),
 )
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import aiohttp
 import paramiko
 import pytest
-from nfmig.server.auth import add_user
+from nfmig.server.auth import User, add_user, hash_password
+from nfmig.server.login_guard import Logins
+from nfmig.server.login_policy import LoginPolicy
 
 from .restconf_client import start_with_restconf
 
@@ -423,3 +425,35 @@ def test_refused_requests_cannot_push_a_lockout_out_of_the_tables():
     now[0] += 61
     assert guard.locked("192.0.2.9", "admin", "test") == 0
     assert guard.begin("192.0.2.9", "admin", "test").delay == 0  # forgotten with the lock
+
+
+# -- a password verified lately -----------------------------------------------------------
+def _service(ttl: float) -> tuple[User, Logins]:
+    user = User("ops", [hash_password("right one", log2_n=14)])
+    return user, Logins({"ops": user}, LoginPolicy(cache_ttl=ttl, workers=1))
+
+
+def _login(logins: Logins, password: str) -> bool:
+    return logins.check_password("127.0.0.1", "ops", password, "SSH password").ok
+
+
+def test_a_password_verified_lately_is_taken_without_hashing_again():
+    user, logins = _service(ttl=60)
+    try:
+        assert _login(logins, "right one")
+        # Hashed again, it would now fail: the stored hash is another password's.
+        user.password_hashes[:] = [hash_password("another", log2_n=14)]
+        assert _login(logins, "right one")
+        assert not _login(logins, "wrong")
+    finally:
+        logins.close()
+
+
+def test_with_no_memory_every_login_is_hashed():
+    user, logins = _service(ttl=0)
+    try:
+        assert _login(logins, "right one")
+        user.password_hashes[:] = [hash_password("another", log2_n=14)]
+        assert not _login(logins, "right one")
+    finally:
+        logins.close()
