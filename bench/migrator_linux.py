@@ -76,6 +76,7 @@ from nfmig.client.local import start_local_server
 from nfmig.client.netconf import NAT_NS, NatClient
 from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack
+from nfmig.server.gc_pause import AGAIN, IDLE
 from nfmig.server.session_codec import sessions_to_xml
 from placement import counters_check, notes_of, placement, problems_of
 from results import HETERO_SIZE, goals, medians, memory_block, table, with_hetero_ratios
@@ -421,12 +422,14 @@ def figures_of(command: Command, b: End, result: ProbeResult) -> dict:
 
 def memory_rounds(a: End, b: End, k: int, workdir: Path) -> list[dict]:
     """The table moved back and forth k times after the measured migration left it on B
-    (B -> A first), no traffic besides; the servers' memory after each. Stops at the first
-    migration that fails."""
+    (B -> A first), no traffic besides; the servers' memory after each, once they have
+    handed back what the move freed (they do so when idle: server/gc_pause.py). Stops at
+    the first migration that fails."""
     rounds = []
     for i in range(1, k + 1):
         source, target = (b, a) if i % 2 else (a, b)
         command = migrate(source, target, workdir)
+        time.sleep(IDLE + AGAIN + 0.5)
         r = command.report or {}
         rounds.append({
             "round": i, "direction": f"{'B' if source is b else 'A'} -> "
