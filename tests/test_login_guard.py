@@ -284,9 +284,11 @@ def test_checking_costs_the_same_cpu_time_for_unknown_and_known_users():
     print(f"CPU time of a wrong password: known user {new * 1000:.0f} ms, unknown user "
           f"{unknown * 1000:.0f} ms, user with an old 2^14 hash {old * 1000:.0f} ms")
     assert 0.85 < unknown / new < 1.18, costs
-    # Topped up with dummy hashes of the work it lacks (a little cheaper per unit of N, as
-    # a smaller hash stays closer to the CPU caches): before, a tenth of the time.
-    assert 0.8 < old / new < 1.25, costs
+    # Topped up with dummy hashes of the work it lacks: before, a tenth of the time. Two
+    # hashes of half the memory run cheaper per unit of N (they stay closer to the CPU
+    # caches, and by how much depends on what else the machine runs): the bound leaves
+    # room for that, and still tells a topped-up check from one that is not.
+    assert 0.65 < old / new < 1.35, costs
 
 
 async def _wrong_password_pairs(server: Server, count: int) -> list[tuple[float, float]]:
