@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from nfmig.server.option_table import number
+
 EPILOG = """\
 endpoints are netconf://user@host:port (port 830 when left out). The password comes from
 --password-file, else the NFMIG_PASSWORD environment variable, else SSH keys (--ssh-key,
@@ -33,18 +35,6 @@ exit status: 0 moved (or the dry run passed); 1 refused or failed, and every ses
 where it was; 2 bad command line; 3 failed with sessions on both sides, or the rollback
 could not finish (the report says where; running the same command again completes it).
 """
-
-
-def _seconds(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be within {low}..{high}")
-        return value
-    return parse
 
 
 def _size(text: str) -> int:
@@ -107,10 +97,10 @@ def add_parsers(sub) -> None:
                      help="do not hold the selection's new sessions on the sources during "
                           "the migration (for sources without the freeze operation; "
                           "sessions they open meanwhile stay on them)")
-    how.add_argument("--freeze-timeout", type=_seconds(1, 3600), default=60, metavar="S",
+    how.add_argument("--freeze-timeout", type=number(1, 3600), default=60, metavar="S",
                      help="a source thaws by itself after S seconds even if the migrator "
                           "vanishes (default 60)")
-    how.add_argument("--confirm-timeout", type=_seconds(1, 86400), default=120, metavar="S",
+    how.add_argument("--confirm-timeout", type=number(1, 86400), default=120, metavar="S",
                      help="a confirmed commit is reverted by the target if not confirmed "
                           "within S seconds (default 120)")
     how.add_argument("--migration-id", metavar="ID",
@@ -120,7 +110,7 @@ def add_parsers(sub) -> None:
                      help="refuse unless every end implements this nfmig-nat revision")
     how.add_argument("--require-feature", action="append", default=[], metavar="NAME",
                      help="refuse unless every end supports this nfmig-nat feature")
-    how.add_argument("--timeout", type=_seconds(1, 86400), default=600, metavar="S",
+    how.add_argument("--timeout", type=number(1, 86400), default=600, metavar="S",
                      help="longest wait for one NETCONF reply (default 600)")
     auth = migrate.add_argument_group("authentication")
     auth.add_argument("--password-file", type=Path, metavar="FILE",
@@ -146,7 +136,7 @@ def add_parsers(sub) -> None:
                           "(0, memory only, when --vm-memory-from-pid is given without it)")
     out.add_argument("--vm-memory-bytes", type=_size, metavar="SIZE",
                      help="memory of the NAT VM (e.g. 1G), to compare with the state")
-    out.add_argument("--vm-memory-from-pid", type=_seconds(1, 1 << 22), metavar="PID",
+    out.add_argument("--vm-memory-from-pid", type=number(1, 1 << 22), metavar="PID",
                      help="measure the VM memory instead: the resident memory of the source "
                           "NF's process PID on this host and of the processes it started, "
                           "read before the migration begins")
