@@ -399,6 +399,7 @@ def figures_of(command: Command, b: End, result: ProbeResult) -> dict:
     window = (r.get("freeze_window") or {}).get("seconds")
     delta = r.get("delta") or {}
     switch = r.get("switchover_seconds")
+    wire = (r.get("bytes") or {}).get("wire") or {}
     return {
         "exit": command.code, "result": r.get("result"), "command_s": command.seconds,
         "in_kernel_s": command.in_kernel_s(b), "startup_s": command.startup_s(),
@@ -408,6 +409,8 @@ def figures_of(command: Command, b: End, result: ProbeResult) -> dict:
         "delta_ended": delta.get("ended"),
         "switchover": r.get("switchover"),
         "switchover_ms": None if switch is None else switch * 1e3,
+        "wire_out_per_session": wire.get("sent_per_session"),
+        "wire_in_per_session": wire.get("received_per_session"),
         "gap_tcp_ms": max(f.longest_gap_ms for f in result.tcp.values()),
         "gap_udp_ms": max(f.longest_gap_ms for f in result.udp.values()),
         "retransmissions": result.retransmissions(), "rto": result.rto_timeouts(),

@@ -56,6 +56,7 @@ ROWS: list[tuple[str, str | None, int]] = [
     ("freeze window (ms)", "freeze_ms", 0),
     ("delta new/changed/ended", "delta", 0),
     ("switchover (ms)", "switchover_ms", 1),
+    ("bytes on the wire per session, out / in", "wire_per_session", 0),
     ("conntrackd resync, same N (s)", "conntrackd_s", 3),
     ("the stack's floor, no protocol (s)", "floor_s", 3),
     ("  start + imports", "floor_start_s", 3),
@@ -121,6 +122,9 @@ def _cell(m: dict, key: str, digits: int) -> str:
     if key == "flows_where":
         return "/".join(_fmt(m.get(k), 0) for k in ("flows_on_a", "flows_on_b",
                                                       "flows_nowhere"))
+    if key == "wire_per_session":
+        return "/".join(_fmt(m.get(k), 0) for k in ("wire_out_per_session",
+                                                      "wire_in_per_session"))
     if key.startswith("ratio"):
         return "-" if m.get(key) is None else f"{m[key]:.{digits}f}x"
     return _fmt(m.get(key), digits)

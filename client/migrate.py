@@ -516,9 +516,8 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
                            failure.reason if failure else None)
         for end in self.ends:
             if end.conn is not None:
-                end.report.bytes_sent += end.conn.bytes_sent
-                end.report.bytes_received += end.conn.bytes_received
                 end.conn.close()
+                end.report.add_traffic(end.conn)
         self.report.endpoints = [e.report for e in self.ends]
 
     def _close_window(self) -> None:

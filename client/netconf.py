@@ -20,8 +20,11 @@ from ncclient.transport.session import END_DELIM, MSG_DELIM, NetconfBase
 from ncclient.transport.ssh import SSHSession
 from ncclient.xml_ import new_ele, sub_ele
 from nfmig.nf_backends.base import KEY_FIELDS
+from nfmig.server.ssh_compression import DELAYED_ZLIB
+from nfmig.server.ssh_compression import METHODS as COMPRESSION_METHODS
 
 from .streaming import ChunkReader
+from .wire import tcp_counts
 
 # ncclient's session thread writes requests queued for it, looking at its queue only between
 # waits for input (a delay in front of every request), and it writes a request by slicing
@@ -52,10 +55,14 @@ class BulkSSHSession(SSHSession):
     thread (see _SEND_BLOCK), the session thread reads whole windows and, on a :base:1.1
     session, hands them to a ChunkReader (client.streaming), which can pass a reply on while
     it is still arriving. Counts the NETCONF bytes written and read (framing included, the
-    SSH layer's own overhead not)."""
+    SSH layer's own overhead not); ``wire_counts`` gives what the connection carried.
 
-    def __init__(self, device_handler):
+    With ``compress`` it asks for SSH compression (server.ssh_compression) and takes it when
+    the server offers it."""
+
+    def __init__(self, device_handler, compress: bool = False):
         super().__init__(device_handler)
+        self.compress = compress
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reader: ChunkReader | None = None  # once the hello chose :base:1.1
@@ -78,8 +85,20 @@ class BulkSSHSession(SSHSession):
         # connect() opens the channel right after authenticating, with these
         transport.default_window_size = WINDOW
         transport.default_max_packet_size = MAX_PACKET
-        _prefer_gcm(transport)
+        _choose_algorithms(transport, self.compress)
         return super()._auth(*args, **kwargs)
+
+    def wire_counts(self) -> tuple[int, int] | None:
+        """(bytes sent, bytes received) by this session's TCP connection, as the kernel
+        counted them (SSH packets, compressed and encrypted), or None if not known."""
+        transport = self._transport
+        return tcp_counts(transport.sock if transport is not None else None)
+
+    @property
+    def compression(self) -> str | None:
+        """The compression of what this session sends, as negotiated."""
+        transport = self._transport
+        return transport.local_compression if transport is not None else None
 
     def send(self, message: str | tuple[bytes, ...]) -> None:
         """Write ``message`` (a request's text, or its UTF-8 bytes in pieces: see TextRpc),
@@ -145,21 +164,29 @@ def _framed_blocks(pieces: tuple[bytes, ...], head: bytes, tail: bytes) -> Itera
     yield b"".join(block)
 
 
-def _prefer_gcm(transport) -> None:
-    """Key the session again, now preferring AES-GCM, if the server offers it (the first
-    key exchange has happened before ncclient lets anyone choose)."""
-    if transport.remote_cipher in _GCM:
-        return
+def _choose_algorithms(transport, compress: bool) -> None:
+    """Key the session again, now preferring AES-GCM and (``compress``) asking for
+    compression, if the server offers what the first key exchange did not give (it has
+    happened before ncclient lets anyone choose)."""
     options = transport.get_security_options()
-    ciphers = options.ciphers
-    options.ciphers = (*(c for c in _GCM if c in ciphers), *(c for c in ciphers if c not in _GCM))
-    transport.renegotiate_keys()
+    again = False
+    if transport.remote_cipher not in _GCM:
+        ciphers = options.ciphers
+        options.ciphers = (*(c for c in _GCM if c in ciphers),
+                           *(c for c in ciphers if c not in _GCM))
+        again = any(c in ciphers for c in _GCM)
+    if compress and transport.remote_compression != DELAYED_ZLIB:
+        options.compression = COMPRESSION_METHODS
+        again = True
+    if again:
+        transport.renegotiate_keys()
 
 
-def connect(timeout: float = 600, **kwds) -> manager.Manager:
-    """``manager.connect`` over SSH (same keywords), on a BulkSSHSession."""
+def connect(timeout: float = 600, compress: bool = False, **kwds) -> manager.Manager:
+    """``manager.connect`` over SSH (same keywords), on a BulkSSHSession; ``compress`` asks
+    for SSH compression."""
     handler = manager.make_device_handler(None)
-    session = BulkSSHSession(handler)
+    session = BulkSSHSession(handler, compress)
     try:
         session.connect(timeout=timeout, **kwds)
     except BaseException:
@@ -305,10 +332,10 @@ class NatClient:
     """A bulk client of one nfmig server (which implements RFC 8526)."""
 
     def __init__(self, host: str, port: int, username: str, password: str | None = None,
-                 hostkey_verify: bool = True, timeout: int = 600):
+                 hostkey_verify: bool = True, timeout: int = 600, compress: bool = False):
         self.m = connect(host=host, port=port, username=username, password=password,
                          hostkey_verify=hostkey_verify, allow_agent=password is None,
-                         look_for_keys=password is None, timeout=timeout)
+                         look_for_keys=password is None, timeout=timeout, compress=compress)
         self.m.huge_tree = True
 
     @property

@@ -181,9 +181,8 @@ class Recovery:
             old, held = end.conn, end.locked
             end.conn, end.locked = conn, []
             if old is not None:
-                end.report.bytes_sent += old.bytes_sent
-                end.report.bytes_received += old.bytes_received
                 old.close()
+                end.report.add_traffic(old)
                 if held:
                     self._take_over(end, old.session_id, held)
             return conn

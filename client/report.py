@@ -27,9 +27,27 @@ class EndpointReport:
     deleted: int = 0  # sessions removed from a source
     already_present: int = 0  # target: sessions it held before under a moved key
     confirmed_commit: bool = False
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # NETCONF / RESTCONF message bytes
     bytes_received: int = 0
+    # what its TCP connections carried (compressed, encrypted, framed), as the kernel
+    # counted it; None where it could not be read
+    wire_sent: int | None = None
+    wire_received: int | None = None
+    compression: str | None = None  # of what the migrator sent it, as negotiated
     module: str | None = None  # nfmig-nat@revision, features
+
+    def add_traffic(self, conn: Any) -> None:
+        """Count what ``conn`` (a connection about to be closed or replaced) carried."""
+        self.bytes_sent += conn.bytes_sent
+        self.bytes_received += conn.bytes_received
+        wire = conn.wire_counts()
+        first = self.wire_sent is None and self.bytes_sent == conn.bytes_sent
+        if wire is None or (self.wire_sent is None and not first):
+            self.wire_sent = self.wire_received = None  # one connection unknown: all are
+        else:
+            self.wire_sent = (self.wire_sent or 0) + wire[0]
+            self.wire_received = (self.wire_received or 0) + wire[1]
+        self.compression = conn.compression or self.compression
 
 
 @dataclass
@@ -80,6 +98,18 @@ class Report:
     def bytes_received(self) -> int:
         return sum(e.bytes_received for e in self.endpoints)
 
+    def wire(self) -> dict[str, Any] | None:
+        """The bytes that crossed the wire each way (None unless known for every end),
+        in all and per session selected."""
+        sent = [e.wire_sent for e in self.endpoints]
+        received = [e.wire_received for e in self.endpoints]
+        if not self.endpoints or None in sent or None in received:
+            return None
+        n = self.sessions_selected
+        return {"sent": sum(sent), "received": sum(received),
+                "sent_per_session": round(sum(sent) / n, 1) if n else None,
+                "received_per_session": round(sum(received) / n, 1) if n else None}
+
     def phase_seconds(self) -> dict[str, float]:
         """Time per phase, summed over endpoints, in the order the phases ran."""
         totals: dict[str, float] = {}
@@ -112,7 +142,7 @@ class Report:
         out.update(
             ok=self.ok,
             bytes={"sent": self.bytes_sent, "received": self.bytes_received,
-                   "state": self.state_bytes},
+                   "state": self.state_bytes, "wire": self.wire()},
             phase_seconds=self.phase_seconds(),
             freeze_window={"start": self.freeze_start, "end": self.freeze_end,
                            "seconds": self.freeze_seconds},
@@ -121,6 +151,22 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def _bytes_line(self) -> str:
+        messages = (f"messages {human_bytes(self.bytes_sent)} sent, "
+                    f"{human_bytes(self.bytes_received)} received; state moved "
+                    f"{human_bytes(self.state_bytes)}")
+        wire = self.wire()
+        if wire is None:
+            return f"  bytes: {messages}"
+        each = (f" ({wire['sent_per_session']:,.0f} B and "
+                f"{wire['received_per_session']:,.0f} B per session)"
+                if wire["sent_per_session"] is not None else "")
+        compressed = sorted({e.compression for e in self.endpoints
+                             if e.compression not in (None, "none")})
+        how = f", compressed ({', '.join(compressed)})" if compressed else ""
+        return (f"  bytes on the wire: {human_bytes(wire['sent'])} sent, "
+                f"{human_bytes(wire['received'])} received{each}{how}; {messages}")
 
     def summary(self) -> str:
         """The report for a person."""
@@ -156,9 +202,7 @@ class Report:
         if self.placement is not None:
             lines.append("  where the selected sessions are now: " + ", ".join(
                 f"{n} {where.replace('_', ' ')}" for where, n in self.placement.items()))
-        lines.append(f"  bytes on the wire: {human_bytes(self.bytes_sent)} sent, "
-                     f"{human_bytes(self.bytes_received)} received; state moved "
-                     f"{human_bytes(self.state_bytes)}")
+        lines.append(self._bytes_line())
         vm = self.vm_comparison()
         if vm:
             ratio = vm["vm_to_state_ratio"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import logging
 import re
 import secrets
@@ -34,6 +35,7 @@ from ncclient.transport.errors import TransportError
 
 from .endpoints import Connection, Credentials, Endpoint, EndpointError, nat_rpc_input
 from .netconf import KEY_LEAVES, NAT_NS, NC_NS
+from .wire import WireMeter
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ _SESSION_HEAD = re.compile(rf'<nat-session(?:\s+xmlns="{re.escape(NAT_NS)}"|'
                            rf'\s+xmlns:nc="{re.escape(NC_NS)}"|\s+nc:operation="(\w+)")*\s*>')
 _SESSION_KEYS = re.compile("".join(rf"\s*<{k}>([^<]*)</{k}>" for k in KEY_LEAVES))
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9._~-]*")  # RFC 3986 unreserved: no percent-encoding
+# Request bodies from this size on are gzipped (below it the saving is a packet or less).
+GZIP_FROM = 1400
 
 
 def open_connection(endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
@@ -69,6 +73,11 @@ class RestconfConnection:
         self.timeout = timeout
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._wire = WireMeter()
+        # whether request bodies may be gzipped: the server says so in its responses'
+        # Accept-Encoding (RFC 7694); responses are asked for gzipped in any case
+        self._gzip_requests = False
+        self._compress = credentials.compresses(endpoint)
         self.broken = False
         self.password = endpoint.password or credentials.password
         if self.password is None and credentials.prompt is not None:
@@ -113,11 +122,36 @@ class RestconfConnection:
         data = body.encode() if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
         self.bytes_sent += len(data or b"")
+        if data is not None and len(data) >= GZIP_FROM and self._gzip_requests:
+            data = await asyncio.get_running_loop().run_in_executor(None, gzip.compress,
+                                                                   data, 6)
+            headers["Content-Encoding"] = "gzip"
+        if not self._compress:
+            headers["Accept-Encoding"] = "identity"
         async with self._session.request(method, self.base + path, data=data,
                                          headers=headers, ssl=self._tls) as response:
+            connection = response.connection
+            sock = (connection.transport.get_extra_info("socket")
+                    if connection is not None and connection.transport is not None else None)
             text = await response.text()
+        if sock is not None:  # else released already: its next exchange counts this one
+            self._wire.look(sock)
+        offered = response.headers.get("Accept-Encoding", "")
+        self._gzip_requests = self._compress and "gzip" in offered.lower()
         self.bytes_received += len(text)
         return response.status, text
+
+    def wire_counts(self) -> tuple[int, int] | None:
+        """(bytes sent, bytes received) on this end's TCP connections (TLS records,
+        HTTP, bodies as sent: gzipped where they were), or None if not known."""
+        meter = self._wire
+        return (meter.sent, meter.received) if meter.known else None
+
+    @property
+    def compression(self) -> str | None:
+        """gzip once the server takes gzipped requests (responses are gzipped whenever
+        the server does so)."""
+        return "gzip" if self._gzip_requests else "none"
 
     def _call(self, method: str, path: str, body: str | None = None,
               content_type: str = XML) -> str:

@@ -54,6 +54,9 @@ from .restconf_streams import BASE_MARK, EventStreams
 log = logging.getLogger(__name__)
 
 REALM = 'Basic realm="restconf", charset="UTF-8"'
+# Representations from this size on are gzipped for clients that accept it (below it the
+# saving is a packet or less).
+GZIP_FROM = 1400
 
 
 def error_response(errs: list[RpcError], accept: str | None, status: int | None = None,
@@ -166,6 +169,7 @@ class RestconfListener:
                               middlewares=[_errors_middleware, _auth_middleware(self._auth),
                                            _nacm_middleware(self.routes.ops)])
         self.routes.add_to(app)
+        app.on_response_prepare.append(_advertise_codings)
         return app
 
     def _run(self) -> None:
@@ -538,6 +542,10 @@ def _accept(request: web.Request, default: str = JSON) -> str:
 
 
 def _content_type(request: web.Request, allowed: dict[str, str]) -> str:
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("identity", "gzip", "deflate"):  # what the HTTP layer inflates
+        raise web.HTTPUnsupportedMediaType(reason=f"Content-Encoding {coding} is not one of "
+                                           "gzip, deflate, identity")
     kind = (request.content_type or "").lower()
     if kind not in allowed:
         raise web.HTTPUnsupportedMediaType(reason=f"Content-Type {kind or 'none'} is not "
@@ -547,8 +555,19 @@ def _content_type(request: web.Request, allowed: dict[str, str]) -> str:
 
 def _reply(text: str, media: str, headers: dict | None = None, status: int = 200
            ) -> web.Response:
-    return web.Response(body=text.encode(), status=status, content_type=media,
-                        headers=headers)
+    """A representation, gzipped when the client accepts gzip and it is large enough for
+    that to save a packet (off the event loop when large)."""
+    body = text.encode()
+    response = web.Response(body=body, status=status, content_type=media, headers=headers)
+    if len(body) >= GZIP_FROM:
+        response.enable_compression()
+    return response
+
+
+async def _advertise_codings(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response says which content codings request bodies may have (RFC 7694): a
+    client may then gzip a large edit."""
+    response.headers.setdefault("Accept-Encoding", "gzip, deflate")
 
 
 def _tags(header: str | None) -> set[str]:

@@ -15,7 +15,8 @@ One housekeeping thread enforces the time limits of all connections and sessions
 * idle timeout: a session that has sent no request, has none in progress and holds no
   notification subscription for this long is closed.
 
-Algorithms are the modern ones only (see KEX, CIPHERS, MACS, HOST_KEY_ALGORITHMS); the
+Algorithms are the modern ones only (see KEX, CIPHERS, MACS, HOST_KEY_ALGORITHMS), with
+compression after login (ssh_compression.py) for the clients that ask for it; the
 host keys (Ed25519, ECDSA P-256, RSA 3072 signing with SHA-2) are generated into the state
 directory on first start.
 """
@@ -36,6 +37,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from .ssh_compression import CompressingTransport
 from .ssh_limits import SshLimits
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,19 @@ class _Gate(paramiko.ServerInterface):
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         return self.auth.check_channel_subsystem_request(channel, name)
 
+    def check_channel_pty_request(self, channel: paramiko.Channel, term: bytes, width: int,
+                                  height: int, pixelwidth: int, pixelheight: int,
+                                  modes: bytes) -> bool:
+        # OpenSSH's `ssh -tt -s netconf`, and client libraries that do the same, ask for a
+        # terminal before the subsystem and drop the session when it is refused. NETCONF
+        # needs none: granted, and ignored (no terminal exists; the channel stays bytes).
+        return True
+
+    def check_channel_window_change_request(self, channel: paramiko.Channel, width: int,
+                                            height: int, pixelwidth: int,
+                                            pixelheight: int) -> bool:
+        return True  # the terminal granted above resized: nothing to do
+
 
 class SshConnection:
     """One client's SSH connection: its transport, and the session channels it holds."""
@@ -237,7 +252,7 @@ class SshConnection:
         # Replies are small writes after large reads: Nagle's algorithm would hold one back
         # until the client acknowledged the last, which it delays (40 ms on Linux).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.transport = paramiko.Transport(
+        self.transport = CompressingTransport(
             sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET,
             disabled_algorithms={"pubkeys": list(WEAK_PUBKEY_ALGORITHMS)})
         self.transport.set_log_channel(PARAMIKO_LOG)
@@ -485,8 +500,12 @@ class SshServer:
         connection.reported = True
         exc = connection.transport.get_exception()
         if connection.user is not None:
-            log.debug("SSH connection of user %s from %s ended", connection.user,
-                      connection.peer)
+            if isinstance(exc, paramiko.SSHException):  # a protocol violation, not an end
+                log.warning("SSH connection of user %s from %s closed: %s", connection.user,
+                            connection.peer, _describe(exc))
+            else:
+                log.debug("SSH connection of user %s from %s ended", connection.user,
+                          connection.peer)
             return
         log.info("SSH connection from %s ended before login: %s", connection.peer,
                  _describe(exc))
