@@ -127,6 +127,16 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
         wanted = _endpoint(endpoint)
         return next((e.conn for e in self.ends if e.endpoint == wanted), None)
 
+    def counts(self) -> tuple[int, int]:
+        """The sessions read from the sources and the message bytes exchanged with every
+        end so far (for a progress bar: read while the migration runs, from another
+        thread)."""
+        sessions = sum(len(s.entries) for s in self.sources)
+        moved = sum(e.report.bytes_sent + e.report.bytes_received
+                    + (e.conn.bytes_sent + e.conn.bytes_received if e.conn else 0)
+                    for e in self.ends)
+        return sessions, moved
+
     def expected_steps(self) -> int:
         """About how many phase steps a successful run reports (for a progress bar)."""
         s, t = len(self.sources), len(self.targets)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -152,6 +155,18 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def _target_outcome(self, t: EndpointReport) -> str:
+        if self.dry_run:
+            return f"would receive {t.sessions} sessions"
+        if self.ok:
+            return f"{t.sessions} sessions" + (", confirmed commit" if t.confirmed_commit
+                                               else "")
+        if not t.sessions:
+            return "nothing sent"
+        if self.cleanup_complete:
+            return f"{t.sessions} sessions sent, none kept (rolled back)"
+        return f"{t.sessions} sessions sent; where they are now: see below"
+
     def _bytes_line(self) -> str:
         messages = (f"messages {human_bytes(self.bytes_sent)} sent, "
                     f"{human_bytes(self.bytes_received)} received; state moved "
@@ -180,11 +195,9 @@ class Report:
                      f"({self.selection}) from {', '.join(e.endpoint for e in sources)} to "
                      f"{', '.join(e.endpoint for e in targets)}")
         for t in targets:
-            lines.append(f"    {t.endpoint}: {t.sessions} sessions"
+            lines.append(f"    {t.endpoint}: {self._target_outcome(t)}"
                          + (f" ({t.already_present} already there)" if t.already_present
-                            else "")
-                         + (", confirmed commit" if t.confirmed_commit and self.ok
-                            and not self.dry_run else ""))
+                            else ""))
         lines.append("  phase        seconds")
         for name, seconds in self.phase_seconds().items():
             lines.append(f"    {name:<10} {seconds:8.3f}")
@@ -337,22 +350,61 @@ def draw_chart(report: dict[str, Any], out: Path, vm_image_bytes: int | None = N
 
 
 class Progress:
-    """A one-line progress bar over the migration's phases, on a terminal only."""
+    """A one-line progress bar on a terminal: the phases done, the phase under way, and (with
+    ``counts``) the sessions read and the message bytes moved so far with their rate; drawn
+    as each phase starts and every REDRAW seconds in between."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 30):
+    REDRAW = 0.25
+
+    def __init__(self, total: int, counts: Callable[[], tuple[int, int]] | None = None,
+                 stream: TextIO | None = None, width: int = 24):
         self.total = max(total, 1)
         self.done = 0
+        self.counts = counts
         self.stream = stream or sys.stderr
         self.width = width
+        self._phase = "starting"
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+        if counts is not None:
+            self._ticker.start()
 
     def __call__(self, phase: str, endpoint: str | None = None) -> None:
-        self.done = min(self.done + 1, self.total)
-        filled = self.width * self.done // self.total
-        where = f" {endpoint}" if endpoint else ""
-        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {phase}{where}"
-        self.stream.write(line[:100].ljust(100))
-        self.stream.flush()
+        with self._lock:
+            self.done = min(self.done + 1, self.total)
+            self._phase = f"{phase} {endpoint}" if endpoint else phase
+        self._draw()
+
+    def line(self) -> str:
+        """The bar as it is now."""
+        with self._lock:
+            filled = self.width * self.done // self.total
+            text = f"[{'#' * filled}{'.' * (self.width - filled)}] {self._phase}"
+        if self.counts is not None:
+            sessions, moved = self.counts()
+            rate = moved / max(time.monotonic() - self._started, 1e-3)
+            text += (f" | {sessions:,} sessions, {human_bytes(moved)} "
+                     f"({human_bytes(rate)}/s)")
+        return text
+
+    def _draw(self) -> None:
+        try:
+            text = self.line()
+        except Exception:  # counts read while the migration changes them: next time
+            return
+        with self._lock:
+            if not self._stop.is_set():
+                self.stream.write("\r" + text[:120].ljust(120))
+                self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.REDRAW):
+            self._draw()
 
     def close(self) -> None:
-        self.stream.write("\r" + " " * 100 + "\r")
-        self.stream.flush()
+        with self._lock:
+            self._stop.set()
+            self.stream.write("\r" + " " * 120 + "\r")
+            self.stream.flush()

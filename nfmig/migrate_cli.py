@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -197,8 +198,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except (SelectionError, EndpointError, ValueError) as exc:
         return _fail(str(exc), 2)
     progress = None
-    if sys.stdout.isatty():
-        progress = Progress(migration.expected_steps())
+    if sys.stderr.isatty():
+        progress = Progress(migration.expected_steps(), migration.counts)
         options.on_phase = progress
     try:
         report = migration.run()
@@ -211,11 +212,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             args.report_file.write_text(text + "\n")
         except OSError as exc:
             print(f"nfmig: cannot write {args.report_file}: {exc.strerror}", file=sys.stderr)
-    print(text if args.json else report.summary())
+    _emit(text if args.json else report.summary())
     if report.ok:
         return 0
     print(f"nfmig: migration {report.result}: {report.reason}", file=sys.stderr)
     return 1 if report.cleanup_complete else 3
+
+
+def _emit(text: str) -> None:
+    """Print the report; a reader that went away (``| head``) takes what it wanted, and the
+    exit status still says how the migration went."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _plan(args: argparse.Namespace, Selection, Split):
