@@ -352,6 +352,18 @@ class Connection:
             log.debug("%s: close failed", self.endpoint, exc_info=True)
 
 
+def open_connection(endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
+                    connect_timeout: float = 30) -> Connection:
+    """A connection of the endpoint's protocol: a RestconfConnection (which has the same
+    methods) for a restconf:// end. The RESTCONF client, and the HTTP library under it, are
+    loaded only for such an end: a NETCONF migration starts without them."""
+    if endpoint.scheme == "restconf":
+        from .restconf import RestconfConnection
+
+        return RestconfConnection(endpoint, credentials, timeout, connect_timeout)
+    return Connection(endpoint, credentials, timeout, connect_timeout)
+
+
 def _connect(endpoint: Endpoint, credentials: Credentials, password: str | None,
              timeout: float) -> manager.Manager:
     hostkey_b64 = None

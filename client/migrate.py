@@ -28,7 +28,6 @@ completes it: writes are merges, deletes are removes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -44,12 +43,18 @@ from nfmig.digest import MODULUS, entries_digest, parse_output
 from .checks import Checks
 from .copy import Copy
 from .delta import Delta
-from .endpoints import Connection, Credentials, Endpoint, EndpointError, describe
+from .endpoints import (
+    Connection,
+    Credentials,
+    Endpoint,
+    EndpointError,
+    describe,
+    open_connection,
+)
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
 from .negotiate import problems, read_facts
 from .recovery import Recovery
 from .report import EndpointReport, PhaseRecord, Report
-from .restconf import open_connection
 from .selection import Selection, Split, parse_entries
 from .switchover import Switching
 
@@ -164,6 +169,8 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
 
     async def run_async(self) -> Report:
         """:meth:`run` in a worker thread, for asyncio programs."""
+        import asyncio  # here: the command line, which has no event loop, starts faster
+
         return await asyncio.to_thread(self.run)
 
     def _steps(self) -> None:

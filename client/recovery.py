@@ -16,9 +16,8 @@ import time
 
 from ncclient.operations.rpc import RPCError
 
-from .endpoints import Connection, EndpointError, describe
+from .endpoints import Connection, EndpointError, describe, open_connection
 from .ends import End, SourceEnd, TargetEnd
-from .restconf import open_connection
 from .selection import Entry, parse_entries, removal_xml, replacement_xml
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError
 from ncclient.transport.errors import TransportError
 
-from .endpoints import Connection, Credentials, Endpoint, EndpointError, nat_rpc_input
+from .endpoints import Credentials, Endpoint, EndpointError, nat_rpc_input
 from .netconf import KEY_LEAVES, NAT_NS, NC_NS
 from .wire import WireMeter
 
@@ -53,14 +53,6 @@ _SESSION_KEYS = re.compile("".join(rf"\s*<{k}>([^<]*)</{k}>" for k in KEY_LEAVES
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9._~-]*")  # RFC 3986 unreserved: no percent-encoding
 # Request bodies from this size on are gzipped (below it the saving is a packet or less).
 GZIP_FROM = 1400
-
-
-def open_connection(endpoint: Endpoint, credentials: Credentials, timeout: float = 600,
-                    connect_timeout: float = 30) -> Connection | RestconfConnection:
-    """A connection of the endpoint's protocol."""
-    if endpoint.scheme == "restconf":
-        return RestconfConnection(endpoint, credentials, timeout, connect_timeout)
-    return Connection(endpoint, credentials, timeout, connect_timeout)
 
 
 class RestconfConnection:
