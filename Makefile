@@ -5,15 +5,20 @@ BIN     := $(VENV)/bin
 YANG    := yang
 APT_PKGS := libyang2-dev libyang2-tools conntrack conntrackd nftables iptables iproute2 \
             iputils-arping iputils-ping ethtool openvswitch-switch tcpdump
+# Only `make bench-vm` needs these (QEMU for the VM it migrates), so `make test` does not pull
+# them in.
+BENCH_VM_PKGS := qemu-system-x86 iproute2 conntrack
+BENCH_VM_ARGS ?=
 MODULES := $(wildcard $(YANG)/*.yang)
 
-.PHONY: setup system-packages test demo bench lint bindings clean
+.PHONY: setup system-packages bench-vm-packages test demo bench bench-vm lint bindings clean
 
 setup: system-packages $(VENV)/.installed
 
 # Installs only what is missing, so it is cheap to run again.
-system-packages:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+system-packages bench-vm-packages: PKGS = $(if $(filter bench-vm-packages,$@),$(BENCH_VM_PKGS),$(APT_PKGS))
+system-packages bench-vm-packages:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make setup: missing Debian packages:$$missing (run as root)"; exit 1; fi; \
 	  echo "installing Debian packages:$$missing"; \
@@ -40,6 +45,13 @@ bench: setup
 	$(BIN)/python bench/restconf_bulk.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/migrator_linux.py --hetero; \
 	else echo "bench/migrator_linux.py skipped: network namespaces and conntrack need root"; fi
+
+# The NAT's whole VM live-migrated by QEMU against `nfmig migrate` of its sessions, the same
+# N over the same link (bench/vm_vs_state.py; the VM image is built from Debian packages into
+# ~/.cache/nfmig/vm once). As root. E.g. BENCH_VM_ARGS="--json vm.json --sizes 1000".
+bench-vm: setup bench-vm-packages
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench-vm: needs root (namespaces, taps, QEMU)"; exit 1; fi
+	$(BIN)/python bench/vm_vs_state.py $(BENCH_VM_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -303,52 +303,6 @@ def load_report(path: Path) -> dict[str, Any]:
     return data
 
 
-def draw_chart(report: dict[str, Any], out: Path, vm_image_bytes: int | None = None,
-               vm_memory_bytes: int | None = None) -> None:
-    """The seed's chart: what moving the NAT's VM transfers (image + memory) next to the
-    state nfmig moved."""
-    vm = report.get("vm_comparison") or {}
-    image = vm_image_bytes if vm_image_bytes is not None else vm.get("vm_image_bytes")
-    memory = vm_memory_bytes if vm_memory_bytes is not None else vm.get("vm_memory_bytes")
-    if image is None and memory is None:
-        raise ValueError("the report has no VM figures: pass --vm-image-bytes and/or "
-                         "--vm-memory-bytes (here or to nfmig migrate)")
-    image, memory = image or 0, memory or 0
-    state = report["bytes"]["state"]
-    wire = report["bytes"]["sent"] + report["bytes"]["received"]
-    import matplotlib  # lazy: only this command needs it
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    try:
-        labels = ["VM migration\n(image + memory)", "nfmig: state moved",
-                  "nfmig: NETCONF bytes\n(both ways)"]
-        ax.bar(labels[0], image, color="#8c8c8c", label="VM image")
-        ax.bar(labels[0], memory, bottom=image, color="#bdbdbd", label="VM memory")
-        ax.bar(labels[1], state, color="#1f77b4", label="sessions (YANG, XML)")
-        ax.bar(labels[2], wire, color="#aec7e8", label="on the wire")
-        ax.set_yscale("log")
-        ax.set_ylabel("bytes (log scale)")
-        sessions = report.get("sessions_moved") or report.get("sessions_selected") or 0
-        ax.set_title(f"Moving a NAT: VM vs state ({sessions:,} sessions)")
-        for x, value in enumerate((image + memory, state, wire)):
-            ax.annotate(human_bytes(value), (x, max(value, 1)), ha="center",
-                        va="bottom", fontsize=9)
-        if state:
-            ax.text(0.98, 0.95, f"VM / state = {(image + memory) / state:,.0f}x",
-                    transform=ax.transAxes, ha="right", va="top")
-        if vm.get("source") and vm_image_bytes is None and vm_memory_bytes is None:
-            ax.text(0.98, 0.89, f"VM figures: {vm['source']}", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8)
-        ax.legend(loc="upper center", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out)
-    finally:
-        plt.close(fig)
-
-
 class Progress:
     """A one-line progress bar on a terminal: the phases done, the phase under way, and (with
     ``counts``) the sessions read and the message bytes moved so far with their rate; drawn

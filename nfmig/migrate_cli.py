@@ -47,6 +47,34 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a command that connects to NF instances authenticates (migrate, standby,
+    failover)."""
+    auth = parser.add_argument_group("authentication")
+    auth.add_argument("--password-file", type=Path, metavar="FILE",
+                      help="read the password from the first line of FILE")
+    auth.add_argument("--ssh-key", type=Path, metavar="FILE", help="SSH private key file")
+    auth.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"),
+                      metavar="FILE", help="known-hosts file the servers' host keys are "
+                                           "checked against (default ~/.ssh/known_hosts)")
+    auth.add_argument("--ca-file", type=Path, metavar="PEM",
+                      help="CA certificates the restconf:// servers' certificates are checked "
+                           "against (default: the system's)")
+    auth.add_argument("--insecure-no-host-key-check", action="store_true",
+                      help="do not check host keys nor TLS certificates (tests only: anyone "
+                           "in the middle could read and change the sessions)")
+
+
+def credentials_from(args: argparse.Namespace, **extra):
+    """The Credentials of add_auth_arguments' options."""
+    from nfmig.client.endpoints import Credentials
+
+    return Credentials.from_sources(
+        args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
+        known_hosts=args.known_hosts, ca_file=args.ca_file,
+        verify_host_keys=not args.insecure_no_host_key_check, **extra)
+
+
 def add_parsers(sub) -> None:
     migrate = sub.add_parser(
         "migrate", help="move NAT sessions between NF instances over NETCONF or RESTCONF",
@@ -82,6 +110,10 @@ def add_parsers(sub) -> None:
                      help="leave on their source the sessions a target says it cannot hold "
                           "(e.g. IPv6 on the SDN NAT) and move the rest; without it such a "
                           "migration is refused with their list")
+    how.add_argument("--model", choices=("nfmig-nat", "ietf-nat"), default="nfmig-nat",
+                     help="the model the sessions are read and written through: nfmig-nat "
+                          "(default) or RFC 8512 ietf-nat mapping-entries (every end must "
+                          "implement ietf-nat and nfmig-nat-ietf)")
     how.add_argument("--with-policy", action="store_true",
                      help="give a target whose nat-policy does not translate to the moved "
                           "sessions' external addresses the source's policy (without its "
@@ -118,19 +150,7 @@ def add_parsers(sub) -> None:
                           "restconf:// ends, where the server offers them: the sessions "
                           "cross the wire about tenfold smaller, for CPU time at both ends "
                           "(default auto: on, but for ends on this host's loopback)")
-    auth = migrate.add_argument_group("authentication")
-    auth.add_argument("--password-file", type=Path, metavar="FILE",
-                      help="read the password from the first line of FILE")
-    auth.add_argument("--ssh-key", type=Path, metavar="FILE", help="SSH private key file")
-    auth.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"),
-                      metavar="FILE", help="known-hosts file the servers' host keys are "
-                                           "checked against (default ~/.ssh/known_hosts)")
-    auth.add_argument("--ca-file", type=Path, metavar="PEM",
-                      help="CA certificates the restconf:// servers' certificates are checked "
-                           "against (default: the system's)")
-    auth.add_argument("--insecure-no-host-key-check", action="store_true",
-                      help="do not check host keys nor TLS certificates (tests only: anyone "
-                           "in the middle could read and change the sessions)")
+    add_auth_arguments(migrate)
     out = migrate.add_argument_group("report")
     out.add_argument("--json", action="store_true",
                      help="print the report as JSON: sessions moved, bytes each way, seconds "
@@ -147,10 +167,13 @@ def add_parsers(sub) -> None:
                           "NF's process PID on this host and of the processes it started, "
                           "read before the migration begins")
 
-    report = sub.add_parser("report", help="draw a migration report as a chart",
-                            description="Draw what moving the NAT's VM would transfer "
-                            "(image + memory) next to the state a migration moved, from a "
-                            "report written by nfmig migrate --json or --report-file.")
+    report = sub.add_parser(
+        "report", help="draw moving a NAT's VM against moving its state, as a chart",
+        description="Draw the chart of moving a NAT's VM against moving its state: from "
+        "bench/vm_vs_state.py --json output (both measured in one run: bytes and time per "
+        "N, per link), or from one report of nfmig migrate --json or --report-file (the VM's "
+        "figures then given with --vm-image-bytes / --vm-memory-bytes or measured with "
+        "--vm-memory-from-pid: labelled as an estimate).")
     report.add_argument("report", type=Path, metavar="FILE.json")
     report.add_argument("--png", type=Path, required=True, metavar="OUT",
                         help="PNG file to write")
@@ -161,7 +184,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from nfmig.client.endpoints import Credentials, EndpointError
+    from nfmig.client.endpoints import EndpointError
     from nfmig.client.migrate import Migration, Options
     from nfmig.client.report import Progress
     from nfmig.client.selection import Selection, SelectionError, Split
@@ -173,11 +196,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         sources, targets, selection = _plan(args, Selection, Split)
         vm_image, vm_memory, vm_source = _vm_figures(args)
-        credentials = Credentials.from_sources(
-            args.password_file, interactive=sys.stdin.isatty(), key_file=args.ssh_key,
-            known_hosts=args.known_hosts, ca_file=args.ca_file,
-            verify_host_keys=not args.insecure_no_host_key_check,
-            compress={"on": True, "off": False}.get(args.compression))
+        credentials = credentials_from(args, compress={"on": True, "off": False}.get(
+            args.compression))
         if args.finish and (args.keep_source or args.dry_run):
             raise ValueError("--finish deletes what an earlier --keep-source copied; it "
                              "cannot be combined with --keep-source or --dry-run")
@@ -191,6 +211,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           migration_id=args.migration_id,
                           require_revision=args.require_revision,
                           require_features=tuple(args.require_feature),
+                          model=args.model,
                           credentials=credentials, rpc_timeout=args.timeout,
                           vm_image_bytes=vm_image, vm_memory_bytes=vm_memory)
         migration = Migration(sources, targets, selection, options)
@@ -261,19 +282,9 @@ def _vm_figures(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nfmig.client.report import draw_chart, load_report
+    from nfmig.client.chart import cmd_report  # matplotlib: only this command needs it
 
-    try:
-        data = load_report(args.report)
-        draw_chart(data, args.png, args.vm_image_bytes, args.vm_memory_bytes)
-    except ValueError as exc:
-        return _fail(str(exc), 2)
-    except ImportError:
-        return _fail("drawing needs matplotlib (pip install matplotlib)", 2)
-    except OSError as exc:
-        return _fail(f"cannot write {args.png}: {exc.strerror or exc}", 2)
-    print(f"wrote {args.png}")
-    return 0
+    return cmd_report(args)
 
 
 def _fail(message: str, code: int) -> int:
