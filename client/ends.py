@@ -34,6 +34,9 @@ class Options:
     migration_id: str | None = None
     require_revision: str | None = None  # of nfmig-nat, on every end
     require_features: tuple[str, ...] = ()  # of nfmig-nat, on every end
+    # the model the sessions are read and written through: "nfmig-nat" or "ietf-nat"
+    # (RFC 8512 mapping-entries, client/ietf_nat.py)
+    model: str = "nfmig-nat"
     credentials: Credentials = field(default_factory=Credentials)
     rpc_timeout: float = 600
     connect_timeout: float = 30

@@ -43,7 +43,9 @@ def start_local_server(workdir: Path, *serve_args: str, startup_timeout: float =
     workdir.mkdir(parents=True, exist_ok=True)
     users = workdir / "users"
     if password is None:
-        password = secrets.token_urlsafe(16)
+        # A letter first: a password that starts with "-" reads as an option to command
+        # lines that take it as an argument (netconf-console2 -p PASSWORD).
+        password = "p" + secrets.token_urlsafe(16)
         # A random 128-bit secret gains nothing from key stretching; a cheaper hash keeps
         # the many logins of tests and demos fast.
         scrypt_cost = 14 if scrypt_cost is None else scrypt_cost

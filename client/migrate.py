@@ -52,6 +52,8 @@ from .endpoints import (
     open_connection,
 )
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
+from .ietf_nat import IetfNatConnection, IndexPlan
+from .ietf_nat import problems as ietf_nat_problems
 from .negotiate import problems, read_facts
 from .recovery import Recovery
 from .report import EndpointReport, PhaseRecord, Report
@@ -266,6 +268,9 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
                 end.conn = open_connection(end.endpoint, self.options.credentials,
                                            self.options.rpc_timeout,
                                            self.options.connect_timeout)
+                if self.options.model == "ietf-nat":
+                    end.conn = IetfNatConnection(end.conn, plan, end.role == "source")
+        plan = IndexPlan()  # the sources' indices, for the targets
         # Parallel: an SSH handshake is mostly waiting, and many-to-one has many ends.
         with ThreadPoolExecutor(max_workers=min(8, len(self.ends))) as pool:
             results = [pool.submit(open_one, end) for end in self.ends]
@@ -281,6 +286,8 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
             end.report.module = str(nat) if nat else None
             ends.append((str(end.endpoint), end.role, end.facts))
         found = problems(ends, self.options.require_revision, self.options.require_features)
+        if self.options.model == "ietf-nat":
+            found += ietf_nat_problems(ends)
         if self.options.freeze:
             found += self._probe_freeze()
         if found:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -37,6 +38,10 @@ from .confirmed_commit import ConfirmedCommit, PendingConfirm
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
 from .gc_pause import collector_paused
+from .ietf_nat import NAT_NS as IETF_NAT_NS
+from .ietf_nat import NAT_TAG as IETF_NAT_TAG
+from .ietf_nat import statistics_node
+from .ietf_nat_edit import MappingTable, combine
 from .locks import DatastoreLocks
 from .nacm_config import NACM_NS, NACM_TAG, NacmModel, default_tree
 from .policy import PolicyModel
@@ -96,6 +101,10 @@ class Datastores:
         self.ns = schema.nat_ns
         self.decoder = SessionDecoder(ListEntryChecker(schema, "/nfmig-nat:nat-session"), self.ns)
         self._policy_model = PolicyModel(schema)
+        # The same sessions as ietf-nat mapping-entries (server/ietf_nat.py)
+        self.ietf = MappingTable(schema, self._held_anywhere)
+        self._ietf_statistics = statistics_node(time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                              time.gmtime()))
         self._lock = threading.RLock()
         self._policy: etree._Element | None = None
         # The shipped rule-lists, until a startup with a /nacm of its own replaces them.
@@ -149,6 +158,7 @@ class Datastores:
         if nacm_tree is not None:
             nacm_text = etree.tostring(nacm_tree, encoding="unicode")
             nodes.append(TopNode(NACM_NS, "nacm", lambda: [nacm_text]))
+        nodes.append(self.ietf.node(lambda: self._session_batches_with(overlay)))
         return nodes
 
     def _selected(self, overlay: dict, wanted: list[dict[str, str]]
@@ -168,7 +178,10 @@ class Datastores:
                                               self.ns)
 
     def config_text(self, datastore: str) -> str:
-        return "".join(node.text() for node in self.config_nodes(datastore))
+        """The datastore's configuration as stored (startup): the sessions once, as
+        nat-session entries, without their ietf-nat view."""
+        return "".join(node.text() for node in self.config_nodes(datastore)
+                       if node.namespace != IETF_NAT_NS)
 
     def sessions(self, datastore: str) -> Iterator[Session]:
         """The sessions of running, operational or candidate (running with its pending
@@ -199,7 +212,7 @@ class Datastores:
         yield [s for s in overlay.values() if s is not None]
 
     def state_nodes(self) -> list[TopNode]:
-        return [TopNode(self.ns, "nat-state", self._nat_state)]
+        return [TopNode(self.ns, "nat-state", self._nat_state), self._ietf_statistics]
 
     def _nat_state(self) -> Iterator[str]:
         stats = self.backend.stats()
@@ -243,7 +256,8 @@ class Datastores:
         if datastore not in ("running", "candidate"):
             raise errors.invalid_value(f"{datastore} cannot be the target of an edit; use "
                                        "running or candidate", info={"bad-element": "target"})
-        with self._lock, collector_paused():
+        with self._lock, collector_paused(), \
+                self.ietf.scope(keep=options.test_option != "test-only"):
             self.locks.check_writable(datastore, session_id)
             if options.default_operation == "replace":
                 if options.test_option == "test-only":
@@ -252,7 +266,7 @@ class Datastores:
                 self._replace_datastore(datastore, config)
                 return
             policy_edits, session_edits = self._split(config, options.default_operation,
-                                                      source)
+                                                      source, datastore)
             nacm_edits = [e for e in policy_edits if e.tag == NACM_TAG]
             policy_edits = [e for e in policy_edits if e.tag != NACM_TAG]
             base = self._base_for(datastore)
@@ -302,7 +316,7 @@ class Datastores:
         return held
 
     def _split(self, config: etree._Element, default_op: str,
-               source: bytes | HollowEdit | None = None
+               source: bytes | HollowEdit | None = None, datastore: str = "running"
                ) -> tuple[list[etree._Element], list[SessionEdit]]:
         """The policy (and /nacm) elements and the session entries of an edit, every entry checked
         against the model (see SessionDecoder). Raises RpcError, or NeedsTree for a hollowed
@@ -314,6 +328,7 @@ class Datastores:
             return [], bulk
         policy_edits: list[etree._Element] = []
         entries: list[etree._Element] = []
+        mapped: list[etree._Element] = []  # /ietf-nat:nat
         session_tag = f"{{{self.ns}}}nat-session"
         policy_tags = (f"{{{self.ns}}}nat-policy", "nat-policy")
         if (config.text or "").strip() or any((child.tail or "").strip() for child in config):
@@ -325,9 +340,24 @@ class Datastores:
                 entries.append(child)
             elif tag in policy_tags or tag == NACM_TAG:
                 policy_edits.append(child)
+            elif tag == IETF_NAT_TAG:
+                mapped.append(child)
             elif isinstance(tag, str):
                 raise self._unknown_top_level(child)
-        return policy_edits, self.decoder.read_strictly(entries, inherited)
+        edits = self.decoder.read_strictly(entries, inherited)
+        if mapped:
+            overlay = self._base_for(datastore).sessions
+            view = self._held(overlay)
+            edits = combine(edits, self.ietf.read(
+                mapped, inherited, lambda keys: {k: k for k in view(keys)},
+                lambda: (s.key for s in self._sessions_with(overlay))))
+        return policy_edits, edits
+
+    def _held_anywhere(self, keys: list) -> set:
+        """Which of some keys running or the candidate holds (what the ietf-nat index
+        table keeps entries for)."""
+        staged = self._candidate.sessions if self._candidate else {}
+        return {k for k in keys if staged.get(k) is not None} | set(self.backend.lookup(keys))
 
     def _unknown_top_level(self, element: etree._Element) -> RpcError:
         """Let libyang name what is wrong with a node we do not edit (unknown, or state)."""

@@ -10,10 +10,14 @@ import copy
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import libyang
+from _libyang import ffi, lib
 from lxml import etree
 
 from .errors import RpcError
+from .schema import Schema, YangError, module_ns
 
 
 def _is_element(node) -> bool:
@@ -274,13 +278,191 @@ _KEY_NAMES = {"protocol", "src_address", "src_port", "dst_address", "dst_port", 
               "identifier", "version", "format", "session-id"}
 
 
-def limit_depth(data: etree._Element, max_depth: int) -> None:
-    """Drop nodes deeper than ``max_depth`` (top-level nodes are depth 1)."""
-    def prune(el: etree._Element, depth: int) -> None:
+def limit_depth(data: etree._Element, max_depth: int, node_of: Callable[[etree._Element], Any],
+                children: Callable[[Any], dict[str, Any]]) -> None:
+    """Drop nodes deeper than ``max_depth`` (``data``'s children are depth 1), but never the
+    keys of a list entry: without them the entry is not an instance of its list, whatever
+    the depth (RFC 8040 §4.8.2; RFC 8526's max-depth alike). ``node_of`` gives a child's
+    schema node (a restconf_codec.Node: ``kind``, ``keys``), ``children`` a node's
+    children by name."""
+    def prune(el: etree._Element, node: Any, depth: int) -> None:
+        keys = node.keys if node is not None and node.kind == "list" else ()
+        below = children(node) if node is not None and depth < max_depth else {}
         for child in list(el):
+            if not _is_element(child):
+                continue
+            name = etree.QName(child).localname
             if depth >= max_depth:
-                el.remove(child)
+                if name not in keys:
+                    el.remove(child)
             else:
-                prune(child, depth + 1)
+                prune(child, below.get(name), depth + 1)
     for top in data:
-        prune(top, 1)
+        if _is_element(top):
+            prune(top, node_of(top), 1)
+
+
+# -- with-defaults (RFC 6243) ----------------------------------------------------------------
+WD_NS = "urn:ietf:params:xml:ns:netconf:default:1.0"  # RFC 6243 §6: the default attribute
+WD_DEFAULT = f"{{{WD_NS}}}default"
+WITH_DEFAULTS = ("report-all", "trim", "explicit", "report-all-tagged")
+BASIC_MODE = "explicit"  # what a read without with-defaults gets: what was set, as set
+_LIBYANG_DEFAULT = "{urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults}default"
+_PRINT_MODE = {"report-all": lib.LYD_PRINT_WD_ALL, "trim": lib.LYD_PRINT_WD_TRIM,
+               "report-all-tagged": lib.LYD_PRINT_WD_ALL_TAG}
+
+
+class Defaults:
+    """The with-defaults retrieval modes over top-level nodes. Only the subtrees whose
+    schema has a default below them go through libyang (the policy, /nacm, the monitoring
+    counters); everything else, the session table above all, passes untouched."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.tops: dict[tuple[str, str], bool] = {}  # (namespace, name) -> config true
+        for module in schema.modules():
+            if not module.implemented():
+                continue
+            for snode in module.children():
+                if snode.nodetype() in _DATA_KINDS and _has_default(snode):
+                    self.tops[(module_ns(module), snode.name())] = not snode.config_false()
+
+    def apply(self, nodes: list[TopNode], mode: str | None, content: str = "config",
+              may_read: Callable[[str, str], bool] = lambda _ns, _name: True
+              ) -> list[TopNode]:
+        """``nodes`` as ``mode`` reports them. ``content`` says what the read holds, and
+        what a container absent from it may be added as: "config" (a configuration
+        datastore), "nonconfig" or "all"; and only if the user ``may_read`` it whole."""
+        if mode in (None, BASIC_MODE):
+            return nodes
+        config = content == "config"
+        out: list[TopNode] = []
+        present: set[tuple[str | None, str | None]] = set()
+        for node in nodes:
+            key = (node.namespace, node.name)
+            if node.name is None:  # stored text: its top-level nodes are known once parsed
+                text, tops = self._each(node.text(), mode, config)
+                present |= tops
+                out.append(TopNode(None, None, lambda t=text: [t]))
+            elif key in self.tops:
+                present.add(key)
+                out.append(TopNode(node.namespace, node.name, lambda n=node: [
+                    self.reported(n.text(), n.namespace, n.name, mode, config)]))
+            else:
+                out.append(node)
+        if mode != "trim" and content != "nonconfig":
+            # a configuration container absent as a whole still has its defaults in use
+            # (state is the server's to produce: what it leaves out has no defaults)
+            for (ns, name), is_config in self.tops.items():
+                if not is_config or (ns, name) in present or not may_read(ns, name):
+                    continue
+                text = self.reported(f'<{name} xmlns="{ns}"/>', ns, name, mode, True)
+                if text:
+                    out.append(TopNode(ns, name, lambda t=text: [t]))
+        return out
+
+    def _each(self, text: str, mode: str, config: bool) -> tuple[str, set]:
+        holder = etree.fromstring(f"<x>{text}</x>".encode(), parser=_PARSER)
+        tops = set()
+        for child in list(holder):
+            if not _is_element(child):
+                continue
+            qname = etree.QName(child)
+            if (qname.namespace, qname.localname) not in self.tops:
+                continue
+            tops.add((qname.namespace, qname.localname))
+            new = self.reported(etree.tostring(child, encoding="unicode"), qname.namespace,
+                                qname.localname, mode, config)
+            if new:
+                holder.replace(child, etree.fromstring(new.encode(), parser=_PARSER))
+            else:
+                holder.remove(child)
+        return "".join(etree.tostring(c, encoding="unicode") for c in holder), tops
+
+    def reported(self, text: str, ns: str | None, name: str | None, mode: str,
+                 config: bool) -> str:
+        """One top-level node's text as ``mode`` reports it ("" when nothing is left)."""
+        try:
+            tree = self.schema.parse_xml(text, config=config)
+        except YangError as exc:
+            # configuration read among state without its state (/nacm without counters)
+            # misses the mandatory state leaves: it is configuration alone
+            try:
+                tree = self.schema.parse_xml(text) if not config else None
+            except YangError:
+                tree = None
+            if tree is None:
+                raise RpcError("operation-failed", f"the defaults of {name} could not be "
+                               f"worked out: {exc}") from None
+        if tree is None:
+            return ""
+        try:
+            printed = print_with_defaults(tree, mode)
+        finally:
+            tree.free()
+        # libyang prints the default containers of other modules beside it (/nacm)
+        new = etree.fromstring(f"<x>{printed}</x>".encode(), parser=_PARSER).find(
+            f"{{{ns}}}{name}")
+        if new is None:
+            return ""
+        tagged = mode == "report-all-tagged"
+        new = _hoisted(new, {"wd": WD_NS} if tagged else {})
+        if tagged:
+            tag_defaults(new)
+        return etree.tostring(new, encoding="unicode")
+
+
+_DATA_KINDS = (libyang.SNode.CONTAINER, libyang.SNode.LIST, libyang.SNode.LEAF,
+               libyang.SNode.LEAFLIST)
+_PARSER = etree.XMLParser(huge_tree=True, resolve_entities=False, no_network=True)
+
+
+def _has_default(snode) -> bool:
+    kind = snode.nodetype()
+    if kind == libyang.SNode.LEAF:
+        return snode.default() is not None
+    if kind == libyang.SNode.LEAFLIST:
+        return any(True for _ in snode.defaults())
+    if kind in (libyang.SNode.CONTAINER, libyang.SNode.LIST):
+        return any(_has_default(c) for c in snode.children())
+    return False
+
+
+def _hoisted(top: etree._Element, extra: dict[str, str]) -> etree._Element:
+    """``top`` with every prefix declared below it declared on it. libyang declares the
+    prefix of an identityref value on the leaf; a copy of the leaf into an element
+    where that namespace is already the default would lose the declaration (lxml keeps a
+    namespace once, the prefix in the text then binds nothing). Declared at the top,
+    every copy made by the filters keeps it. ``extra``: more prefixes to declare there."""
+    nsmap = {**extra, **top.nsmap}
+    for el in top.iter():
+        for prefix, ns in el.nsmap.items():
+            if nsmap.setdefault(prefix, ns) != ns:
+                return top  # one prefix for two namespaces: left as printed
+    if nsmap == top.nsmap:
+        return top
+    new = etree.Element(top.tag, attrib=dict(top.attrib), nsmap=nsmap)
+    new.text = top.text
+    new.extend(list(top))
+    return new
+
+
+def print_with_defaults(tree, mode: str) -> str:
+    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK | _PRINT_MODE[mode]
+    buf = ffi.new("char **")
+    if lib.lyd_print_mem(buf, tree.cdata, lib.LYD_XML, flags) != lib.LY_SUCCESS:
+        raise RpcError("operation-failed", "the defaults could not be printed")
+    try:
+        return ffi.string(buf[0]).decode() if buf[0] else ""
+    finally:
+        lib.free(buf[0])
+
+
+def tag_defaults(tree: etree._Element) -> None:
+    """libyang tags defaults in the module's namespace; RFC 6243 §6 names the attribute in
+    urn:ietf:params:xml:ns:netconf:default:1.0, which is what clients look for (declare
+    it on ``tree`` first: its prefix is then wd). Namespace declarations are left as they
+    are: prefixes in values (identityrefs, paths) use some that no name does."""
+    for el in tree.iter():
+        if el.attrib.pop(_LIBYANG_DEFAULT, None) == "true":
+            el.set(WD_DEFAULT, "true")

@@ -37,6 +37,7 @@ from lxml import etree
 
 from .errors import RpcError
 from .filters import TopNode
+from .ietf_nat import with_statistics
 from .nacm_config import (
     LEGACY_GROUP,
     NACM_NS,
@@ -111,7 +112,7 @@ def _judged() -> tuple[Access, RuleSet] | None:
 def readable(nodes: list[TopNode]) -> list[TopNode]:
     """The top-level nodes of a reply as the current user may read them (RFC 8341 §3.4.5:
     what may not be read is left out); /nacm's counters joined to its configuration."""
-    nodes = _with_counters(nodes)
+    nodes = with_statistics(_with_counters(nodes))  # ietf-nat's state joined the same way
     judged = _judged()
     if judged is None:
         return nodes

@@ -61,7 +61,11 @@ _DENY_OTHER_EXEC = _rule("deny-other-operations", "*", "exec", "deny",
 _READS = (_exec("ietf-netconf", "get", "get-config", "validate")
           + _exec("ietf-netconf-nmda", "get-data") + _exec("ietf-netconf-monitoring",
                                                           "get-schema")
-          + _exec(NOTIF_MODULE, "create-subscription"))
+          + _exec(NOTIF_MODULE, "create-subscription")
+          # YANG-Push: a subscription is a read that goes on (a hot standby's, say)
+          + _exec("ietf-subscribed-notifications", "establish-subscription",
+                  "modify-subscription", "delete-subscription")
+          + _exec("ietf-yang-push", "resync-subscription"))
 
 # The rule-lists a server starts with while its startup holds no /nacm. Order matters (the
 # first rule that matches decides, across the rule-lists of all of a user's groups): admin's

@@ -119,8 +119,14 @@ class NetconfSession(nc_base.NetconfSession):
                      f"{caps}</capabilities><session-id>{self.session_id}</session-id></hello>")
             self.channel.sendall(frame_eom(hello.encode()))
             client_caps = self._read_client_hello()
-        except (TimeoutError, ChannelEOF, ValueError, OSError) as exc:
+        except (ValueError, etree.XMLSyntaxError) as exc:  # a hello, but not a valid one
             log.warning("session %s: no valid hello from the client (%s); closing",
+                        self.session_id, exc or type(exc).__name__)
+            self.info.bad_hello = True
+            self.close()
+            return
+        except (TimeoutError, ChannelEOF, OSError) as exc:
+            log.warning("session %s: no hello from the client (%s); closing",
                         self.session_id, exc or type(exc).__name__)
             self.close()
             return
@@ -130,6 +136,7 @@ class NetconfSession(nc_base.NetconfSession):
         elif BASE_10 not in client_caps:
             log.warning("session %s: client offers neither base 1.0 nor 1.1; closing",
                         self.session_id)
+            self.info.bad_hello = True
             self.close()
             return
         self.capabilities = client_caps
@@ -377,7 +384,12 @@ class NetconfSession(nc_base.NetconfSession):
         framed = frame_chunks(body) + end_of_message(True) if self.new_framing \
             else frame_eom(body)
         with self.send_lock:
-            self.channel.sendall(framed)
+            # In blocks: paramiko's sendall copies what is left after every packet, which
+            # is quadratic in a large notification (a YANG-Push update of thousands of
+            # changes), and a block costs one copy.
+            for start in range(0, len(framed), STREAM_BLOCK):
+                self.channel.sendall(framed[start:start + STREAM_BLOCK])
+            self.info.out_notifications += 1
 
     def _send_error(self, error: RpcError, attrs: str | None) -> int:
         return self._send_errors([error], attrs)
@@ -506,7 +518,7 @@ class NetconfListener(SshServer):
             return sid
 
     def register(self, session: NetconfSession) -> None:
-        self.operations.sessions[session.session_id] = session.info
+        self.operations.session_started(session.info)
 
     def unregister(self, session: NetconfSession) -> None:
         self.session_ended(session.channel)
@@ -523,7 +535,8 @@ class NetconfListener(SshServer):
         # subscription (a subscriber waits for notifications, not for its client).
         info = session.info
         if not session.session_open or info.request is not None or \
-                self.operations.hub.subscribed(info.session_id):
+                self.operations.hub.subscribed(info.session_id) or \
+                self.operations.push.holds(info.session_id):
             return None
         return info.in_rpcs, info.in_bad_rpcs, info.out_rpc_errors
 

@@ -3,8 +3,6 @@ datastores, return the reply's body as XML text (or raise RpcError)."""
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +14,9 @@ from . import errors, nacm
 from .datastore import CONFIG_DATASTORES, Datastores, EditOptions
 from .errors import RpcError
 from .filters import (
+    BASIC_MODE,
+    WITH_DEFAULTS,
+    Defaults,
     TopNode,
     content_matches,
     limit_depth,
@@ -25,15 +26,20 @@ from .filters import (
     xpath_filter,
 )
 from .migration import MigrationChanges, MigrationWindows, SessionDigests
+from .monitoring import NCM, NetconfStatistics, netconf_state_xml
 from .notifications import NOTIF_NS, NotificationHub, parse_subscription
-from .schema import Schema, is_yang_1_1, module_ns, module_revision
+from .restconf_codec import SchemaIndex
+from .schema import Location, Schema, is_yang_1_1, module_ns, module_revision
 from .session_codec import HollowEdit
+from .yang_push import YangPush
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
-NCM = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 NCDS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+NCWD = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
+YANGLIB = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
 YANGLIB_REV = "2019-01-04"
+CAP = "urn:ietf:params:netconf:capability:"
 OK = "<ok/>"
 # A reply body: text, or pieces of text for large data sent while it is produced.
 Reply = str | Iterable[str]
@@ -51,6 +57,9 @@ class SessionInfo:
     in_rpcs: int = 0
     in_bad_rpcs: int = 0
     out_rpc_errors: int = 0
+    out_notifications: int = 0
+    bad_hello: bool = False  # ended because its hello was not a valid one
+    ended_by_request: bool = False  # close-session or kill-session (not dropped)
     close: Callable[[], None] | None = None
     notify: Callable[[str], None] | None = None  # sends one notification message
     # the text of the rpc being handled, for bulk readers; a HollowEdit for a large edit
@@ -65,9 +74,10 @@ class Operations:
         self.hub = hub
         self.sessions: dict[int, SessionInfo] = {}
         self.nacm: nacm.Nacm | None = None  # access control (server/nacm.py); None: none
-        self.content_id = hashlib.sha256(
-            ";".join(f"{m.name()}@{module_revision(m)}" for m in schema.modules()).encode()
-        ).hexdigest()[:16]
+        self.content_id = schema.content_id()
+        self.index = SchemaIndex(schema)
+        self.defaults = Defaults(schema)
+        self.stats = NetconfStatistics()
         self._handlers: dict[str, Callable[[SessionInfo, etree._Element], Reply]] = {
             f"{{{NC}}}get": self.get,
             f"{{{NC}}}get-config": self.get_config,
@@ -95,6 +105,9 @@ class Operations:
             self._handlers[f"{{{datastores.ns}}}changes"] = changes.changes
         digests = SessionDigests(datastores.backend, schema, datastores.ns)
         self._handlers[f"{{{datastores.ns}}}session-digest"] = digests.session_digest
+        # YANG-Push (RFC 8639/8641): establish-, modify-, delete-, kill-, resync-subscription
+        self.push = YangPush(datastores.backend, hub.feed, schema, datastores.ns)
+        self._handlers.update(self.push.handlers())
 
     # -- capabilities ------------------------------------------------------------------
     def capabilities(self) -> list[str]:
@@ -112,8 +125,20 @@ class Operations:
             "urn:ietf:params:netconf:capability:xpath:1.0",
             "urn:ietf:params:netconf:capability:notification:1.0",
             "urn:ietf:params:netconf:capability:interleave:1.0",
-            f"urn:ietf:params:netconf:capability:yang-library:1.1?revision={YANGLIB_REV}"
-            f"&content-id={self.content_id}",
+            # RFC 6243: what a read reports without with-defaults, and the other modes
+            f"{CAP}with-defaults:1.0?basic-mode={BASIC_MODE}&also-supported="
+            + ",".join(m for m in WITH_DEFAULTS if m != BASIC_MODE),
+            # RFC 8526 §2: the NMDA yang-library (/yang-library, with the datastores).
+            f"{CAP}yang-library:1.1?revision={YANGLIB_REV}&content-id={self.content_id}",
+            # RFC 7950 §5.6.4's, for clients that only know RFC 7895: the only way they
+            # learn of YANG 1.1 modules (nfmig-nat), which the hello cannot list, is
+            # /modules-state, and they look for it only under this capability. RFC 8526
+            # has NMDA servers announce :1.1 instead; announcing both costs the NMDA
+            # clients nothing (they take :1.1) and keeps the older ones working. The
+            # revision is that of the ietf-yang-library module implemented, as §5.6.4
+            # says: its deprecated modules-state is what RFC 7895 defined, and get-schema
+            # returns that module (2016-06-21 is nowhere here to be fetched).
+            f"{CAP}yang-library:1.0?revision={YANGLIB_REV}&module-set-id={self.content_id}",
         ]
         # YANG 1.0 modules are announced in the hello too (RFC 7950 §5.6.4), so clients
         # that do not read the yang-library still find get-schema and friends.
@@ -145,14 +170,16 @@ class Operations:
 
     # -- reads -------------------------------------------------------------------------
     def get(self, session: SessionInfo, op: etree._Element) -> Reply:
-        _only(op, "filter")
+        _only(op, "filter", also=(f"{{{NCWD}}}with-defaults",))
         nodes = [*self.ds.config_nodes("running"), *self.state_nodes()]
-        return self._reply_data(NC, nodes, op.find(f"{{{NC}}}filter"))
+        return self._reply_data(NC, nodes, op.find(f"{{{NC}}}filter"),
+                                defaults=_with_defaults(op, NCWD), content="all")
 
     def get_config(self, session: SessionInfo, op: etree._Element) -> Reply:
-        _only(op, "source", "filter")
+        _only(op, "source", "filter", also=(f"{{{NCWD}}}with-defaults",))
         source = _datastore_choice(op, "source", CONFIG_DATASTORES)
-        return self._reply_data(NC, self.ds.config_nodes(source), op.find(f"{{{NC}}}filter"))
+        return self._reply_data(NC, self.ds.config_nodes(source), op.find(f"{{{NC}}}filter"),
+                                defaults=_with_defaults(op, NCWD))
 
     def get_data(self, session: SessionInfo, op: etree._Element) -> Reply:
         known = ("datastore", "subtree-filter", "xpath-filter", "config-filter", "max-depth",
@@ -183,15 +210,23 @@ class Operations:
                 raise errors.invalid_value(f"max-depth {depth!r} is not a positive integer "
                                            "or 'unbounded'", info={"bad-element": "max-depth"})
             max_depth = int(depth)
+        defaults = _with_defaults(op, NCDS)
+        if defaults is not None and datastore == "operational":
+            # RFC 8526 §3.1.1: only with :with-operational-defaults, not announced here
+            raise errors.invalid_value("with-defaults applies to the configuration "
+                                       "datastores here, not to operational",
+                                       info={"bad-element": "with-defaults"})
         xpath = op.find(f"{{{NCDS}}}xpath-filter")
         subtree = op.find(f"{{{NCDS}}}subtree-filter")
         return self._reply_data(NCDS, nodes, None, subtree=subtree, xpath=xpath,
-                                max_depth=max_depth)
+                                max_depth=max_depth, defaults=defaults)
 
     def _reply_data(self, ns: str, nodes: list[TopNode], nc_filter: etree._Element | None, *,
                     subtree: etree._Element | None = None, xpath: etree._Element | None = None,
-                    max_depth: int | None = None) -> Reply:
+                    max_depth: int | None = None, defaults: str | None = None,
+                    content: str = "config") -> Reply:
         nodes = nacm.readable(nodes)  # what the user may not read is left out
+        nodes = self.defaults.apply(nodes, defaults, content, nacm.reads_whole)
         if nc_filter is not None:
             kind = nc_filter.get("type", "subtree")
             if kind == "xpath":
@@ -217,7 +252,7 @@ class Operations:
         elif subtree is not None:
             data = subtree_filter(data, subtree)
         if max_depth is not None:
-            limit_depth(data, max_depth)
+            limit_depth(data, max_depth, self._schema_node, self.index.children)
         return etree.tostring(data, encoding="unicode")
 
     def _entries_by_test(self, ns: str, nodes: list[TopNode], xpath: etree._Element
@@ -257,40 +292,35 @@ class Operations:
             rest = "".join(etree.tostring(c, encoding="unicode") for c in filtered)
         return _stream_data(ns, whole, rest)
 
+    def _schema_node(self, top: etree._Element):
+        qname = etree.QName(top)
+        return self.index.top.get(f"{self.index.module_of.get(qname.namespace)}:"
+                                  f"{qname.localname}")
+
     @staticmethod
     def _parse_data(ns: str, parts: Iterable[str]) -> etree._Element:
         return etree.fromstring(f'<data xmlns="{ns}">{"".join(parts)}</data>'.encode(),
                                 parser=_PARSER)
 
-    def state_nodes(self) -> list[TopNode]:
+    def state_nodes(self, location: Location | None = None) -> list[TopNode]:
+        """The state data; ``location`` gives the yang-library's module URLs. NETCONF has
+        none: its clients fetch modules with get-schema, and netconf-state/schemas says
+        so (location "NETCONF", RFC 6022) without naming the server's files."""
         return [*self.ds.state_nodes(),
-                # yang-library and modules-state in one text: left to the filter to split
-                TopNode(None, None, lambda: [self.schema.yang_library_xml(self.content_id)]),
+                TopNode(YANGLIB, "yang-library", lambda: [
+                    self.schema.yang_library_xml(self.content_id, location)]),
+                TopNode(YANGLIB, "modules-state", lambda: [
+                    self.schema.modules_state_xml(self.content_id, location)]),
                 TopNode(NCM, "netconf-state", lambda: [self._netconf_state()]),
                 *([self.nacm.state_node()] if self.nacm is not None else [])]
 
     def _netconf_state(self) -> str:
-        caps = "".join(f"<capability>{escape(c)}</capability>" for c in self.capabilities())
-        stores = "".join(f"<datastore><name>{d}</name>"
-                         + (f"<locks><global-lock><locked-by-session>{sid}</locked-by-session>"
-                            f"<locked-time>{_now()}</locked-time></global-lock></locks>"
-                            if (sid := self.ds.locks.get(d)) else "")
-                         + "</datastore>" for d in CONFIG_DATASTORES)
-        schemas = "".join(
-            f"<schema><identifier>{m.name()}</identifier><version>{module_revision(m)}"
-            f"</version><format>yang</format><namespace>{module_ns(m)}</namespace>"
-            "<location>NETCONF</location></schema>" for m in self.schema.modules())
-        sessions = "".join(
-            f"<session><session-id>{s.session_id}</session-id><transport>ncm:netconf-ssh"
-            f"</transport><username>{escape(s.username)}</username><source-host>"
-            f"{s.source_host}</source-host><login-time>{s.login_time}</login-time>"
-            f"<in-rpcs>{s.in_rpcs}</in-rpcs><in-bad-rpcs>{s.in_bad_rpcs}</in-bad-rpcs>"
-            f"<out-rpc-errors>{s.out_rpc_errors}</out-rpc-errors>"
-            "<out-notifications>0</out-notifications></session>"
-            for s in list(self.sessions.values()))
-        return (f'<netconf-state xmlns="{NCM}" xmlns:ncm="{NCM}"><capabilities>{caps}'
-                f"</capabilities><datastores>{stores}</datastores><schemas>{schemas}</schemas>"
-                f"<sessions>{sessions}</sessions></netconf-state>")
+        with self.stats.lock:  # a session ends into the totals under this lock
+            current = list(self.sessions.values())
+            statistics = self.stats.xml(current)
+        locks = {d: self.ds.locks.get(d) for d in CONFIG_DATASTORES}
+        return netconf_state_xml(self.capabilities(), locks, self.schema.modules(), current,
+                                 statistics)
 
     def get_schema(self, session: SessionInfo, op: etree._Element) -> str:
         _only(op, "identifier", "version", "format", ns=NCM)
@@ -405,6 +435,7 @@ class Operations:
 
     def close_session(self, session: SessionInfo, op: etree._Element) -> str:
         _only(op)
+        session.ended_by_request = True
         return OK  # the transport closes the session after sending this reply
 
     def kill_session(self, session: SessionInfo, op: etree._Element) -> str:
@@ -420,6 +451,7 @@ class Operations:
         target = self.sessions.get(victim)
         if target is None:
             raise errors.invalid_value(f"no session {victim}", info={"bad-element": "session-id"})
+        target.ended_by_request = True
         if target.close:
             target.close()
         self.ds.release_locks(victim)
@@ -437,10 +469,21 @@ class Operations:
         self.hub.subscribe(session.session_id, send, selector)
         return OK
 
+    def session_started(self, info: SessionInfo) -> None:
+        """A NETCONF session whose hello (with its session-id) is being sent: known from
+        then on (a client may name it in kill-session before it has sent its own)."""
+        with self.stats.lock:
+            self.sessions[info.session_id] = info
+            self.stats.in_sessions += 1
+
     def end_session(self, session_id: int) -> list[str]:
         """Forget a closed session: its subscription ends, its locks are released."""
-        self.sessions.pop(session_id, None)
+        with self.stats.lock:
+            info = self.sessions.pop(session_id, None)
+            if info is not None:
+                self.stats.ended(info)
         self.hub.unsubscribe(session_id)
+        self.push.session_ended(session_id)
         self.ds.session_ended(session_id)
         return self.ds.release_locks(session_id)
 
@@ -456,20 +499,27 @@ def _stream_data(ns: str, nodes: list[TopNode], tail: str) -> Iterator[str]:
     yield f"{tail}</data>"
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _only(op: etree._Element, *names: str, ns: str = NC) -> None:
-    """Refuse parameters the operation does not define (RFC 6241: unknown-element)."""
+def _only(op: etree._Element, *names: str, ns: str = NC, also: tuple[str, ...] = ()) -> None:
+    """Refuse parameters the operation does not define (RFC 6241: unknown-element);
+    ``also``: parameters other modules add to it, by their qualified names."""
     for child in op:
-        if not isinstance(child.tag, str):
+        if not isinstance(child.tag, str) or child.tag in also:
             continue
         qname = etree.QName(child)
         if qname.localname not in names or qname.namespace not in (ns, None):
             raise errors.unknown_element(
                 f"{etree.QName(op).localname} has no parameter {qname.localname}",
                 qname.localname, type="protocol")
+
+
+def _with_defaults(op: etree._Element, ns: str) -> str | None:
+    """The with-defaults parameter (RFC 6243 §4.5), checked; None when absent."""
+    mode = _text(op, "with-defaults", ns)
+    if mode is not None and mode not in WITH_DEFAULTS:
+        raise errors.invalid_value(f"with-defaults {mode!r} is not one of "
+                                   f"{', '.join(WITH_DEFAULTS)}",
+                                   info={"bad-element": "with-defaults"})
+    return mode
 
 
 def _required(op: etree._Element, name: str, ns: str = NC) -> etree._Element:

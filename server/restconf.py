@@ -334,8 +334,11 @@ class Routes:
                         path: str) -> web.StreamResponse:
         method = request.method
         if method == "OPTIONS":
-            return web.Response(headers={"Allow": DATA_METHODS, "Accept-Patch": ", ".join(
-                [JSON, XML, *YANG_PATCH])})
+            allow = await _blocking(self.r.allowed_methods, store, path)
+            headers = {"Allow": allow}
+            if "PATCH" in allow:
+                headers["Accept-Patch"] = ", ".join([JSON, XML, *YANG_PATCH])
+            return web.Response(headers=headers)
         if method in ("GET", "HEAD"):
             return await self.get(request, store or "operational", path)
         writable = store or "running"

@@ -28,7 +28,6 @@ from .restconf_codec import (
     RESTCONF_NS,
     XML,
     Node,
-    SchemaIndex,
     Step,
     Target,
     XmlWriter,
@@ -40,13 +39,13 @@ from .restconf_query import (
     bad_request,
     not_found,
     parse_fields,
-    print_with_defaults,
     prune_fields,
-    tag_defaults,
 )
 from .session_codec import NC_NS, sessions_to_xml
 
 DATASTORES = ("running", "candidate", "startup", "operational")
+DATA_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+READ_METHODS = "GET, HEAD, OPTIONS"
 SESSION = "nfmig-nat:nat-session"
 # The RPCs RESTCONF offers: the model's own and the NETCONF ones that make sense without a
 # session (no lock: a RESTCONF request is its own session; RFC 8040 §1.4).
@@ -77,7 +76,7 @@ class Resources:
         self.ops = ops
         self.ds: Datastores = ops.ds
         self.schema = ops.schema
-        self.index = SchemaIndex(ops.schema)
+        self.index = ops.index
         self.state_extra: list[TopNode] = []  # state only RESTCONF has (restconf-state)
         self.json = NacmJsonWriter(self.index, NacmModel(ops.schema).module_of)
         self.xml = XmlWriter(self.index)
@@ -94,15 +93,17 @@ class Resources:
         if bulk and query.plain and nacm.reads_whole(self.ds.ns, "nat-session"):
             return self._read_fast(datastore, target, query, media)
         nodes = self._top_nodes(datastore, target, query.content)
-        data = self._tree(nodes)
-        if query.with_defaults in ("report-all", "trim", "report-all-tagged"):
-            self._defaults(data, query.with_defaults)
+        content = "config" if datastore != "operational" else query.content
+        data = self._tree(self.ops.defaults.apply(nodes, query.with_defaults, content,
+                                                  nacm.reads_whole))
         picked = self._select(data, target)
         if query.depth is not None:
             holder = etree.Element("x")
             for el in picked:
                 holder.append(el)
-            limit_depth(holder, query.depth)
+            # the target's schema node for each (the datastore's: each top-level node's)
+            node_of = (lambda _el: target.node) if target.steps else self._top_schema_node
+            limit_depth(holder, query.depth, node_of, self.index.children)
             picked = list(holder)
         if query.fields is not None:
             picked = self._fields(picked, target, parse_fields(query.fields))
@@ -139,7 +140,9 @@ class Resources:
             nodes += self.ds.config_nodes("running" if datastore == "operational"
                                           else datastore)
         if datastore == "operational" and content != "config":
-            nodes += self.ops.state_nodes()
+            # module URLs as the server's files: the web layer makes them RESTCONF URLs
+            nodes += self.ops.state_nodes(lambda name, revision: f"file://"
+                                          f"{self.schema.yang_dir}/{name}@{revision}.yang")
             nodes += self.state_extra
         if target.steps:
             top = target.steps[0].node
@@ -202,34 +205,10 @@ class Resources:
                 kept.append(el)
         return kept
 
-    def _defaults(self, data: etree._Element, mode: str) -> None:
-        """with-defaults on the (small) policy container, printed by libyang: report-all,
-        trim, or report-all-tagged (RFC 6243 §3.4: the default attribute on every node
-        trim would leave out)."""
-        policy = data.find(f"{{{self.ds.ns}}}nat-policy")
-        tree = None
-        if policy is None and mode != "trim":
-            tree = self.schema.parse_xml(f'<nat-policy xmlns="{self.ds.ns}"/>')
-        elif policy is not None:
-            tree = self.schema.parse_xml(etree.tostring(policy))
-        if tree is None:
-            return
-        try:
-            text = print_with_defaults(tree, mode)
-        finally:
-            tree.free()
-        new = None
-        if text:  # libyang prints other modules' default containers (/nacm) beside it
-            new = etree.fromstring(f"<x>{text}</x>").find(f"{{{self.ds.ns}}}nat-policy")
-        if new is not None and mode == "report-all-tagged":
-            tag_defaults(new)
-        if policy is not None:
-            if new is None:
-                data.remove(policy)
-            else:
-                policy.getparent().replace(policy, new)
-        elif new is not None:
-            data.insert(0, new)
+    def _top_schema_node(self, el: etree._Element) -> Node | None:
+        qname = etree.QName(el)
+        return self.index.top.get(f"{self.index.module_of.get(qname.namespace)}:"
+                                  f"{qname.localname}")
 
     def _render(self, picked: list[etree._Element], target: Target, media: str) -> Body:
         if media == XML:
@@ -246,6 +225,14 @@ class Resources:
         if not target.steps:
             members = {"ietf-restconf:data": members}
         return Body(json.dumps(members, separators=(",", ":")), JSON)
+
+    def allowed_methods(self, store: str | None, path: str) -> str:
+        """The methods a data resource allows (OPTIONS' Allow): reads only for the
+        operational datastore and for state data (config false), which nothing writes."""
+        target = parse_api_path(self.index, path)
+        if store == "operational" or (target.steps and not target.node.config):
+            return READ_METHODS
+        return DATA_METHODS
 
     def exists(self, datastore: str, target: Target) -> bool:
         if not target.steps:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from _libyang import ffi, lib
 from lxml import etree
 
 from . import errors
 from .errors import RpcError
-from .restconf_codec import WD_DEFAULT, WD_NS, Node, SchemaIndex
-
-WITH_DEFAULTS = ("report-all", "trim", "explicit", "report-all-tagged")
-_LIBYANG_DEFAULT = "{urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults}default"
+from .filters import WITH_DEFAULTS
+from .restconf_codec import Node, SchemaIndex
 
 
 def not_found(message: str, path: str | None = None) -> RpcError:
@@ -140,28 +137,6 @@ def prune_fields(el: etree._Element, wanted: dict, node: Node | None,
                 prune_fields(child, wanted[name], children.get(name), index)
         elif name not in keys:
             el.remove(child)
-
-
-def print_with_defaults(tree, mode: str) -> str:
-    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK | {
-        "report-all": lib.LYD_PRINT_WD_ALL, "trim": lib.LYD_PRINT_WD_TRIM,
-        "report-all-tagged": lib.LYD_PRINT_WD_ALL_TAG}[mode]
-    buf = ffi.new("char **")
-    if lib.lyd_print_mem(buf, tree.cdata, lib.LYD_XML, flags) != lib.LY_SUCCESS:
-        raise errors.RpcError("operation-failed", "the defaults could not be printed")
-    try:
-        return ffi.string(buf[0]).decode() if buf[0] else ""
-    finally:
-        lib.free(buf[0])
-
-
-def tag_defaults(tree: etree._Element) -> None:
-    """libyang tags defaults in the module's namespace; RFC 6243 §6 names the attribute in
-    urn:ietf:params:xml:ns:netconf:default:1.0, which is what clients look for."""
-    for el in tree.iter():
-        if el.attrib.pop(_LIBYANG_DEFAULT, None) == "true":
-            el.set(WD_DEFAULT, "true")
-    etree.cleanup_namespaces(tree, top_nsmap={"wd": WD_NS})
 
 
 def check_insert(query, node: Node | None) -> None:

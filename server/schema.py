@@ -9,6 +9,7 @@ reader may take without asking libyang, and checked conversions of single values
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import libyang
 from _libyang import ffi, lib
@@ -30,13 +32,34 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "ietf-netconf": ("writable-running", "candidate", "confirmed-commit", "rollback-on-error",
                      "validate", "startup", "xpath"),
     "ietf-netconf-monitoring": (),
-    "ietf-netconf-nmda": (),
+    # with-defaults: get-data takes the with-defaults parameter (the :with-defaults
+    # capability is advertised, RFC 8526 §3.1.1)
+    "ietf-netconf-nmda": ("with-defaults",),
     "ietf-datastores": (),
     "ietf-origin": (),
     "ietf-netconf-with-defaults": (),
     "ietf-restconf-monitoring": (),
     "ietf-netconf-acm": (),  # RFC 8341: /nacm in running, enforced by nacm.py
+    # RFC 8512: the sessions again, as mapping-entries (server/ietf_nat.py). napt44: the
+    # NATs translate ports (TCP, UDP, ICMP identifiers); dst-nat: the kernel NAT holds
+    # destination NAT sessions. No basic-nat44 (address only), nat64, siit, clat, nptv6.
+    "ietf-nat": ("napt44", "dst-nat"),
+    "nfmig-nat-ietf": (),  # what a mapping-entry lacks of a session (its augment)
+    # YANG-Push (server/yang_push.py): dynamic subscriptions of the nat-session list, XML,
+    # subtree and XPath filters, on-change. No configured subscriptions, replay, QoS
+    # (dscp), interface-designation or supports-vrf.
+    "ietf-subscribed-notifications": ("encode-xml", "subtree", "xpath"),
+    "ietf-yang-push": ("on-change",),
 }
+
+# libyang's own modules (YANG extensions and annotations it parses with, schema mount): in
+# its context, but not modules this server implements or needs, so never listed.
+LIBYANG_OWN = frozenset({"yang", "ietf-yang-schema-mount", "ietf-yang-structure-ext"})
+YANGLIB_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
+DS_NS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+DATASTORES = ("running", "candidate", "startup", "operational")
+# A module's URL from its name and revision.
+Location = Callable[[str, str], str]
 
 # libyang keeps its error list per context, so parses on one context are serialised.
 _PARSE_LOCK = threading.Lock()
@@ -80,6 +103,16 @@ def _enable_features(module: libyang.Module, features: tuple[str, ...]) -> None:
     names = [ffi.new("char[]", f.encode()) for f in features]
     if lib.lys_set_implemented(module.cdata, ffi.new("char *[]", [*names, ffi.NULL])):
         raise RuntimeError(f"cannot enable features {', '.join(features)} of {module.name()}")
+
+
+def _load_with_features(ctx: libyang.Context, name: str, features: tuple[str, ...]) -> None:
+    """Load a module with its features enabled from the start: one whose schema does not
+    compile without some of them (ietf-nat: an enumeration all of whose values depend on
+    features) cannot be loaded first and given them afterwards."""
+    names = [ffi.new("char[]", f.encode()) for f in features]
+    if not lib.ly_ctx_load_module(ctx.cdata, name.encode(), ffi.NULL,
+                                  ffi.new("char *[]", [*names, ffi.NULL])):
+        raise RuntimeError(f"cannot load {name} with features {', '.join(features)}")
 
 
 def module_revision(module: libyang.Module) -> str:
@@ -129,6 +162,9 @@ class Schema:
         self.yang_dir = Path(yang_dir)
         self.ctx = libyang.Context(str(self.yang_dir))
         for name, features in IMPLEMENTED.items():
+            if name == "ietf-nat":  # see _load_with_features
+                _load_with_features(self.ctx, name, features)
+                continue
             module = self.ctx.load_module(name)
             if features:
                 _enable_features(module, features)
@@ -253,12 +289,16 @@ class Schema:
 
     # -- modules -----------------------------------------------------------------------
     def modules(self) -> list[libyang.Module]:
-        return [m for m in self.ctx if m.implemented() or m.name() in ("ietf-inet-types",
-                                                                      "ietf-yang-types")]
+        """The modules the yang-library lists: those implemented, and those they import.
+        libyang's own modules are left out: the server implements none of them."""
+        return [m for m in self.ctx if m.name() not in LIBYANG_OWN]
+
+    def features(self, module: libyang.Module) -> list[str]:
+        return [f.name() for f in module.features() if f.state()]
 
     def schema_text(self, name: str, revision: str | None) -> str | None:
         """The YANG source of a module the server has, or None."""
-        for module in self.ctx:
+        for module in self.modules():
             if module.name() != name:
                 continue
             rev = module_revision(module)
@@ -270,12 +310,49 @@ class Schema:
             return module.print_mem("yang")
         return None
 
-    def yang_library_xml(self, content_id: str) -> str:
-        tree = self.ctx.get_yanglib_data(content_id)
-        try:
-            return tree.print_mem("xml", with_siblings=True, pretty=False)
-        finally:
-            tree.free()
+    def yang_library_xml(self, content_id: str, location: Location | None = None) -> str:
+        """/yang-library (RFC 8525): one module-set and schema, every datastore with it.
+        ``location`` gives a module's URL; None leaves locations out, which tells a NETCONF
+        client to use get-schema (RFC 8525: present only when there is a URL to give)."""
+        implemented, imported = [], []
+        for m in self.modules():
+            rev = module_revision(m)
+            where = f"<location>{escape(location(m.name(), rev))}</location>" if location \
+                else ""
+            head = f"<name>{m.name()}</name><revision>{rev}</revision>" \
+                   f"<namespace>{escape(module_ns(m))}</namespace>{where}"
+            if m.implemented():
+                features = "".join(f"<feature>{f}</feature>" for f in self.features(m))
+                implemented.append(f"<module>{head}{features}</module>")
+            else:
+                imported.append(f"<import-only-module>{head}</import-only-module>")
+        stores = "".join(f"<datastore><name>ds:{d}</name><schema>complete</schema></datastore>"
+                         for d in DATASTORES)
+        return (f'<yang-library xmlns="{YANGLIB_NS}" xmlns:ds="{DS_NS}"><module-set>'
+                f"<name>complete</name>{''.join(implemented)}{''.join(imported)}</module-set>"
+                "<schema><name>complete</name><module-set>complete</module-set></schema>"
+                f"{stores}<content-id>{content_id}</content-id></yang-library>")
+
+    def modules_state_xml(self, module_set_id: str, location: Location | None = None) -> str:
+        """/modules-state (RFC 7895, deprecated by RFC 8525 but what clients of the
+        yang-library:1.0 capability read): the same modules, ``module-set-id`` the
+        yang-library's content-id."""
+        entries = []
+        for m in self.modules():
+            rev = module_revision(m)
+            where = f"<schema>{escape(location(m.name(), rev))}</schema>" if location else ""
+            features = "".join(f"<feature>{f}</feature>" for f in self.features(m))
+            kind = "implement" if m.implemented() else "import"
+            entries.append(f"<module><name>{m.name()}</name><revision>{rev}</revision>{where}"
+                           f"<namespace>{escape(module_ns(m))}</namespace>{features}"
+                           f"<conformance-type>{kind}</conformance-type></module>")
+        return (f'<modules-state xmlns="{YANGLIB_NS}"><module-set-id>{module_set_id}'
+                f"</module-set-id>{''.join(entries)}</modules-state>")
+
+    def content_id(self) -> str:
+        """An identifier of the module set: changes whenever what the library lists does."""
+        text = self.yang_library_xml("") + self.modules_state_xml("")
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # -- bulk list entries ---------------------------------------------------------------------

@@ -104,10 +104,10 @@ def yanglint(data: dict, tmp_path: Path, kind: str = "data") -> subprocess.Compl
     path.write_text(json.dumps(data))
     modules = [str(p) for p in sorted(YANG_DIR.glob("*.yang")) if p.name.split("@")[0] in
                (*IMPLEMENTED, "ietf-yang-library")]
+    features = [f"-F{name}:{','.join(f)}" for name, f in IMPLEMENTED.items() if f]
     return subprocess.run(["yanglint", "-p", str(YANG_DIR), "-f", "json", "-t", kind,
-                           "-F", "ietf-netconf:writable-running,candidate,confirmed-commit,"
-                           "rollback-on-error,validate,startup,xpath",
-                           *modules, str(path)], capture_output=True, text=True, timeout=60)
+                           *features, *modules, str(path)], capture_output=True, text=True,
+                          timeout=60)
 
 
 ERRORS_CHECK = """module restconf-errors-check {

@@ -63,11 +63,11 @@ def one_session_held(client):
 
 def running(client: RawClient) -> bytes:
     """Running as get-data reads it, each session's remaining lifetime (which the NAT
-    counts down) masked."""
+    counts down; ietf-nat's mapping-entry carries it too) masked."""
     reply = client.rpc(f'<get-data xmlns="{NCDS}" xmlns:ds="urn:ietf:params:xml:ns:yang:'
                        'ietf-datastores"><datastore>ds:running</datastore></get-data>')
     assert b"<rpc-error>" not in reply, reply
-    return re.sub(rb"<timeout>[0-9]+</timeout>", b"<timeout/>", reply)
+    return re.sub(rb"<(timeout|lifetime)>[0-9]+</(?:timeout|lifetime)>", rb"<\1/>", reply)
 
 
 def edit(client: RawClient, entries: list[str], declarations: str = "") -> bytes:
