@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from nfmig import __version__, migrate_cli
+from nfmig import __version__, migrate_cli, standby_cli
 from nfmig.server import login_policy, ssh_limits
 
 
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions", type=_count, default=1000, metavar="N",
                       help="sessions on simulated NAT A at the start (default 1000)")
     migrate_cli.add_parsers(sub)
+    standby_cli.add_parsers(sub)
     return parser
 
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("paramiko", "ncclient", "sshutil", "netconf"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     handlers = {"serve": _cmd_serve, "adduser": _cmd_adduser, "demo": _cmd_demo,
-                "migrate": migrate_cli.cmd_migrate, "report": migrate_cli.cmd_report}
+                "migrate": migrate_cli.cmd_migrate, "report": migrate_cli.cmd_report,
+                "standby": standby_cli.cmd_standby, "failover": standby_cli.cmd_failover}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
