@@ -396,17 +396,19 @@ def test_an_invalid_request_is_a_clean_rpc_error(connect, request_args, tag, app
 
 # -- throughput and lag --------------------------------------------------------------------
 def test_rate_to_one_subscriber(tmp_path):
-    """The simulated NAT opens sessions as fast as it can (bursts every half second); one
+    """The simulated NAT opens 20,000 sessions a second (bursts every half second); one
     subscriber (dampening 0) counts the changes that reach it per second. Then the NAT is
-    frozen: every change made must have arrived, soon after (it did not fall behind)."""
-    srv = RunningServer(**vars(start_local_server(tmp_path, "--traffic", "80000")))
+    frozen: every change made must have arrived, soon after (it did not fall behind).
+    (bench/standby.py measures the rate kernel to kernel; here the floor only guards
+    against a regression on a machine that runs the whole suite beside it.)"""
+    srv = RunningServer(**vars(start_local_server(tmp_path, "--traffic", "20000")))
     try:
         m, other = srv.connect(), srv.connect()
         establish(m, sync=False)
         made = created(other)
         received, times, lags = 0, [], []
         started = time.monotonic()
-        while time.monotonic() - started < 8:
+        while time.monotonic() - started < 5:
             n = m.take_notification(timeout=3)
             assert n is not None, "the changes stopped coming"
             times.append(time.monotonic())
@@ -428,10 +430,10 @@ def test_rate_to_one_subscriber(tmp_path):
               f"{max(lags):.2f} s; the last {times[-1] - frozen:.2f} s after the NAT was "
               "frozen)")
         assert received >= made
-        # one burst of the NAT's traffic (its half-second tick, 40,000 sessions) at most
-        # is still on its way when it is frozen
+        # one burst of the NAT's traffic (its half-second tick) at most is still on its
+        # way when it is frozen
         assert times[-1] - frozen < 5.0
-        assert rate >= 20_000
+        assert rate >= 10_000
         m.close_session()
     finally:
         srv.stop()
