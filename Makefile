@@ -43,8 +43,9 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/netconf_bulk.py
 	$(BIN)/python bench/restconf_bulk.py
-	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/migrator_linux.py --hetero; \
-	else echo "bench/migrator_linux.py skipped: network namespaces and conntrack need root"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/migrator_linux.py --hetero && \
+	  $(BIN)/python bench/standby.py; \
+	else echo "bench/migrator_linux.py and bench/standby.py skipped: network namespaces and conntrack need root"; fi
 
 # The NAT's whole VM live-migrated by QEMU against `nfmig migrate` of its sessions, the same
 # N over the same link (bench/vm_vs_state.py; the VM image is built from Debian packages into

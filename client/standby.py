@@ -39,7 +39,7 @@ from typing import Any
 from ncclient.operations.rpc import RPCError
 
 from .endpoints import Connection, Credentials, Endpoint, describe, open_connection
-from .netconf import TextRpc, take_entry_namespace
+from .netconf import NAT_NS, NC_NS, TextRpc, take_entry_namespace
 from .push import Change, DeleteSubscription, EstablishSubscription, read_notification
 from .push import subscription_id as read_subscription_id
 from .selection import (
@@ -187,7 +187,7 @@ class Standby:
             if conn.connected and self.stopping.is_set():
                 try:
                     conn._call(DeleteSubscription, subscription)
-                except (RPCError, Exception):
+                except Exception:  # the session ends next, and the subscription with it
                     log.debug("delete-subscription failed", exc_info=True)
 
     def _take(self, changes: list[Change], whole: bool) -> None:
@@ -284,8 +284,6 @@ class _StandbyEdit(TextRpc):
     """edit-config of running that applies every entry it can (continue-on-error)."""
 
     def request(self, body: bytes) -> object:  # type: ignore[override]
-        from .netconf import NAT_NS, NC_NS
-
         return self._request((b"<edit-config><target><running/></target>"
                               b"<error-option>continue-on-error</error-option>"
                               + f'<nc:config xmlns:nc="{NC_NS}" xmlns="{NAT_NS}">'.encode(),
