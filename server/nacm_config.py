@@ -10,7 +10,6 @@ bound on the path element, so the XML reads back valid and the JSON is RFC 7951'
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +22,7 @@ from . import errors
 from .errors import RpcError
 from .restconf_codec import JsonWriter, Node
 from .schema import Schema, module_ns
-from .session_codec import OPERATION_ATTR
-from .tree_edit import edit_node
+from .tree_edit import edited
 
 NACM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
 NACM_MODULE = "ietf-netconf-acm"
@@ -299,13 +297,7 @@ class NacmModel:
         None when they leave none."""
         if not edits:
             return current
-        holder = etree.Element("config")
-        if current is not None:
-            holder.append(copy.deepcopy(current))
-        for edit in edits:
-            edit_node(holder, edit, self._schema_node, edit.get(OPERATION_ATTR, "merge"),
-                      NACM_PATH)
-        tree = holder[0] if len(holder) else None
+        tree = edited(current, edits, self._schema_node, NACM_PATH)
         if tree is not None:
             self._normalise_paths(tree)
             self.check(tree)

@@ -13,8 +13,7 @@ from lxml import etree
 from nfmig.nf_backends.base import AddressMapping, GatewayAddress, NatPolicy, Timeouts
 
 from .schema import Schema
-from .session_codec import OPERATION_ATTR
-from .tree_edit import edit_node
+from .tree_edit import edited
 
 POLICY_PATH = "/nfmig-nat:nat-policy"
 
@@ -35,15 +34,10 @@ class PolicyModel:
         changed: the caller decides whether the result is applied, staged or dropped."""
         if not edits:
             return current
-        holder = etree.Element("config")
-        if current is not None:
-            holder.append(copy.deepcopy(current))
-        for edit in edits:
-            if etree.QName(edit).namespace is None:  # lenient: a client that left ns out
-                edit = _with_namespace(edit, self.ns)
-            edit_node(holder, edit, self._schema_node, edit.get(OPERATION_ATTR, "merge"),
-                      POLICY_PATH)
-        policy = holder[0] if len(holder) else None
+        # lenient: a client that left the namespace out
+        edits = [_with_namespace(e, self.ns) if etree.QName(e).namespace is None else e
+                 for e in edits]
+        policy = edited(current, edits, self._schema_node, POLICY_PATH)
         if policy is not None:
             self.validate(policy)
         return policy

@@ -50,6 +50,19 @@ def strip_operations(element: etree._Element) -> etree._Element:
     return clean
 
 
+def edited(current: etree._Element | None, edits: list[etree._Element],
+           snode: libyang.SNode, path: str) -> etree._Element | None:
+    """What ``edits`` (top-level elements, each with its operation, merge by default) make
+    of a copy of the top-level node ``current``; None when they leave none. ``current`` is
+    not changed: the caller decides whether the result is applied, staged or dropped."""
+    holder = etree.Element("config")
+    if current is not None:
+        holder.append(copy.deepcopy(current))
+    for edit in edits:
+        edit_node(holder, edit, snode, "merge", path)
+    return holder[0] if len(holder) else None
+
+
 def edit_node(target_parent: etree._Element, edit: etree._Element, snode: libyang.SNode,
               inherited: str, path: str) -> None:
     """Apply one edit element under ``target_parent`` (which holds the current config)."""
