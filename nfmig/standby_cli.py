@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nfmig.migrate_cli import add_auth_arguments, credentials_from
-from nfmig.server.option_table import number
+from nfmig.server.option_table import number, seconds
 
 STANDBY_EPILOG = """\
 The source is followed by a YANG-Push subscription (RFC 8639/8641, on change); every
@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
     standby.add_argument("--hold", type=number(60, 65_535), default=3600, metavar="S",
                          help="lifetime a standby session keeps at least, while the source "
                               "refreshes it unseen (default 3600 s)")
-    standby.add_argument("--failover-after", type=_seconds, metavar="S",
+    standby.add_argument("--failover-after", type=seconds(0.05, 86_400), metavar="S",
                          help="fail over to the first reachable standby once the source has "
                               "been unreachable this long (default: never by itself)")
     standby.add_argument("--for", dest="duration", type=number(1, 10 ** 7), metavar="S",
@@ -70,16 +70,6 @@ def add_parsers(sub) -> None:
                                "beside, the status file's)")
     failover.add_argument("--json", action="store_true", help="print the report as JSON")
     add_auth_arguments(failover)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{text}: give seconds from 0.05 to 86400")
-    return value
 
 
 def _endpoint(text: str, role: str):
