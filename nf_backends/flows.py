@@ -7,8 +7,9 @@ One session is two flows in table 0 sharing a session id in their cookies::
 The session id is a hash of the session's key, so a key names its flows without a lookup
 (deletes go by cookie). The outbound flow matches the 5-tuple on the inside port and rewrites
 the source address and port; the inbound flow matches the translated reply on the outside
-port and rewrites the destination back. Both continue in table 1, where the next hop's MAC
-addresses are set (see the NAT application), so a session's flows hold nothing but NAT.
+port and rewrites the destination back. Both live in table 1, behind table 0, which lets in
+only frames addressed to the NAT's own ports, and continue in table 2, where the next hop's
+MAC addresses are set (see the NAT application), so a session's flows hold nothing but NAT.
 
 An ICMP echo session's flows match the addresses and the echo type: OpenFlow has no field
 for the echo identifier, so it passes unchanged (translated port = source port) and rides in
@@ -42,7 +43,11 @@ COOKIE_MATCH = f"cookie={MAGIC << COOKIE_SHIFT:#x}/{0xFFFF << COOKIE_SHIFT:#x}"
 BASE_COOKIE = 0x6E65 << COOKIE_SHIFT  # the app's own fixed flows (ARP, misses)
 PRIORITY = 100
 MAX_IDLE = 65535
-NAT_TABLE, NEXT_HOP_TABLE = 0, 1
+# Table 0 lets in only frames addressed to this NAT (ARP aside): its ports listen to every
+# frame of their segment, and a NAT must not translate traffic sent to another one, such as
+# the active NAT's frames a switch floods while it has not learnt (or has forgotten) where
+# that NAT is.
+GUARD_TABLE, NAT_TABLE, NEXT_HOP_TABLE = 0, 1, 2
 L4 = {"TCP": "tcp", "UDP": "udp"}
 # ICMP echo: OpenFlow can neither match nor rewrite the echo identifier, so an echo session
 # keeps its identifier and is told apart by its addresses alone (see ofnat_state.claims).

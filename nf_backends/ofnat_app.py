@@ -118,10 +118,14 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
         dp = ev.msg.datapath
         ofp, parser = dp.ofproto, dp.ofproto_parser
         to_controller = [parser.OFPActionOutput(ofp.OFPP_CONTROLLER, ofp.OFPCML_NO_BUFFER)]
-        self._flow(dp, 0, 50, parser.OFPMatch(eth_type=0x0806), to_controller)
-        self._flow(dp, 0, 2, parser.OFPMatch(in_port=self.inside, eth_type=0x0800),
+        self._flow(dp, flows.GUARD_TABLE, 50, parser.OFPMatch(eth_type=0x0806),
                    to_controller)
-        self._flow(dp, 1, 0, parser.OFPMatch(), to_controller)
+        for port, mac in self.macs.items():  # anything else misses the table: dropped
+            self._flow(dp, flows.GUARD_TABLE, 40, parser.OFPMatch(in_port=port, eth_dst=mac),
+                       [], goto=flows.NAT_TABLE)
+        self._flow(dp, flows.NAT_TABLE, 2, parser.OFPMatch(in_port=self.inside,
+                                                           eth_type=0x0800), to_controller)
+        self._flow(dp, flows.NEXT_HOP_TABLE, 0, parser.OFPMatch(), to_controller)
         # Flows the backend deletes (thousands at once) are its business: only expiries
         # come here.
         removed = 1 << ofp.OFPRR_IDLE_TIMEOUT | 1 << ofp.OFPRR_HARD_TIMEOUT
@@ -154,10 +158,10 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
             return
         ofp, parser = dp.ofproto, dp.ofproto_parser
         dp.send_msg(parser.OFPFlowMod(dp, cookie=HOLD_COOKIE, cookie_mask=(1 << 64) - 1,
-                                      table_id=0, command=ofp.OFPFC_DELETE,
+                                      table_id=flows.NAT_TABLE, command=ofp.OFPFC_DELETE,
                                       out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
         for net in STATE.held:
-            self._flow(dp, 0, 10, parser.OFPMatch(
+            self._flow(dp, flows.NAT_TABLE, 10, parser.OFPMatch(
                 in_port=self.inside, eth_type=0x0800,
                 ipv4_src=(str(net.network_address), str(net.netmask))), [], cookie=HOLD_COOKIE)
 
@@ -403,7 +407,7 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
                 if proto == "TCP":
                     STATE.scales[sid] = [_window_scale(l4), None]
                 self._install(dp, entry, sid)
-                self.watchers.emit("created", entry)
+                self.watchers.emit("created", entry, STATE.scales.get(sid))
         parser = dp.ofproto_parser
         # Through table 0 again, as from its own port, so that the new pair matches it.
         self._send(dp, 0, msg.data, [parser.OFPActionOutput(dp.ofproto.OFPP_TABLE)],
@@ -422,7 +426,7 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
         idle = min(flows.MAX_IDLE, STATE.timeouts[proto])
         rem = ofp.OFPFF_SEND_FLOW_REM
         if punt_reply:
-            self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+            self._flow(dp, flows.NAT_TABLE, flows.PRIORITY, parser.OFPMatch(
                 in_port=self.inside, eth_type=0x0800, ip_proto=number, ipv4_src=src,
                 ipv4_dst=dst, **{f"{field}_src": sport, f"{field}_dst": dport}),
                 [parser.OFPActionSetField(ipv4_src=ext),
@@ -433,7 +437,7 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
                 parser.OFPActionSetField(**{f"{field}_dst": sport})]
         if punt_reply and proto == "TCP":
             back.insert(0, parser.OFPActionOutput(ofp.OFPP_CONTROLLER, ofp.OFPCML_NO_BUFFER))
-        self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+        self._flow(dp, flows.NAT_TABLE, flows.PRIORITY, parser.OFPMatch(
             in_port=self.outside, eth_type=0x0800, ip_proto=number, ipv4_src=dst,
             ipv4_dst=ext, **{f"{field}_src": dport, f"{field}_dst": port}), back,
             cookie=flows.cookie(sid, True), idle=idle, goto=flows.NEXT_HOP_TABLE, flags=rem,
@@ -449,7 +453,7 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
         for inbound, in_port, (a, b), kind, rewrite in (
                 (False, self.inside, (src, dst), flows.ECHO_REQUEST, {"ipv4_src": ext}),
                 (True, self.outside, (dst, ext), flows.ECHO_REPLY, {"ipv4_dst": src})):
-            self._flow(dp, 0, flows.PRIORITY, parser.OFPMatch(
+            self._flow(dp, flows.NAT_TABLE, flows.PRIORITY, parser.OFPMatch(
                 in_port=in_port, eth_type=0x0800, ip_proto=1, ipv4_src=a, ipv4_dst=b,
                 icmpv4_type=kind), [parser.OFPActionSetField(**rewrite)],
                 cookie=flows.cookie(sid, inbound), idle=idle, goto=flows.NEXT_HOP_TABLE,
@@ -472,7 +476,7 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
                 learned = scales != before
             self._install(msg.datapath, entry, sid, punt_reply=False)
             if learned:  # the session reads back with the peer's scale now
-                self.watchers.emit("updated", entry)
+                self.watchers.emit("updated", entry, scales)
 
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
     def _flow_removed(self, ev) -> None:
@@ -486,7 +490,8 @@ class OfNat(ControlChannel, app_manager.OSKenApp):
             return  # deleted by the backend (which releases the port) or by us below
         # One direction idled out: the session ends, both flows and its port.
         dp.send_msg(parser.OFPFlowMod(
-            dp, cookie=flows.cookie(sid, False), cookie_mask=(1 << 64) - 2, table_id=0,
+            dp, cookie=flows.cookie(sid, False), cookie_mask=(1 << 64) - 2,
+            table_id=flows.NAT_TABLE,
             command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
         with STATE.lock:
             entry = STATE.remove(sid)

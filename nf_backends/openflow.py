@@ -204,7 +204,8 @@ class OpenflowBackend(NatProcesses, Backend):
         return {s.key: s for s in found if s.key in keys}
 
     def stats(self) -> BackendStats:
-        out = self.ovs.ofctl("dump-aggregate", f"table=0,{flows.COOKIE_MATCH}")
+        out = self.ovs.ofctl("dump-aggregate",
+                             f"table={flows.NAT_TABLE},{flows.COOKIE_MATCH}")
         count = int(out.split("flow_count=")[1].split()[0]) if "flow_count=" in out else 0
         app = self.ctl.ask("stats")
         self._app_counts = {"created": app["created"], "expired": app["expired"]}

@@ -18,7 +18,7 @@ if os.geteuid() != 0:
         pytest.fail("CI runs as root: the Open vSwitch NAT tests must not skip", pytrace=False)
     pytest.skip("network namespaces and Open vSwitch need root", allow_module_level=True)
 
-from nfmig.nf_backends import ofnat_life, openflow  # noqa: E402
+from nfmig.nf_backends import flows, ofnat_life, openflow  # noqa: E402
 from nfmig.nf_backends.base import (  # noqa: E402
     CHANGES_LOST,
     BackendError,
@@ -197,7 +197,7 @@ def test_thousands_of_sessions_import_read_back_and_delete_in_one_batch_each(nat
 
 def test_a_batch_the_switch_refuses_leaves_nothing_installed(nat):
     nat.apply(SessionBatch.put([session(32000, 20001)]))
-    nat.ovs.limit_table(0, 20)  # room for a few more pairs, not for twelve
+    nat.ovs.limit_table(flows.NAT_TABLE, 20)  # room for a few more pairs, not for twelve
     with pytest.raises(BackendError, match="nothing applied"):
         nat.apply(SessionBatch.put([session(32001 + i, 20002 + i) for i in range(12)],
                                  remove=[session(32000, 20001).key]))
@@ -207,7 +207,7 @@ def test_a_batch_the_switch_refuses_leaves_nothing_installed(nat):
 
 def test_a_refused_update_keeps_the_old_translated_port_reserved(nat):
     nat.apply(SessionBatch.put([session(35000, 20001)]))
-    nat.ovs.limit_table(0, 20)
+    nat.ovs.limit_table(flows.NAT_TABLE, 20)
     moved = session(35000, 20002)  # the same session, another translated port
     with pytest.raises(BackendError, match="nothing applied"):
         nat.apply(SessionBatch.put([moved] + [session(35001 + i, 21000 + i)
