@@ -386,9 +386,7 @@ class NatProcesses:
     def _follow(self, watch: Watch) -> None:
         def report(event: dict) -> None:
             if self._watch is watch:  # no longer once another one is followed
-                p, src, sport, dst, dport, ext, port = event["session"]
-                self._report([(event["event"], Session(p, src, sport, dst, dport, ext,
-                                                       port))])
+                self._report([(event["event"], _reported_session(event))])
 
         def lost() -> None:
             if self._watch is watch:
@@ -446,3 +444,15 @@ def reservation(s: Session, sid: int | None = None) -> list:
     """A session as the app's reserve takes it (with its id, when known, to save a hash)."""
     entry = [*s.key, s.translated_address, s.translated_port]
     return entry if sid is None else [*entry, sid]
+
+
+def _reported_session(event: dict) -> Session:
+    """A change of the app as the session a read would give now (flows.read_sessions):
+    TCP is established once the app translates it, with the window scales seen so far, so
+    a replica written from changes alone tracks the connection as the source does."""
+    p, src, sport, dst, dport, ext, port = event["session"]
+    if p != "TCP":
+        return Session(p, src, sport, dst, dport, ext, port)
+    orig, reply = event.get("scales") or (None, None)
+    return Session(p, src, sport, dst, dport, ext, port, None, None, "established", orig,
+                   reply)

@@ -237,12 +237,16 @@ class Watchers:
             if conn in self.conns:
                 self.conns.remove(conn)
 
-    def emit(self, event: str, entry: list) -> None:
-        """A change ("created" | "updated" | "deleted", the session's entry), once what
-        was sent to the switch for it is done (call it after sending that)."""
+    def emit(self, event: str, entry: list, scales: list | None = None) -> None:
+        """A change ("created" | "updated" | "deleted", the session's entry and, for TCP,
+        the window scales seen so far), once what was sent to the switch for it is done
+        (call it after sending that)."""
         if not self.conns:
             return
-        line = (json.dumps({"event": event, "session": entry}) + "\n").encode()
+        change = {"event": event, "session": entry}
+        if scales is not None:
+            change["scales"] = scales
+        line = (json.dumps(change) + "\n").encode()
         with self.lock:
             self.queued.append((None, line))
             self._next()

@@ -23,6 +23,7 @@ if os.geteuid() != 0:
     pytest.skip("network namespaces and conntrack need root", allow_module_level=True)
 
 from nfmig.testbed import TestBed  # noqa: E402
+from nfmig.testbed_ovs import without_checksum_offload  # noqa: E402
 
 from .test_live_cli import start_pair  # noqa: E402
 from .test_migrate_linux import NAT_NS, synthetic  # noqa: E402
@@ -64,8 +65,13 @@ def reply_tuples_unique(keys_text: str) -> bool:
     return True
 
 
-def test_connections_survive_the_sources_death_through_the_standby(bed: TestBed, tmp_path):
-    a, b = start_pair(bed, tmp_path)
+@pytest.mark.parametrize("backends", [("linux", "linux"), ("linux", "openflow"),
+                                      ("openflow", "linux")], ids="->".join)
+def test_connections_survive_the_sources_death_through_the_standby(bed: TestBed, tmp_path,
+                                                                   backends):
+    if "openflow" in backends:
+        without_checksum_offload(bed)
+    a, b = start_pair(bed, tmp_path, backends)
     status = tmp_path / "status.json"
     command = None
     try:
