@@ -312,6 +312,7 @@ class Operations:
                 TopNode(YANGLIB, "modules-state", lambda: [
                     self.schema.modules_state_xml(self.content_id, location)]),
                 TopNode(NCM, "netconf-state", lambda: [self._netconf_state()]),
+                self.push.state_node(),
                 *([self.nacm.state_node()] if self.nacm is not None else [])]
 
     def _netconf_state(self) -> str:

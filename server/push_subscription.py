@@ -62,6 +62,8 @@ class Policy:
     excluded: frozenset[str] = frozenset()  # change-types not sent
     period: float = 0.0  # seconds (periodic)
     anchor: float | None = None  # time.time() of a periodic update, if given
+    # the datastore-subtree-filter or datastore-xpath-filter as given (for /subscriptions)
+    filter_xml: str = ""
     stop: float | None = None  # time.time() when the subscription ends
     centiseconds: dict[str, int] = field(default_factory=dict)  # as given, for logs
 
@@ -91,6 +93,10 @@ class PushSubscription:
         self._stop = threading.Event()
         self._final: str | None = None  # the notification to end with, if any
         self.sent_changes = 0
+        # RFC 8639's receiver counters, and when the oldest change not yet sent was filed
+        self.sent_records = 0
+        self.excluded_records = 0
+        self._pending_since: float | None = time.monotonic() if self._resync else None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"yang-push-{subscription_id}")
 
@@ -109,6 +115,8 @@ class PushSubscription:
                     pending.clear()
                     self._resync = True
                     self._wake.set()
+                    if self._pending_since is None:
+                        self._pending_since = time.monotonic()
                     continue
                 if matches is not None and not matches(session):
                     if what == "created" or not by_state:
@@ -127,6 +135,8 @@ class PushSubscription:
                     record[3] = session
             if idle and pending:
                 self._wake.set()
+                if self._pending_since is None:
+                    self._pending_since = time.monotonic()
 
     def resync(self) -> None:
         """Send the whole selection again (resync-subscription, a changed filter)."""
@@ -134,6 +144,16 @@ class PushSubscription:
             self._pending.clear()
             self._resync = True
             self._wake.set()
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+
+    def backlog(self) -> tuple[int, float]:
+        """The entries changed and not yet sent (a resync pending counts as one) and how
+        many seconds the oldest change has waited."""
+        with self._lock:
+            since = self._pending_since
+            return (len(self._pending) + self._resync,
+                    0.0 if since is None else time.monotonic() - since)
 
     # -- ending --------------------------------------------------------------------------
     def end(self, final: str | None = None, wait: bool = True) -> None:
@@ -187,6 +207,7 @@ class PushSubscription:
             self._send(message)
         except Exception as exc:
             raise _Gone() from exc
+        self.sent_records += 1
 
     def _on_change(self) -> None:
         last = -1e18
@@ -200,6 +221,7 @@ class PushSubscription:
             with self._lock:
                 resync, self._resync = self._resync, False
                 pending, self._pending = self._pending, {}
+                self._pending_since = None
                 self._wake.clear()
             if resync:
                 self._send_contents()
@@ -259,7 +281,9 @@ class PushSubscription:
             others.append((op, session if trim is None else trim(session)))
         edits = deletes + others
         if excluded:
-            edits = [e for e in edits if _CHANGE_TYPE[e[0]] not in excluded]
+            kept = [e for e in edits if _CHANGE_TYPE[e[0]] not in excluded]
+            self.excluded_records += len(edits) - len(kept)
+            edits = kept
         for start in range(0, len(edits), CHANGE_LIMIT):
             began = time.perf_counter()
             message = self._writer.message(edits[start:start + CHANGE_LIMIT])

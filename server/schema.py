@@ -50,6 +50,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     # (dscp), interface-designation or supports-vrf.
     "ietf-subscribed-notifications": ("encode-xml", "subtree", "xpath"),
     "ietf-yang-push": ("on-change",),
+    "nfmig-push-state": (),  # each receiver's backlog in /subscriptions (push_state.py)
 }
 
 # libyang's own modules (YANG extensions and annotations it parses with, schema mount): in

@@ -22,13 +22,15 @@ from itertools import count
 
 from lxml import etree
 from nfmig.nf_backends.base import Backend, SessionEvent
-from nfmig.yang import NAT_MODULE
+from nfmig.yang import NAT_MODULE, NAT_NS
 
 from . import errors, nacm, push_format
 from .change_tracking import ChangeFeed
 from .errors import RpcError
+from .filters import TopNode
 from .push_format import SN_MODULE, SN_NS, YP_MODULE, YP_NS
 from .push_select import FilterProblem, Selection, subtree_selection, xpath_selection
+from .push_state import subscriptions_xml
 from .push_subscription import Policy, PushSubscription
 from .schema import ListEntryChecker, Schema
 
@@ -106,6 +108,14 @@ class YangPush:
         """Whether the session has a subscription (then it is not idle)."""
         return any(s.session_id == session_id for s in self._active)
 
+    def state_node(self) -> TopNode:
+        """/subscriptions in the operational datastore (server/push_state.py)."""
+        def rows() -> list[str]:
+            with self._lock:
+                subscriptions = list(self._subscriptions.values())
+            return [subscriptions_xml(subscriptions)]
+        return TopNode(SN_NS, "subscriptions", rows)
+
     # -- rpcs ----------------------------------------------------------------------------
     def establish_subscription(self, session, op: etree._Element) -> str:
         policy = self._policy(op)
@@ -178,6 +188,7 @@ class YangPush:
             setattr(policy, name, value)
         if selection is not None:
             policy.selection = selection
+            policy.filter_xml = _filter_xml(op)
             if policy.on_change:
                 subscription.resync()
         return "<ok/>"
@@ -297,7 +308,8 @@ class YangPush:
         selection = self._selection(op, on_change is not None, required=True,
                                     info="establish-subscription-datastore-error-info")
         assert selection is not None
-        policy = Policy(datastore, selection, on_change is not None)
+        policy = Policy(datastore, selection, on_change is not None,
+                        filter_xml=_filter_xml(op))
         for name, value in self._trigger(on_change if on_change is not None else periodic,
                                          on_change is not None).items():
             setattr(policy, name, value)
@@ -376,6 +388,22 @@ class YangPush:
                             problem.kind, f"{SN_MODULE}:filter-unsupported")
             raise SubscriptionError(identity, problem.hint, info,
                                     hints={"filter-failure-hint": problem.hint}) from None
+
+
+def _filter_xml(op: etree._Element) -> str:
+    """The datastore filter as given, to show it back in /subscriptions."""
+    given = _child(op, "datastore-subtree-filter")
+    if given is None:
+        given = _child(op, "datastore-xpath-filter")
+        if given is None:
+            return ""
+        # The XPath may name the module as its prefix (as RESTCONF paths do) without an
+        # XML namespace declaration: shown back, the prefix must be declared.
+        nsmap = {NAT_MODULE: NAT_NS, **{k: v for k, v in given.nsmap.items() if k}}
+        given = etree.Element(given.tag, nsmap=nsmap)
+        given.text = _child(op, "datastore-xpath-filter").text
+    given.tail = None
+    return etree.tostring(given, encoding="unicode")
 
 
 def _no_such(what: str, message: str) -> SubscriptionError:

@@ -329,6 +329,49 @@ def test_the_sessions_subscriptions_end_with_it(connect):
     assert error.app_tag == "ietf-subscribed-notifications:no-such-subscription"
 
 
+def subscriptions(m: manager.Manager) -> etree._Element:
+    return get_data(m, "operational", f'<subtree-filter><subscriptions xmlns="{SN}"/>'
+                    "</subtree-filter>")
+
+
+def test_the_operational_datastore_lists_each_subscription_and_its_receivers_backlog(
+        connect, tmp_path):
+    m, other = connect(), connect()
+    xpath = "/nfmig-nat:nat-session[src_address='10.77.0.3']"
+    subscription = establish(m, xpath=xpath, dampening=500)  # 5 s: changes wait
+    take_kind(m, "push-update", 10)
+    made = [session_xml("10.77.0.3", port) for port in (4100, 4101)]
+    edit(other, *made)
+    time.sleep(0.3)
+    data = subscriptions(other)
+    Library.from_xml(other.get(filter=("subtree", f'<yang-library xmlns="{YANGLIB}"/>')
+                               ).data_xml).check(data, tmp_path)
+    ns = {**NS, "p": "urn:nfmig:params:xml:ns:yang:nfmig-push-state"}
+    (row,) = [s for s in data.iterfind("sn:subscriptions/sn:subscription", ns)
+              if s.findtext("sn:id", namespaces=ns) == str(subscription)]
+    assert row.findtext("yp:datastore", namespaces=ns) == "ds:operational"
+    assert row.findtext("yp:datastore-xpath-filter", namespaces=ns) == xpath
+    assert row.findtext("yp:on-change/yp:dampening-period", namespaces=ns) == "500"
+    receiver = row.find("sn:receivers/sn:receiver", ns)
+    assert receiver.findtext("sn:sent-event-records", namespaces=ns) == "1"  # sync-on-start
+    assert receiver.findtext("sn:state", namespaces=ns) == "active"
+    assert receiver.findtext("p:pending-changes", namespaces=ns) == "2"
+    assert int(receiver.findtext("p:pending-age", namespaces=ns)) >= 250
+    take_kind(m, "push-change-update", 5 + MARGIN)
+    receiver = [s for s in subscriptions(other).iterfind("sn:subscriptions/sn:subscription", ns)
+                if s.findtext("sn:id", namespaces=ns) == str(subscription)][0]
+    assert receiver.findtext("sn:receivers/sn:receiver/sn:sent-event-records",
+                             namespaces=ns) == "2"
+    assert receiver.findtext("sn:receivers/sn:receiver/p:pending-changes",
+                             namespaces=ns) == "0"
+    sn_rpc(m, "delete-subscription", subscription)
+    edit(other, *(session_xml("10.77.0.3", port, attrs=op_attr("delete"))
+                  for port in (4100, 4101)))
+    assert str(subscription) not in [s.findtext("sn:id", namespaces=ns) for s in
+                                     subscriptions(other).iterfind(
+                                         "sn:subscriptions/sn:subscription", ns)]
+
+
 def test_periodic_updates(connect, tmp_path):
     m = connect()
     lib = library(m)
