@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,10 @@ class Options:
     vm_image_bytes: int | None = None  # for the report's comparison with moving the VM
     vm_memory_bytes: int | None = None
     on_phase: Callable[[str, str | None], None] | None = None  # as each phase starts
+    # Entered just before the last catch-up with the sources' changes (precopy) and left
+    # once the sources are thawed: lets a caller running many migrations bound how many are
+    # in their freeze window at once. None: no gate.
+    window: Callable[[], AbstractContextManager[object]] | None = None
 
 
 class MigrationError(Exception):

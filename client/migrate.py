@@ -33,7 +33,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 from ncclient.operations.rpc import RPCError
@@ -200,14 +200,15 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
             return
         self._commit()
         self._verify()
-        self._precopy()
-        # The short window: what changed since the copy, then the traffic moves.
-        self._freeze()
-        self._delta()
-        self._confirm()
-        self.committed = True
-        self._switchover()
-        self._thaw()
+        with self.options.window() if self.options.window else nullcontext():
+            self._precopy()
+            # The short window: what changed since the copy, then the traffic moves.
+            self._freeze()
+            self._delta()
+            self._confirm()
+            self.committed = True
+            self._switchover()
+            self._thaw()
         self._delete()
         self.report.sessions_moved = sum(len(t.entries) for t in self.targets)
         self.report.result = "success"

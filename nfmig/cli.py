@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from nfmig import __version__, migrate_cli, standby_cli
+from nfmig import __version__, evacuate_cli, migrate_cli, standby_cli
 from nfmig.server import login_policy, ssh_limits
 
 
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sessions on simulated NAT A at the start (default 1000)")
     migrate_cli.add_parsers(sub)
     standby_cli.add_parsers(sub)
+    evacuate_cli.add_parsers(sub)
     return parser
 
 
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     handlers = {"serve": _cmd_serve, "adduser": _cmd_adduser, "demo": _cmd_demo,
                 "migrate": migrate_cli.cmd_migrate, "report": migrate_cli.cmd_report,
-                "standby": standby_cli.cmd_standby, "failover": standby_cli.cmd_failover}
+                "standby": standby_cli.cmd_standby, "failover": standby_cli.cmd_failover,
+                "evacuate": evacuate_cli.cmd_evacuate}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
