@@ -22,9 +22,12 @@ def create_backend(name: str, **options) -> Backend:
     """The backend called ``name``, built from the serve command's options."""
     if name == "simulated":
         from .simulated import SimulatedBackend
+        from .simulated_firewall import SimulatedFirewallBackend
 
-        return SimulatedBackend(seed_sessions=options.get("sessions", 0),
-                                traffic_rate=options.get("traffic", 0.0))
+        simulated = SimulatedFirewallBackend if options.get("nf") == "firewall" \
+            else SimulatedBackend
+        return simulated(seed_sessions=options.get("sessions", 0),
+                         traffic_rate=options.get("traffic", 0.0))
     if name == "linux":
         from .linux import LinuxBackend
 

@@ -109,6 +109,7 @@ class SimulatedBackend(Backend):
     """An in-memory NAT table; ``traffic_rate`` new sessions per second when > 0."""
 
     name = "simulated"
+    translates = True  # a firewall's table (simulated_firewall) holds no translations
 
     def __init__(self, seed_sessions: int = 0, traffic_rate: float = 0.0, tick: float = 0.5,
                  rng_seed: int | None = None):
@@ -288,12 +289,15 @@ class SimulatedBackend(Backend):
         nkey = (6, src, sport, dst, 443, False)
         if nkey in self._table or self._is_held(src, False, now):
             return None
-        for nat_ip in self._externals(src, False):
+        nat_ip = port = None
+        for nat_ip in self._externals(src, False) if self.translates else ():
             port = self._allocate_port(6, nat_ip)
             if port is not None:
                 break
         else:
-            raise BackendError("every external address and port is in use", None, "table full")
+            if self.translates:
+                raise BackendError("every external address and port is in use", None,
+                                   "table full")
         timeout = self._policy.timeouts.tcp_established
         row = [nat_ip, port, None, None, TCP_STATE_NUMBERS["established"], 7, 7, now + timeout,
                3, 180, 2, 120]

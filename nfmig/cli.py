@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=("simulated", "linux", "openflow"),
                        default="simulated",
                        help="NAT implementation behind the datastore (default: simulated)")
+    serve.add_argument("--nf", choices=("nat", "firewall"), default="nat",
+                       help="the network function served: a NAT (nfmig-nat) or a stateful "
+                            "firewall (nfmig-firewall beside nfmig-nat; default: nat)")
     serve.add_argument("--netns", metavar="NAME",
                        help="network namespace of the NAT instance (linux and openflow "
                             "backends; a name under /run/netns or a path)")
@@ -150,7 +153,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _fail(problem)
     try:
         backend = create_backend(args.backend, sessions=args.sessions, traffic=args.traffic,
-                                 netns=args.netns)
+                                 netns=args.netns, nf=args.nf)
     except ValueError as exc:
         return _fail(str(exc))
     if args.backend in ("linux", "openflow") and not Path(backend.netns_path).exists():
@@ -159,7 +162,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server = Server(config, backend)
         server.start()
     except BackendError as exc:
-        return _fail(f"the {args.backend} NAT cannot start: {exc}")
+        return _fail(f"the {args.backend} {args.nf} cannot start: {exc}")
     except UsersFileError as exc:
         return _fail(str(exc))
     except OSError as exc:
@@ -171,7 +174,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.port_file.write_text(f"{server.listener.port}\n")
     if args.restconf_port_file and server.restconf:
         args.restconf_port_file.write_text(f"{server.restconf.port}\n")
-    logging.getLogger("nfmig").info("serving %s NAT with %d sessions", args.backend,
+    logging.getLogger("nfmig").info("serving %s %s with %d sessions", args.backend,
+                                    "firewall" if args.nf == "firewall" else "NAT",
                                     backend.stats().session_count)
     server.run_forever()
     return 0

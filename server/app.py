@@ -54,7 +54,7 @@ class Server:
         users = load_users(config.users_file)
         # Before anything is written: the state directory, its files, the users file private.
         make_private(config.state_dir, config.users_file)
-        self.schema = Schema()
+        self.schema = Schema(nf=getattr(backend, "nf", "nat"))
         self.datastores = Datastores(self.schema, backend, config.state_dir)
         # The backend's one change listener, shared by notifications and change records.
         self.feed = ChangeFeed(backend)

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -32,11 +33,13 @@ from nfmig.nf_backends.base import (
     session_key,
 )
 from nfmig.nf_backends.batch import SessionBatch, SessionEdit, key_text
+from nfmig.nf_backends.firewall import FirewallBackend
 
 from . import errors, nacm
 from .confirmed_commit import ConfirmedCommit, PendingConfirm
 from .errors import RpcError, RpcErrors
 from .filters import TopNode
+from .firewall_config import FirewallConfig, FirewallPlan
 from .gc_pause import collector_paused
 from .ietf_nat import NAT_NS as IETF_NAT_NS
 from .ietf_nat import NAT_TAG as IETF_NAT_TAG
@@ -115,6 +118,10 @@ class Datastores:
         self._confirmed = ConfirmedCommit(self.state_dir, self._undo, self._expire)
         self.locks = DatastoreLocks()
         self.startup_path = self.state_dir / "startup.xml"
+        # A firewall's policy and pinholes (nfmig-firewall), beside the NAT model's nodes
+        self.firewall = FirewallConfig(schema, backend) \
+            if isinstance(backend, FirewallBackend) else None
+        self._firewall_tags = self.firewall.tags if self.firewall else frozenset()
 
     # -- start-up ----------------------------------------------------------------------
     def load_startup(self) -> None:
@@ -159,6 +166,8 @@ class Datastores:
             nacm_text = etree.tostring(nacm_tree, encoding="unicode")
             nodes.append(TopNode(NACM_NS, "nacm", lambda: [nacm_text]))
         nodes.append(self.ietf.node(lambda: self._session_batches_with(overlay)))
+        if self.firewall is not None:  # the candidate's are running's (firewall_config)
+            nodes += self.firewall.nodes()
         return nodes
 
     def _selected(self, overlay: dict, wanted: list[dict[str, str]]
@@ -212,7 +221,10 @@ class Datastores:
         yield [s for s in overlay.values() if s is not None]
 
     def state_nodes(self) -> list[TopNode]:
-        return [TopNode(self.ns, "nat-state", self._nat_state), self._ietf_statistics]
+        nodes = [TopNode(self.ns, "nat-state", self._nat_state), self._ietf_statistics]
+        if self.firewall is not None:
+            nodes.append(self.firewall.state_node(lambda: self.backend.stats().session_count))
+        return nodes
 
     def _nat_state(self) -> Iterator[str]:
         stats = self.backend.stats()
@@ -268,18 +280,22 @@ class Datastores:
             policy_edits, session_edits = self._split(config, options.default_operation,
                                                       source, datastore)
             nacm_edits = [e for e in policy_edits if e.tag == NACM_TAG]
-            policy_edits = [e for e in policy_edits if e.tag != NACM_TAG]
+            firewall = self._plan_firewall(datastore, [e for e in policy_edits
+                                                       if e.tag in self._firewall_tags])
+            policy_edits = [e for e in policy_edits if e.tag != NACM_TAG
+                            and e.tag not in self._firewall_tags]
             base = self._base_for(datastore)
             new_policy = self._policy_model.plan(base.policy, policy_edits)
             new_nacm = self._nacm_model.plan(base.nacm, nacm_edits)
             batch = _batch_of(session_edits, self.decoder.checker)
             if options.test_option != "test-only":  # refused before anything is applied
-                nacm.guard_write([(base.policy, new_policy), (base.nacm, new_nacm)], batch,
-                                 self._held(base.sessions))
+                nacm.guard_write([(base.policy, new_policy), (base.nacm, new_nacm),
+                                  *firewall.trees], batch, self._held(base.sessions))
             if datastore == "running" and options.test_option != "test-only" and \
                     options.error_option != "continue-on-error":
                 # The NF settles each entry on what it holds, all or nothing.
-                self._commit_changes(new_policy, policy_edits != [], batch)
+                with self._firewall_first(firewall):
+                    self._commit_changes(new_policy, policy_edits != [], batch)
                 if nacm_edits:
                     self._nacm = new_nacm
                 return
@@ -290,7 +306,8 @@ class Datastores:
                     raise RpcErrors(failed)
                 return
             if datastore == "running":
-                self._commit_changes(new_policy, policy_edits != [], _put(changes))
+                with self._firewall_first(firewall):
+                    self._commit_changes(new_policy, policy_edits != [], _put(changes))
                 if nacm_edits:
                     self._nacm = new_nacm
             else:
@@ -298,6 +315,31 @@ class Datastores:
                             nacm_edits != [])
             if failed:
                 raise RpcErrors(failed)
+
+    def _plan_firewall(self, datastore: str, edits: list[etree._Element],
+                       replace: bool = False) -> FirewallPlan:
+        """The firewall's part of an edit, checked. It is edited in running only
+        (firewall_config): the candidate's is always running's, so what a copy into the
+        candidate holds of it is left out."""
+        if self.firewall is None or not (edits or replace):
+            return FirewallPlan()
+        if datastore == "candidate":
+            if edits and not replace:
+                raise self.firewall.candidate_refusal()
+            return FirewallPlan()
+        return self.firewall.plan(edits, replace)
+
+    @contextmanager
+    def _firewall_first(self, plan: FirewallPlan) -> Iterator[None]:
+        """The firewall's part applied before the rest of an edit, and undone if the rest
+        fails: all or nothing across both."""
+        undo = self.firewall.apply(plan) if self.firewall is not None else None
+        try:
+            yield
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
 
     def _base_for(self, datastore: str) -> Candidate:
         if datastore == "candidate" and self._candidate:
@@ -338,7 +380,7 @@ class Datastores:
             tag = child.tag
             if tag == session_tag:
                 entries.append(child)
-            elif tag in policy_tags or tag == NACM_TAG:
+            elif tag in policy_tags or tag == NACM_TAG or tag in self._firewall_tags:
                 policy_edits.append(child)
             elif tag == IETF_NAT_TAG:
                 mapped.append(child)
@@ -433,23 +475,28 @@ class Datastores:
         self._candidate = candidate
 
     # -- replace (default-operation replace, copy-config) -------------------------------
-    def _plan_replace(self, config: etree._Element
+    def _plan_replace(self, config: etree._Element, datastore: str = "running"
                       ) -> tuple[etree._Element | None, dict[tuple, Session | None], bool,
-                                 etree._Element | None]:
+                                 etree._Element | None, FirewallPlan]:
         """The policy and sessions ``config`` replaces a datastore's with; whether it
         replaces /nacm too (only when it holds one: replacing the NAT's configuration
-        does not take the access control with it, nor lock everyone out), and with what."""
+        does not take the access control with it, nor lock everyone out), and with what;
+        and the firewall's part."""
         edits, session_edits = self._split(config, "replace")
         nacm_edits = [strip_operations(e) for e in edits if e.tag == NACM_TAG]
+        firewall = self._plan_firewall(datastore, [e for e in edits
+                                                   if e.tag in self._firewall_tags], True)
         policy = self._policy_model.plan(None, [strip_operations(e) for e in edits
-                                                if e.tag != NACM_TAG])
+                                                if e.tag != NACM_TAG
+                                                and e.tag not in self._firewall_tags])
         new_nacm = self._nacm_model.plan(None, nacm_edits)
         batch = _batch_of(session_edits, self.decoder.checker)
         return (policy, dict(zip(batch.keys(), batch.sessions(), strict=True)),
-                nacm_edits != [], new_nacm)
+                nacm_edits != [], new_nacm, firewall)
 
     def _replace_datastore(self, datastore: str, config: etree._Element) -> None:
-        policy, wanted, replaces_nacm, new_nacm = self._plan_replace(config)
+        policy, wanted, replaces_nacm, new_nacm, firewall = self._plan_replace(config,
+                                                                              datastore)
         base = self._base_for(datastore)
         if not replaces_nacm:
             new_nacm = base.nacm
@@ -458,10 +505,11 @@ class Datastores:
                                      and self._candidate else {}):
             if s.key not in wanted:
                 changes[s.key] = None
-        nacm.guard_write([(base.policy, policy), (base.nacm, new_nacm)],
+        nacm.guard_write([(base.policy, policy), (base.nacm, new_nacm), *firewall.trees],
                          lambda: _put(changes), self._held(base.sessions))
         if datastore == "running":
-            self._commit_changes(policy, True, _put(changes))
+            with self._firewall_first(firewall):
+                self._commit_changes(policy, True, _put(changes))
             self._nacm = new_nacm
         else:
             self._stage(policy, True, changes, new_nacm, replaces_nacm)
@@ -589,7 +637,7 @@ class Datastores:
             else:
                 config = source
             if target == "startup":
-                self._plan_replace(config)  # validates; startup holds only valid config
+                self._plan_replace(config, "startup")  # validates: startup holds valid config
                 self.locks.check_writable("startup", session_id)
                 nacm.guard_whole(self._config_tags())
                 self._write_startup("".join(etree.tostring(c, encoding="unicode")
@@ -607,7 +655,8 @@ class Datastores:
             self.startup_path.unlink(missing_ok=True)
 
     def _config_tags(self) -> tuple[str, ...]:
-        return (f"{{{self.ns}}}nat-policy", f"{{{self.ns}}}nat-session", NACM_TAG)
+        return (f"{{{self.ns}}}nat-policy", f"{{{self.ns}}}nat-session", NACM_TAG,
+                *sorted(self._firewall_tags))
 
     def _write_startup(self, text: str) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

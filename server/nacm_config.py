@@ -79,6 +79,8 @@ DEFAULT_CONFIG = (
     + _rule("nat-data", "nfmig-nat", "create read update delete", "permit",
             "Read and write sessions and the policy: a migration writes sessions, a "
             "switchover moves gateway addresses, --with-policy merges the policy.")
+    + _rule("firewall-data", "nfmig-firewall", "create read update delete", "permit",
+            "A firewall's pinholes and policy move with its connections.")
     + _exec("nfmig-nat", "*", why="freeze, thaw, announce-migration, track-changes, changes, "
             "session-digest.")
     + _READS

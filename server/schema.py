@@ -53,6 +53,10 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "nfmig-push-state": (),  # each receiver's backlog in /subscriptions (push_state.py)
 }
 
+# A stateful firewall's model: its policy and pinholes; its connections are nfmig-nat's
+# sessions with nothing translated (yang/nfmig-firewall).
+FIREWALL_MODULES: dict[str, tuple[str, ...]] = {"nfmig-firewall": ()}
+
 # libyang's own modules (YANG extensions and annotations it parses with, schema mount): in
 # its context, but not modules this server implements or needs, so never listed.
 LIBYANG_OWN = frozenset({"yang", "ietf-yang-schema-mount", "ietf-yang-structure-ext"})
@@ -157,12 +161,15 @@ def _take_errors(ctx: libyang.Context) -> YangError:
 class Schema:
     """The loaded modules; parse, validate and print through one libyang context."""
 
-    def __init__(self, yang_dir: Path = YANG_DIR):
+    def __init__(self, yang_dir: Path = YANG_DIR, nf: str = "nat"):
+        """``nf``: the kind of network function served; a firewall implements its own
+        module (FIREWALL_MODULES) beside the NAT's."""
         libyang.configure_logging(False)
         lib.ly_set_log_clb(ffi.NULL, True)  # store data paths with every error
         self.yang_dir = Path(yang_dir)
         self.ctx = libyang.Context(str(self.yang_dir))
-        for name, features in IMPLEMENTED.items():
+        implemented = {**IMPLEMENTED, **(FIREWALL_MODULES if nf == "firewall" else {})}
+        for name, features in implemented.items():
             if name == "ietf-nat":  # see _load_with_features
                 _load_with_features(self.ctx, name, features)
                 continue
