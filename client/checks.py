@@ -46,6 +46,9 @@ class Checks:
         for t in self.targets:
             if not t.entries:
                 continue
+            if self.options.with_policy:  # a firewall's rules of the selected subscribers
+                for source in {s for _, s in t.entries}:
+                    self._carry_subscribers(t, source)
             with self._phase("prepare", t):
                 policy = t.conn.get_data("running", policy_filter())
                 missing = uncovered(t, policy)

@@ -52,6 +52,7 @@ from .endpoints import (
     open_connection,
 )
 from .ends import End, MigrationError, Options, SourceEnd, TargetEnd, failure_after_commit
+from .firewall_state import FirewallState, firewall_problems
 from .ietf_nat import IetfNatConnection, IndexPlan
 from .ietf_nat import problems as ietf_nat_problems
 from .negotiate import problems, read_facts
@@ -67,7 +68,7 @@ __all__ = ["Credentials", "Endpoint", "Migration", "MigrationError", "Options", 
 log = logging.getLogger(__name__)
 
 
-class Migration(Checks, Copy, Delta, Recovery, Switching):
+class Migration(Checks, Copy, Delta, Recovery, Switching, FirewallState):
     """Moves ``selection`` from ``sources`` to ``targets``.
 
     ``selection`` is a :class:`Selection` (one target) or a :class:`Split` that names the
@@ -205,11 +206,13 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
             # The short window: what changed since the copy, then the traffic moves.
             self._freeze()
             self._delta()
+            self._move_pinholes()
             self._confirm()
             self.committed = True
             self._switchover()
             self._thaw()
         self._delete()
+        self._delete_pinholes()
         self.report.sessions_moved = sum(len(t.entries) for t in self.targets)
         self.report.result = "success"
 
@@ -287,6 +290,7 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
             end.report.module = str(nat) if nat else None
             ends.append((str(end.endpoint), end.role, end.facts))
         found = problems(ends, self.options.require_revision, self.options.require_features)
+        found += firewall_problems(ends)
         if self.options.model == "ietf-nat":
             found += ietf_nat_problems(ends)
         if self.options.freeze:
@@ -531,6 +535,7 @@ class Migration(Checks, Copy, Delta, Recovery, Switching):
                 self.report.cleanup_complete = False
             else:
                 self._rollback()
+                self._take_back_pinholes()
         self._stop_tracking()
         self._unlock()
         self._thaw()

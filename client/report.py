@@ -65,6 +65,7 @@ class Report:
     sessions_selected: int = 0
     sessions_moved: int = 0
     stayed: int = 0  # selected, but left on their source: a target cannot hold them
+    pinholes_moved: int = 0  # a firewall's pinholes of the selected subscribers
     state_bytes: int = 0  # the sessions as written to the targets
     endpoints: list[EndpointReport] = field(default_factory=list)
     phases: list[PhaseRecord] = field(default_factory=list)
@@ -194,6 +195,8 @@ class Report:
         lines.append(f"  {verb} {count} of {self.sessions_selected} selected sessions "
                      f"({self.selection}) from {', '.join(e.endpoint for e in sources)} to "
                      f"{', '.join(e.endpoint for e in targets)}")
+        if self.pinholes_moved:
+            lines.append(f"  and {self.pinholes_moved} pinholes of the selected subscribers")
         for t in targets:
             lines.append(f"    {t.endpoint}: {self._target_outcome(t)}"
                          + (f" ({t.already_present} already there)" if t.already_present
