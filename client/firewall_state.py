@@ -59,7 +59,7 @@ class FirewallState:
             return
         routed: dict[TargetEnd, list[etree._Element]] = {}
         for s in self.sources:
-            with self._phase("read-pinholes", s):
+            with self._phase("pinholes", s):
                 entries = [e for e in _pinholes(s.conn.get_data("running", _FILTER))
                            if self._selected_address(_leaf(e, "local-address"))]
             self._pinholes_read[s] = entries
@@ -67,7 +67,7 @@ class FirewallState:
                 routed.setdefault(self._target_for(_leaf(entry, "local-address")),
                                   []).append(entry)
         for t, entries in routed.items():
-            with self._phase("write-pinholes", t) as record:
+            with self._phase("pinholes", t) as record:
                 there = {_key(e) for e in _pinholes(t.conn.get_data("running", _FILTER))}
                 t.conn.edit_config("".join(_text(e) for e in entries), "running")
                 record.detail = f"{len(entries)} pinholes"
@@ -81,7 +81,7 @@ class FirewallState:
         for s, entries in getattr(self, "_pinholes_read", {}).items():
             if not entries:
                 continue
-            with self._phase("delete-pinholes", s, fatal=False) as record:
+            with self._phase("pinholes", s, fatal=False) as record:
                 s.conn.edit_config("".join(_text(e, "remove") for e in entries), "running")
             if not record.ok:
                 self.report.warnings.append(f"{len(entries)} pinholes are still on {s} (and "

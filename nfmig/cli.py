@@ -121,14 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "hundred ms per login). Lower only for a random machine-made "
                               "secret, e.g. in tests; a password a person chose needs 17")
 
-    demo = sub.add_parser("demo", help="move all sessions between two NAT instances",
-                          description="As root: two Linux kernel NATs in network namespaces "
-                          "built for the demo; a live TCP stream runs through NAT A, its "
-                          "session moves to NAT B (get-data on A, edit-config on B, gateway "
-                          "switch, delete on A) and the stream keeps flowing. Otherwise: two "
-                          "simulated NATs on loopback, and every session moves from A to B.")
+    demo = sub.add_parser("demo", help="move all sessions between two NF instances",
+                          description="As root: a Linux kernel NAT (A) and an SDN NAT on Open "
+                          "vSwitch (B) in network namespaces built for the demo; a live TCP "
+                          "stream runs through A, its session moves to B (get-data on A, "
+                          "edit-config on B, gateway switch, delete on A) and the stream keeps "
+                          "flowing. With --nf firewall, the same between a Linux stateful "
+                          "firewall and an OpenFlow one. Otherwise: two simulated instances "
+                          "on loopback, and every session moves from A to B.")
+    demo.add_argument("--nf", choices=("nat", "firewall"), default="nat",
+                      help="the network function to move (default: nat)")
     demo.add_argument("--sessions", type=_count, default=1000, metavar="N",
-                      help="sessions on simulated NAT A at the start (default 1000)")
+                      help="sessions on simulated instance A at the start (default 1000)")
     migrate_cli.add_parsers(sub)
     standby_cli.add_parsers(sub)
     evacuate_cli.add_parsers(sub)
@@ -227,6 +231,10 @@ def _cmd_adduser(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.nf == "firewall":
+        from nfmig.client.demo_firewall import run_firewall_demo
+
+        return run_firewall_demo(args.sessions)
     from nfmig.client.demo import run_demo
 
     return run_demo(args.sessions)
