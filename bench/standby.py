@@ -234,6 +234,32 @@ print(json.dumps({"seconds": time.perf_counter() - started, "times": times}))
 DATA_PORT, CONNECTIONS, PACED_SECONDS = 7600, 10000, 3
 
 
+# The data path (the connections' packets, forwarded by the kernel in the sending process's
+# context) on one core, the NF's control plane (its server, the replication, conntrackd) on
+# the other: as on an NF host whose control plane has a core of its own. Without that, on
+# two cores, the measure is how the scheduler shares them, not what replication costs.
+TRAFFIC_CPU, CONTROL_CPU = 0, 1
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` and of its descendants onto ``cpu``."""
+    pids, children = [pid], {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    while pids:
+        current = pids.pop()
+        pids += children.get(current, [])
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), {cpu})
+
+
 def data_path(bed: TestBed, pace: int) -> dict:
     """New TCP connections through NAT A, one after another as fast as they go, then
     ``pace`` a second for PACED_SECONDS: the rate reached, and the connect latency of each
@@ -241,8 +267,9 @@ def data_path(bed: TestBed, pace: int) -> dict:
     out = {}
     for name, count, rate in (("flat_out", CONNECTIONS, 0),
                               (f"at_{pace}_per_s", pace * PACED_SECONDS, pace)):
-        result = bed.run(bed.client, sys.executable, "-c", CONNECTOR, TestBed.SERVER,
-                         str(DATA_PORT), str(count), str(rate), timeout=120)
+        result = bed.run(bed.client, "taskset", "-c", str(TRAFFIC_CPU), sys.executable, "-c",
+                         CONNECTOR, TestBed.SERVER, str(DATA_PORT), str(count), str(rate),
+                         timeout=120)
         found = json.loads(result.stdout)
         ms = sorted(t * 1e3 for t in found["times"])
         out[name] = {"connections_per_s": round(len(ms) / found["seconds"]),
@@ -254,20 +281,26 @@ def data_path(bed: TestBed, pace: int) -> dict:
 def data_path_cost(bed: TestBed, stack: contextlib.ExitStack, workdir: Path, a: End,
                    b: End, standbys: int, pace: int) -> dict:
     """The same connections through A without, then with, the replication attached."""
-    listener = bed.popen(bed.server, sys.executable, "-c", LISTENER, str(DATA_PORT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener = bed.popen(bed.server, "taskset", "-c", str(TRAFFIC_CPU), sys.executable, "-c",
+                         LISTENER, str(DATA_PORT), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
+        for end in (a, b):
+            pin(end.server.process.pid, CONTROL_CPU)
         alone = data_path(bed, pace)
         targets = [b.url]
         for i in range(standbys - 1):
             extra = start_local_server(workdir / f"cost{i}", "--sessions", "0",
                                        password=(workdir / "password").read_text().strip())
             stack.callback(extra.stop)
+            pin(extra.process.pid, CONTROL_CPU)
             targets.append(f"netconf://{extra.user}@127.0.0.1:{extra.port}")
         process = standby_process(workdir, a, targets, "--dampening", "10")
+        pin(process.pid, CONTROL_CPU)
         try:
             time.sleep(2.0)  # in step
+            pin(process.pid, CONTROL_CPU)  # and the threads it started meanwhile
             attached = data_path(bed, pace)
         finally:
             stop(process)
@@ -278,6 +311,8 @@ def data_path_cost(bed: TestBed, stack: contextlib.ExitStack, workdir: Path, a: 
         try:
             daemons[0].wait_cache(0)
             daemons[1].wait_cache(0)
+            for daemon in daemons:
+                pin(daemon.proc.pid, CONTROL_CPU)
             with_conntrackd = data_path(bed, pace)
         finally:
             for daemon in daemons:
