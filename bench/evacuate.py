@@ -66,6 +66,7 @@ class Run:
     freezes: list[float | None]  # per NAT, in the site's order
     ok: bool
     detail: str = ""
+    extra: dict = field(default_factory=dict)  # figures of its own (Ansible's overhead)
 
     @property
     def rate(self) -> float:
@@ -114,6 +115,91 @@ def evacuate(parallel: int, windows: int) -> RunFn:
     return run
 
 
+def ansible_hosts(forks: int) -> RunFn:
+    """The collection's migrate module, one inventory host per NAT (bench/
+    evacuate_ansible.run_collection: the real ansible-playbook)."""
+    def run(site: Site, direction: str) -> Run:
+        from evacuate_ansible import run_collection
+
+        sides = (site.a, site.b) if direction == "ab" else (site.b, site.a)
+        workdir = site.workdir / f"ansible-hosts-{direction}"
+        figures = run_collection(list(zip(*sides, strict=True)), workdir, forks)
+        reports = [workdir / "reports" / f"nat{i}.json" for i in range(len(site.a))]
+        loaded = [json.loads(r.read_text()) if r.exists() else None for r in reports]
+        overhead = [h["overhead_seconds"] for h in figures["hosts"].values()
+                    if h["overhead_seconds"] is not None]
+        return Run(f"ansible, a host per NAT (forks {forks})", figures["total_seconds"],
+                   figures["sessions_moved"],
+                   [x["freeze_window"]["seconds"] if x else None for x in loaded],
+                   figures["ok"], figures["output"][-500:],
+                   {"overhead_per_host_s": _median(overhead),
+                    "migration_per_host_s": _median(
+                        [x["total_seconds"] for x in loaded if x])})
+    return run
+
+
+def ansible_plan(parallel: int, windows: int) -> RunFn:
+    """The collection's migrate module given the site's plan: one task runs the whole
+    evacuation in-process."""
+    def run(site: Site, direction: str) -> Run:
+        from evacuate_ansible import ansible_command, ansible_env, known_hosts_line
+
+        workdir = site.workdir / f"ansible-plan-{direction}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        known = workdir / "known_hosts"
+        known.write_text("".join(known_hosts_line(s) for s in site.a + site.b))
+        plan = {"defaults": {"known-hosts": str(known)},
+                "pairs": [{"source": a, "target": b} for a, b in site.pairs(direction)]}
+        result = workdir / "result.json"
+        (workdir / "playbook.yml").write_text(PLAN_PLAYBOOK.format(
+            plan=json.dumps(plan), parallel=parallel, windows=windows, result=result))
+        started = time.perf_counter()
+        done = subprocess.run([ansible_command("ansible-playbook"), "-i", "localhost,",
+                               str(workdir / "playbook.yml")], cwd=workdir,
+                              env={**ansible_env(workdir), "NFMIG_PASSWORD": PASSWORD},
+                              capture_output=True, text=True, timeout=3600)
+        seconds = time.perf_counter() - started
+        try:
+            site_report = json.loads(result.read_text())["report"]
+        except (OSError, ValueError, KeyError):
+            return Run("ansible, the plan in one task", seconds, 0, [], False,
+                       (done.stdout + done.stderr)[-500:])
+        nats = site_report["nats"]
+        evacuation = site_report["totals"]["seconds"]
+        return Run("ansible, the plan in one task", seconds,
+                   sum(n["report"]["sessions_moved"] for n in nats if n["report"]),
+                   [n["report"]["freeze_window"]["seconds"] if n["report"] else None
+                    for n in nats], done.returncode == 0, (done.stdout + done.stderr)[-500:],
+                   {"overhead_per_host_s": round((seconds - evacuation) / len(nats), 4),
+                    "migration_per_host_s": _median([n["report"]["total_seconds"]
+                                                     for n in nats if n["report"]])})
+    return run
+
+
+PLAN_PLAYBOOK = """\
+- name: Evacuate the site from its plan
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Every pair of the plan
+      nfmig.nfmig.migrate:
+        plan: {plan}
+        parallel: {parallel}
+        windows: {windows}
+      register: site
+    - name: Keep the site report for the figures
+      ansible.builtin.copy:
+        content: "{{{{ site | to_json }}}}"
+        dest: {result}
+        mode: "0600"
+"""
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
+
+
 # Further columns: (label, how). Each moves every NAT of the site in the direction given.
 EXTRA_RUNS: list[tuple[str, RunFn]] = []
 
@@ -143,10 +229,13 @@ def counts(site: Site, side: str) -> list[int]:
                              site.endpoints(side)))
 
 
-def measure(workdir: Path, nats: int, sessions: int, parallel: int, windows: int) -> dict:
+def measure(workdir: Path, nats: int, sessions: int, parallel: int, windows: int,
+            ansible: bool) -> dict:
     site = start_site(workdir, nats, sessions)
     try:
         runs = [("loop", migrate_loop), ("evacuate", evacuate(parallel, windows)),
+                *([("ansible_hosts", ansible_hosts(os.cpu_count() or 2)),
+                   ("ansible_plan", ansible_plan(parallel, windows))] if ansible else []),
                 *EXTRA_RUNS]
         results: dict[str, Run] = {}
         direction = "ab"
@@ -182,7 +271,7 @@ def summarize(nats: int, sessions: int, results: dict[str, Run]) -> dict:
                 "median": round(statistics.median(ratios), 2) if ratios else None,
                 "max": round(max(ratios), 2) if ratios else None,
                 "over_goal": sum(r > FREEZE_GOAL for r in ratios)},
-            "detail": run.detail if not run.ok else ""}
+            "detail": run.detail if not run.ok else "", **run.extra}
     return out
 
 
@@ -199,6 +288,13 @@ def show(result: dict) -> None:
         print(f"  {run['label']:<34} {run['seconds']:>8.2f} {run['sessions_per_s']:>11,.0f} "
               f"{run['throughput_vs_loop'] or 0:>7.2f} {freeze:>18} {alone:>23}"
               + ("" if run["ok"] else f"  FAILED: {run['detail']}"))
+    for run in result["runs"].values():
+        if run.get("overhead_per_host_s") is not None:
+            share = run["overhead_per_host_s"] / run["migration_per_host_s"] \
+                if run.get("migration_per_host_s") else None
+            print(f"  {run['label']}: Ansible adds {run['overhead_per_host_s']:.3f} s per NAT "
+                  f"to its migration's {run['migration_per_host_s']:.3f} s"
+                  + (f" ({share:.0%}; goal <= 10%)" if share is not None else ""))
     evac = result["runs"].get("evacuate")
     if evac:
         print(f"  goals: throughput >= {THROUGHPUT_GOAL}x the loop "
@@ -213,12 +309,14 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="nfmig evacuate --parallel")
     parser.add_argument("--windows", type=int, default=1, help="nfmig evacuate --windows")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures")
+    parser.add_argument("--no-ansible", action="store_true",
+                        help="leave out the Ansible collection's two columns")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="nfmig-bench-evacuate-") as tmp:
         for nats in (int(x) for x in args.nats.split(",")):
             result = measure(Path(tmp) / f"k{nats}", nats, args.sessions, args.parallel,
-                             args.windows)
+                             args.windows, not args.no_ansible)
             results.append(result)
             show(result)
     if args.json:
