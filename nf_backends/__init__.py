@@ -16,10 +16,17 @@ __all__ = [
 ]
 
 BACKENDS = ("simulated", "linux", "openflow")
+# The network functions (option ``nf``) and the backends that implement each.
+NF_BACKENDS = {"nat": BACKENDS, "firewall": ("simulated", "linux")}
 
 
 def create_backend(name: str, **options) -> Backend:
-    """The backend called ``name``, built from the serve command's options."""
+    """The backend called ``name``, built from the serve command's options; ``nf`` says
+    which network function it is ("nat" unless given)."""
+    nf = options.get("nf") or "nat"
+    if name in BACKENDS and name not in NF_BACKENDS.get(nf, ()):
+        raise ValueError(f"the {name} backend has no {nf!r} network function (choose from: "
+                         f"{', '.join(k for k, v in NF_BACKENDS.items() if name in v)})")
     if name == "simulated":
         from .simulated import SimulatedBackend
         from .simulated_firewall import SimulatedFirewallBackend
@@ -33,6 +40,10 @@ def create_backend(name: str, **options) -> Backend:
 
         if not options.get("netns"):
             raise ValueError("the linux backend needs --netns NAME (the NAT's namespace)")
+        if nf == "firewall":
+            from .linux_firewall import LinuxFirewallBackend
+
+            return LinuxFirewallBackend(options["netns"])
         return LinuxBackend(options["netns"])
     if name == "openflow":
         from .openflow import OpenflowBackend
@@ -40,5 +51,9 @@ def create_backend(name: str, **options) -> Backend:
         if not options.get("netns"):
             raise ValueError("the openflow backend needs --netns NAME (the namespace whose "
                              "inside and outside interfaces the switch takes)")
+        if nf == "firewall":
+            from .openflow_firewall import OpenflowFirewallBackend
+
+            return OpenflowFirewallBackend(options["netns"])
         return OpenflowBackend(options["netns"])
     raise ValueError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

@@ -52,7 +52,9 @@ _STATE_NAMES = dict(enumerate(TCP_STATES))  # kernel TCP state -> the model's na
 class LinuxBackend(Backend):
     name = "linux"
 
-    def __init__(self, netns: str):
+    def __init__(self, netns: str, ruleset: Callable[[NatPolicy], str] | None = None):
+        """``ruleset``: what a policy makes of the namespace's nftables table (see
+        NamespaceConfig); None: the NAT's."""
         self.netns = netns
         self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self._ct: Conntrack | None = None
@@ -64,7 +66,7 @@ class LinuxBackend(Backend):
         self._packed: dict[str, bytes] = {}
         # The rules, holds and gateway addresses; under the same lock as the session
         # writes, so that the two never interleave.
-        self._config = NamespaceConfig(netns, self._lock)
+        self._config = NamespaceConfig(netns, self._lock, ruleset)
         self._events: ConntrackEvents | None = None
         self._watcher: threading.Thread | None = None
         # Held while events are read and reported, so that flush_changes() can report
@@ -237,7 +239,7 @@ class LinuxBackend(Backend):
     def stats(self) -> BackendStats:
         if self._count is None:
             raise RuntimeError("the linux backend is not started")
-        return BackendStats("linux", self._count.read(), sessions_imported=self._imported)
+        return BackendStats(self.name, self._count.read(), sessions_imported=self._imported)
 
     # -- writes ------------------------------------------------------------------------
     def apply(self, batch: SessionBatch) -> None:

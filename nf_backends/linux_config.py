@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .base import BackendError, NatPolicy
@@ -31,10 +32,14 @@ class NamespaceConfig:
     """What this server has made of one network namespace's configuration: the NAT rules
     and timeouts of the policy in force, its gateway addresses, and the hold."""
 
-    def __init__(self, netns: str, lock: threading.Lock):
+    def __init__(self, netns: str, lock: threading.Lock,
+                 ruleset: Callable[[NatPolicy], str] | None = None):
         """``lock``: the backend's, so that a change of the rules never interleaves with a
-        batch of session writes."""
+        batch of session writes. ``ruleset``: the nftables transaction that puts a policy's
+        rules in force (by default the NAT's); another NF on the same session machinery
+        brings its own."""
         self.netns = netns
+        self._ruleset = ruleset or _ruleset
         self.netns_path = netns if netns.startswith("/") else f"/run/netns/{netns}"
         self._lock = lock
         self._worker: NamespaceWorker | None = None
@@ -57,7 +62,7 @@ class NamespaceConfig:
             self._worker = NamespaceWorker(self.netns_path)
         except NamespaceError as exc:
             raise BackendError(str(exc), None, "failed") from None
-        self._nft(_ruleset(self._policy))
+        self._nft(self._ruleset(self._policy))
 
     def close(self) -> None:
         if self._worker is not None:
@@ -89,7 +94,7 @@ class NamespaceConfig:
         traffic an address attracts must find them). All or nothing: when an address
         cannot be put on its interface, the addresses this call added are taken away
         again and the previous rules and timeouts come back."""
-        loaded = (_ruleset(policy), _timeout_sysctls(policy))
+        loaded = (self._ruleset(policy), _timeout_sysctls(policy))
         wanted = _gateways_of(policy)
         with self._lock:
             previous = self._policy
@@ -120,7 +125,7 @@ class NamespaceConfig:
         try:
             self._nft(_ruleset(policy))
             self.sysctl(_timeout_sysctls(policy))
-            self._loaded = (_ruleset(policy), _timeout_sysctls(policy))
+            self._loaded = (self._ruleset(policy), _timeout_sysctls(policy))
         except BackendError as exc:
             log.error("the previous NAT rules could not be restored: %s", exc)
 
