@@ -200,6 +200,7 @@ _LENGTH = struct.Struct("!H")
 _WANTED = ("cookie", "idle", "proto", "src", "dst", "sport", "dport", "idle_time", "packets",
            "bytes", "address", "port")
 _PORTS = ("sport", "dport", "port")
+_OPTIONAL = (*_PORTS, "address")  # a flow that rewrites nothing (a firewall's) has neither
 _MAX_LAYOUTS = 32
 
 
@@ -235,7 +236,7 @@ def _learn(buf: bytes, pos: int, length: int) -> tuple | None:
         if field in _STAT_FIELDS:
             found[_STAT_FIELDS[field][0]] = (off, _STAT_FIELDS[field][1])
     _actions(buf, pos, stats + (slen + 7) // 8 * 8, length, headers, found)
-    if any(name not in found for name in _WANTED if name not in _PORTS):
+    if any(name not in found for name in _WANTED if name not in _OPTIONAL):
         return None
     headers.sort()
     by_offset = sorted((name for name in _WANTED if name in found),
@@ -250,7 +251,7 @@ def _learn(buf: bytes, pos: int, length: int) -> tuple | None:
 
 def _order(by_offset: list[str]) -> Callable[[tuple], tuple]:
     """Values read in offset order, put in _WANTED order (a port absent from the flow,
-    as in an echo flow, reads as 0)."""
+    as in an echo flow, or a translated address, as in a firewall's, reads as 0)."""
     if len(by_offset) == len(_WANTED):
         return itemgetter(*(by_offset.index(name) for name in _WANTED))
     where = [by_offset.index(name) if name in by_offset else None for name in _WANTED]
@@ -349,8 +350,11 @@ def read_sessions(bodies: Iterable[bytes], extras: dict[int, tuple],
             timeout = min(timeout, max(0, back[1] - back[7]))
             reply_packets, reply_bytes = back[8], back[9]
         tcp = protocol == "TCP"
+        if not address:  # nothing translated (read as 0 when absent, see _order)
+            address = port = None
         found.append(Session(
-            protocol, name(src), sport, name(dst), dport, name(address), port, None, None,
+            protocol, name(src), sport, name(dst), dport, address and name(address), port,
+            None, None,
             (state or "established") if tcp else None, ws_o if tcp else None,
             ws_r if tcp else None, timeout, packets + op, nbytes + ob, reply_packets + rp,
             reply_bytes + rb))

@@ -564,15 +564,15 @@ def _window_scale(segment) -> int | None:
     return None
 
 
-def main() -> None:
+def main(app_module: str = "nfmig.nf_backends.ofnat_app") -> None:
+    """Run the app of ``app_module`` (this one, or one built on it)."""
     from os_ken import cfg
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg.CONF(args=["--ofp-listen-host", "127.0.0.1",
                    "--ofp-tcp-listen-port", str(CONFIG["of_port"])], project="os_ken")
-    app_manager.AppManager.run_apps([__name__ if __name__ != "__main__"
-                                     else "nfmig.nf_backends.ofnat_app"])
+    app_manager.AppManager.run_apps([app_module])
 
 
 if __name__ == "__main__":

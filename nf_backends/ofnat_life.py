@@ -56,6 +56,8 @@ def exit_server() -> None:
 class NatProcesses:
     """The processes and the namespace of an OpenflowBackend (which sets these up)."""
 
+    app_module = APP_MODULE  # the app's module: the NAT's, or one built on it
+
     netns: str
     netns_path: str
     ifnames: tuple[str, str]
@@ -209,15 +211,17 @@ class NatProcesses:
                   "inside_port": PORTS.inside, "outside_port": PORTS.outside,
                   "policy": policy_request(self._policy), "held": self._held,
                   "gateways": self._gateway_sides(self._gateways),
-                  "scales": self._app_scales, **self._app_counts, "accepting": False}
+                  "scales": self._app_scales, **self._app_counts, "accepting": False,
+                  **self._app_config()}
         (self._dir / "app.json").write_text(json.dumps(config))  # too big for environ
         env = {**os.environ, "NFMIG_OFNAT": json.dumps({"file": str(self._dir / "app.json")})}
         with open(self._dir / "app.log", "a") as out:
             self._app = app = self._keeper.popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-m", APP_MODULE], "KILL",
+                ["ip", "netns", "exec", self.netns, sys.executable, "-m", self.app_module],
+                "KILL",
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
-        self._record.add_child(app, APP_MODULE)
+        self._record.add_child(app, self.app_module)
         deadline = time.monotonic() + APP_WAIT
         while not control.exists():
             if app.poll() is not None or time.monotonic() > deadline:
@@ -225,6 +229,10 @@ class NatProcesses:
                                    f"{self._app_log()}", None, "failed")
             time.sleep(0.05)
         self._ctl = Control(control)
+
+    def _app_config(self) -> dict:
+        """What else an app of app_module starts with (in its configuration)."""
+        return {}
 
     def _app_online(self) -> None:
         """Once the switch is connected: the sessions it holds are the app's to know
@@ -441,8 +449,10 @@ def policy_request(policy: NatPolicy) -> dict:
 
 
 def reservation(s: Session, sid: int | None = None) -> list:
-    """A session as the app's reserve takes it (with its id, when known, to save a hash)."""
-    entry = [*s.key, s.translated_address, s.translated_port]
+    """A session as the app's reserve takes it (with its id, when known, to save a hash).
+    One that translates nothing (a firewall's) holds its own source endpoint."""
+    entry = [*s.key, s.src_address if s.translated_address is None else s.translated_address,
+             s.src_port if s.translated_port is None else s.translated_port]
     return entry if sid is None else [*entry, sid]
 
 

@@ -229,7 +229,7 @@ class OpenflowBackend(NatProcesses, Backend):
         """``ids``: session ids of some of the keys, if known (key -> id)."""
         upserts = {s.key: s for s in writes}
         for s in upserts.values():
-            _check(s)
+            self._check_session(s)
         sid = flows.session_id
         given = [(ids.get(k) or sid(k), s) for k, s in upserts.items()]
         deleted = [ids.get(k) or sid(k) for k in gone if k not in upserts]
@@ -278,7 +278,7 @@ class OpenflowBackend(NatProcesses, Backend):
                 bundle.add(flows.delete_messages(deleted))
                 idle, limit = self._idle, flows.MAX_IDLE
                 for at in range(0, len(given), SEND_CHUNK):
-                    bundle.add(flows.add_messages(
+                    bundle.add(self._pair_messages(
                         ((i, s, min(limit, max(1, idle(s)))) for i, s in
                          given[at:at + SEND_CHUNK]), PORTS))
             except OvsError as exc:
@@ -306,6 +306,14 @@ class OpenflowBackend(NatProcesses, Backend):
             key = given[(exc.index - 2 * deletes) // 2][1].key
         return BackendError(f"the switch refused the batch, nothing applied: {exc}", key,
                             "failed")
+
+    # The flow pairs of written sessions: flows.add_messages' arguments and result.
+    _pair_messages = staticmethod(flows.add_messages)
+
+    @staticmethod
+    def _check_session(s: Session) -> None:
+        """BackendError if a written session cannot be held (before anything is)."""
+        _check(s)
 
     def _idle(self, s: Session) -> int:
         return s.timeout if s.timeout else self._policy.timeout_for(s.protocol, s.tcp_state)
