@@ -151,6 +151,8 @@ def one_run(n: int, direction: str, workdir: Path) -> dict:
                    pinholes_moved=report.get("pinholes_moved"),
                    freeze_ms=round(report["freeze_window"]["seconds"] * 1000, 1)
                    if report.get("freeze_window", {}).get("seconds") is not None else None,
+                   pinholes_ms=round(1000 * sum(p["seconds"] for p in report.get("phases", [])
+                                                if p["name"] == "pinholes"), 1),
                    on_a=a.count(), on_b=b.count())
         out["placed"] = out["ok"] and out["on_a"] == 0 and out["on_b"] >= n
         if not out["ok"]:
@@ -167,7 +169,8 @@ def one_run(n: int, direction: str, workdir: Path) -> dict:
 
 def show(run: dict) -> str:
     line = (f"{run['direction']:<16} {run['sessions']:>7,}: nfmig migrate {run['command_s']:6.2f}"
-            f" s, freeze {run.get('freeze_ms')} ms, {run.get('moved')} moved "
+            f" s, freeze {run.get('freeze_ms')} ms (pinholes {run.get('pinholes_ms')} ms), "
+            f"{run.get('moved')} moved "
             f"(+{run.get('pinholes_moved')} pinholes), A {run.get('on_a')} / B "
             f"{run.get('on_b')}" + ("" if run.get("placed") else "  NOT all on B"))
     if "conntrackd_s" in run:

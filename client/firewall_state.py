@@ -50,6 +50,17 @@ class FirewallState:
     def _firewalls(self) -> bool:
         return all(e.facts is not None and FW_MODULE in e.facts.modules for e in self.ends)
 
+    def _survey_pinholes(self) -> None:
+        """Before the window: the pinholes each target holds already, which a failed
+        migration must leave there."""
+        self._pinholes_there: dict[TargetEnd, set[tuple[str, ...]]] = {}
+        if not self._firewalls:
+            return
+        for t in self.targets:
+            with self._phase("pinholes", t):
+                self._pinholes_there[t] = {_key(e) for e in _pinholes(
+                    t.conn.get_data("running", _FILTER))}
+
     def _move_pinholes(self) -> None:
         """The selected pinholes of each source, written to the target of their local
         address (running: their lifetime runs from when they are written)."""
@@ -67,8 +78,8 @@ class FirewallState:
                 routed.setdefault(self._target_for(_leaf(entry, "local-address")),
                                   []).append(entry)
         for t, entries in routed.items():
+            there = self._pinholes_there.get(t, set())
             with self._phase("pinholes", t) as record:
-                there = {_key(e) for e in _pinholes(t.conn.get_data("running", _FILTER))}
                 t.conn.edit_config("".join(_text(e) for e in entries), "running")
                 record.detail = f"{len(entries)} pinholes"
             self._pinholes_written[t] = [e for e in entries if _key(e) not in there]

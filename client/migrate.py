@@ -201,6 +201,7 @@ class Migration(Checks, Copy, Delta, Recovery, Switching, FirewallState):
             return
         self._commit()
         self._verify()
+        self._survey_pinholes()
         with self.options.window() if self.options.window else nullcontext():
             self._precopy()
             # The short window: what changed since the copy, then the traffic moves.

@@ -62,7 +62,7 @@ class NamespaceConfig:
             self._worker = NamespaceWorker(self.netns_path)
         except NamespaceError as exc:
             raise BackendError(str(exc), None, "failed") from None
-        self._nft(self._ruleset(self._policy))
+        self.nft(self._ruleset(self._policy))
 
     def close(self) -> None:
         if self._worker is not None:
@@ -84,9 +84,9 @@ class NamespaceConfig:
         a freeze registers no hook (which costs tens of milliseconds on a busy NAT)."""
         with self._lock:
             if not self._hold_table:
-                self._nft(_hold_table())
+                self.nft(_hold_table())
                 self._hold_table = True
-            self._nft(_hold_elements(prefixes, timeout))
+            self.nft(_hold_elements(prefixes, timeout))
 
     # -- policy ------------------------------------------------------------------------
     def apply(self, policy: NatPolicy) -> None:
@@ -101,7 +101,7 @@ class NamespaceConfig:
             reload = loaded != self._loaded
             if reload:
                 self._loaded = None  # unknown until both are in
-                self._nft(loaded[0])
+                self.nft(loaded[0])
             try:
                 if reload:
                     self.sysctl(loaded[1])
@@ -123,7 +123,7 @@ class NamespaceConfig:
 
     def _restore_rules(self, policy: NatPolicy) -> None:
         try:
-            self._nft(_ruleset(policy))
+            self.nft(_ruleset(policy))
             self.sysctl(_timeout_sysctls(policy))
             self._loaded = (self._ruleset(policy), _timeout_sysctls(policy))
         except BackendError as exc:
@@ -190,9 +190,11 @@ class NamespaceConfig:
                                f"{exc}", None, "failed") from None
 
     # -- commands in the namespace -----------------------------------------------------
-    def _nft(self, ruleset: str) -> None:
+    def nft(self, ruleset: str) -> str:
+        """One nftables transaction or listing in the namespace, from its worker thread;
+        what it prints. BackendError when nftables refuses it."""
         try:
-            self._in_namespace().nft(ruleset)
+            return self._in_namespace().nft(ruleset)
         except NamespaceError as exc:
             raise BackendError(f"nft in namespace {self.netns} failed: {exc}", None,
                                "failed") from None

@@ -11,7 +11,6 @@ and the pinhole sets, instead of source NAT.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 
@@ -33,7 +32,7 @@ from .linux_firewall_rules import (
     pinhole_transaction,
     ruleset,
 )
-from .netns_worker import NamespaceError, NamespaceWorker
+from .netns_worker import NamespaceError
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +40,6 @@ log = logging.getLogger(__name__)
 # tracked connection nor opens one with a SYN is invalid (and the rules drop it).
 STRICT_TCP = {"net.netfilter.nf_conntrack_tcp_loose": "0",
               "net.netfilter.nf_conntrack_tcp_be_liberal": "0"}
-
-
-class _ListingWorker(NamespaceWorker):
-    """A namespace worker that also hands back what an nftables command prints: the
-    pinholes' remaining lifetimes are only to be read from the sets' listing."""
-
-    def nft_output(self, commands: str) -> str:
-        return self._call(lambda: self._output_of(commands))
-
-    def _output_of(self, commands: str) -> str:
-        lib = self._lib
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        try:
-            self._run_nft(commands)
-        finally:  # read even on a failure: what is left there would prefix the next output
-            output = lib.nft_ctx_get_output_buffer(self._ctx) or b""
-        return output.decode(errors="replace")
 
 
 class LinuxFirewallBackend(LinuxBackend, FirewallBackend):
@@ -73,7 +54,6 @@ class LinuxFirewallBackend(LinuxBackend, FirewallBackend):
         self._policy_lock = threading.Lock()
         self._pinhole_lock = threading.Lock()
         self._reasons: dict[PinholeKey, str] = {}  # nftables keeps no reason with an element
-        self._lister: _ListingWorker | None = None
 
     def _ruleset(self, policy: NatPolicy) -> str:
         return ruleset(policy, self._rules)
@@ -83,20 +63,11 @@ class LinuxFirewallBackend(LinuxBackend, FirewallBackend):
         super().start()  # the table with no subscriber: nothing new passes yet
         try:
             self._config.sysctl(STRICT_TCP)
-            self._lister = _ListingWorker(self.netns_path)
         except (BackendError, NamespaceError) as exc:
             super().stop()
             raise BackendError(f"the firewall in {self.netns} cannot start: {exc}", None,
                                "failed") from None
         log.info("linux firewall in network namespace %s", self.netns)
-
-    def stop(self) -> None:
-        try:
-            super().stop()
-        finally:
-            if self._lister is not None:
-                self._lister.close()
-                self._lister = None
 
     # -- policies ----------------------------------------------------------------------
     def apply_policy(self, policy: NatPolicy) -> None:
@@ -131,7 +102,7 @@ class LinuxFirewallBackend(LinuxBackend, FirewallBackend):
         """Every pinhole in the sets now, with its remaining lifetime and the reason it
         was opened for ("related" for one this backend did not open)."""
         with self._pinhole_lock:
-            found = parse_pinholes(self._worker().nft_output(listing()))
+            found = parse_pinholes(self._config.nft(listing()))
             # The reasons of pinholes that expired go with them.
             self._reasons = {key: self._reasons[key] for key, _ in found
                              if key in self._reasons}
@@ -149,15 +120,10 @@ class LinuxFirewallBackend(LinuxBackend, FirewallBackend):
             return
         with self._pinhole_lock:
             try:
-                self._worker().nft_output(pinhole_transaction(put, gone))
-            except NamespaceError as exc:
+                self._config.nft(pinhole_transaction(put, gone))
+            except BackendError as exc:
                 raise BackendError(f"nftables refused the pinholes: {exc}", None,
                                    "failed") from None
             for key in gone:
                 self._reasons.pop(key, None)
             self._reasons.update((p.key, p.reason) for p in put)
-
-    def _worker(self) -> _ListingWorker:
-        if self._lister is None:
-            raise BackendError("the linux firewall is not started", None, "failed")
-        return self._lister

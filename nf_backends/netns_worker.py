@@ -39,6 +39,8 @@ def _library() -> ctypes.CDLL:
     lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
     lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
     lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
     lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
     return lib
@@ -58,9 +60,10 @@ class NamespaceWorker:
         self._thread.start()
         self._ready.result()  # raises NamespaceError when the namespace cannot be joined
 
-    def nft(self, ruleset: str) -> None:
-        """Run one nftables transaction (the text `nft -f` reads) in the namespace."""
-        self._call(lambda: self._run_nft(ruleset))
+    def nft(self, ruleset: str) -> str:
+        """Run one nftables transaction or listing (the text `nft -f` reads) in the
+        namespace; what it prints."""
+        return self._call(lambda: self._run_nft(ruleset))
 
     def sysctl(self, values: dict[str, str]) -> None:
         """Set kernel parameters of the namespace (name with dots or slashes: value)."""
@@ -146,11 +149,16 @@ class NamespaceWorker:
                 raise NamespaceError(f"{address}/{prefixlen} on {device}: "
                                      f"{exc.strerror or exc}") from None
 
-    def _run_nft(self, ruleset: str) -> None:
-        if self._lib.nft_run_cmd_from_buffer(self._ctx, ruleset.encode()) != 0:
+    def _run_nft(self, ruleset: str) -> str:
+        failed = self._lib.nft_run_cmd_from_buffer(self._ctx, ruleset.encode()) != 0
+        # read even on a failure: what is left in the buffer would prefix the next output
+        output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(
+            errors="replace")
+        if failed:
             message = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(
                 errors="replace").strip()
             raise NamespaceError(message or "nftables refused the transaction")
+        return output
 
     @staticmethod
     def _write_sysctls(values: dict[str, str]) -> None:

@@ -13,6 +13,8 @@ a candidate committed later would change behind its writer's back.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -54,6 +56,7 @@ class FirewallPlan:
     # (before, after) of every top-level node it changes, for access control
     trees: list[tuple[etree._Element | None, etree._Element | None]] = field(
         default_factory=list)
+    before: dict[PinholeKey, Pinhole] = field(default_factory=dict)  # what it undoes to
 
     @property
     def changed(self) -> bool:
@@ -116,14 +119,20 @@ class FirewallConfig:
 
     def _plan_pinholes(self, plan: FirewallPlan, edits: list[etree._Element],
                        replace: bool) -> None:
-        current = {p.key: p for p in self.backend.pinholes()}
-        holder = etree.Element("config")
-        if not replace:
-            for p in current.values():
-                holder.append(etree.fromstring(pinhole_xml(p)))
+        current = plan.before = {p.key: p for p in self.backend.pinholes()}
+        # Each edit meets only the entry of its own key (a list of thousands edited in one
+        # pass, not each edit against every entry).
+        by_key: dict[tuple, etree._Element] = {} if replace else {
+            _entry_key(e): e for e in (etree.fromstring(pinhole_xml(p))
+                                       for p in current.values())}
         for edit in edits:
+            key = _entry_key(edit)
+            holder = etree.Element("config")
+            if key in by_key:
+                holder.append(by_key.pop(key))
             edit_node(holder, edit, self._pinhole_node, "merge", PINHOLE_PATH)
-        entries = [e for e in holder if isinstance(e.tag, str)]
+            by_key.update((_entry_key(e), e) for e in holder if isinstance(e.tag, str))
+        entries = list(by_key.values())
         if entries:
             self.schema.check_config(b"".join(etree.tostring(e) for e in entries))
         wanted = {p.key: p for p in map(pinhole_of, entries)}
@@ -144,7 +153,7 @@ class FirewallConfig:
         if not plan.changed:
             return lambda: None
         old_policy = self._policy
-        old_pinholes = {p.key: p for p in self.backend.pinholes()}
+        old_pinholes = plan.before
         if plan.policy_changed:
             try:
                 self.backend.apply_firewall_policy(to_backend(self.schema, plan.policy))
@@ -194,6 +203,22 @@ def pinhole_of(entry: etree._Element) -> Pinhole:
     return Pinhole(values["protocol"], values["remote-address"], values["local-address"],
                    int(values["local-port"]), values.get("reason", "related"),
                    int(values["timeout"]))
+
+
+def _entry_key(entry: etree._Element) -> tuple:
+    """A pinhole element's key, addresses and port in canonical form where they parse (a
+    value that does not is libyang's to refuse)."""
+    values = {etree.QName(c).localname: (c.text or "").strip() for c in entry
+              if isinstance(c.tag, str)}
+    key = [values.get(name) for name in _LEAVES[:4]]
+    for i, canonical in ((1, _address), (2, _address), (3, int)):
+        with contextlib.suppress(TypeError, ValueError):
+            key[i] = canonical(key[i])
+    return tuple(key)
+
+
+def _address(text: str) -> str:
+    return ipaddress.ip_address(text).compressed
 
 
 def to_backend(schema: Schema, policy: etree._Element | None) -> FirewallPolicy:
