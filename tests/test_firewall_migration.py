@@ -17,7 +17,7 @@ from nfmig.client.migrate import Migration, Options
 
 from .conftest import NAT_NS, RunningServer
 from .test_firewall_server import FW_NS, POLICY, pinhole
-from .test_netconf_server import config, get_data
+from .test_netconf_server import config, get_data, session_xml
 
 NS = {"f": FW_NS, "n": NAT_NS}
 PASSWORD = "p" + "firewall-test-secret"
@@ -107,3 +107,18 @@ def test_a_firewall_does_not_migrate_to_a_nat(ends, tmp_path):
     assert code != 0
     assert "does not implement nfmig-firewall" in report["reason"]
     assert len(contents(a).findall("n:nat-session", NS)) == 200
+
+
+def test_a_standby_firewall_follows_the_connections(ends, tmp_path):
+    a, b, _ = ends
+    with a.connect() as m:
+        m.edit_config(target="running", config=config(session_xml("10.9.0.1", 4000)))
+    done = subprocess.run(
+        [sys.executable, "-m", "nfmig", "standby", url(a), url(b), "--for", "3", "--json",
+         "--password-file", str(tmp_path / "password"), "--insecure-no-host-key-check"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sessions"] == 201
+    copied = contents(b).findall("n:nat-session", NS)
+    assert len(copied) == 201
+    assert not any(s.find("n:translated_address", NS) is not None for s in copied)
