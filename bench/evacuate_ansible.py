@@ -126,6 +126,10 @@ def ansible_env(workdir: Path, python: str = sys.executable) -> dict[str, str]:
         "ANSIBLE_DEPRECATION_WARNINGS": "False",
         "ANSIBLE_LOCALHOST_WARNING": "False",
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+        # how often the controller polls its workers (Ansible's default, a millisecond,
+        # takes a share of a core from the migrations on a small controller)
+        "ANSIBLE_INTERNAL_POLL_INTERVAL": os.environ.get("ANSIBLE_INTERNAL_POLL_INTERVAL",
+                                                         "0.05"),
     }
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from conntrackd_ref import add_sync_link, measure_conntrackd
 from nfmig.client.demo_firewall import firewall_policy
 from nfmig.client.local import LocalServer, start_local_server
-from nfmig.client.netconf import NAT_NS, NatClient
+from nfmig.client.netconf import NAT_NS
 from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack
 from nfmig.server.session_codec import sessions_to_xml
@@ -75,25 +75,10 @@ class End:
     server: LocalServer
     ct: Conntrack | None
 
-    @property
-    def url(self) -> str:
-        return f"netconf://{self.server.user}@127.0.0.1:{self.server.port}"
-
-    def client(self) -> NatClient:
-        return NatClient("127.0.0.1", self.server.port, self.server.user,
-                         self.server.password, hostkey_verify=False)
-
-    def edit(self, body: str) -> None:
-        client = self.client()
-        try:
-            client.edit(body)
-        finally:
-            client.close()
-
     def count(self) -> int:
         if self.ct is not None:
             return len(self.ct.dump())
-        client = self.client()
+        client = self.server.client()
         try:
             return client.get_sessions()[0].count("<nat-session")
         finally:
@@ -110,7 +95,7 @@ def start_end(stack: contextlib.ExitStack, bed: TestBed, netns: str, backend: st
         ct = Conntrack(bed.ns_path(netns))
         stack.callback(ct.close)
     end = End(netns, bed.ns_path(netns), backend, server, ct)
-    end.edit(firewall_policy(gateways=active).replace(
+    server.edit(firewall_policy(gateways=active).replace(
         "<prefix>10.0.0.0/24</prefix>", "<prefix>10.0.0.0/8</prefix>"))
     return end
 
@@ -120,8 +105,8 @@ def load(a: End, table: list[Session]) -> None:
         create_all(a.ct, kernel_entries(table), f"loading {a.netns}")
     else:
         for at in range(0, len(table), CHUNK):
-            a.edit("".join(sessions_to_xml(table[at:at + CHUNK], NAT_NS)))
-    a.edit(pinholes())
+            a.server.edit("".join(sessions_to_xml(table[at:at + CHUNK], NAT_NS)))
+    a.server.edit(pinholes())
 
 
 def one_run(n: int, direction: str, workdir: Path) -> dict:
@@ -141,7 +126,8 @@ def one_run(n: int, direction: str, workdir: Path) -> dict:
         load(a, table)
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "nfmig", "migrate", a.url, b.url, "--with-policy", "--json",
+            [sys.executable, "-m", "nfmig", "migrate", a.server.url, b.server.url,
+             "--with-policy", "--json",
              "--password-file", str(workdir / "password"), "--insecure-no-host-key-check"],
             capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
         out["command_s"] = round(time.perf_counter() - started, 3)

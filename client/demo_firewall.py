@@ -19,7 +19,7 @@ from nfmig.testbed import TestBed
 
 from .demo import migrate_between
 from .local import LocalServer, start_local_server
-from .netconf import NAT_NS, NatClient
+from .netconf import NAT_NS
 
 FW_NS = "urn:nfmig:params:xml:ns:yang:nfmig-firewall"
 SUBSCRIBER = (f'<firewall-policy xmlns="{FW_NS}"><subscriber><name>client</name>'
@@ -59,7 +59,7 @@ def run_firewall_demo(sessions: int) -> int:
             for name, seed in (("a", sessions), ("b", 0)):
                 servers.append(start_local_server(Path(tmp) / name, "--nf", "firewall",
                                                   "--sessions", str(seed), password=password))
-            _edit(servers[0], firewall_policy(True) + pinhole(5353))
+            servers[0].edit(firewall_policy(True) + pinhole(5353))
             print(f"firewall A: simulated, {sessions} connections and a pinhole, NETCONF on "
                   f"127.0.0.1:{servers[0].port}")
             print(f"firewall B: simulated, empty, NETCONF on 127.0.0.1:{servers[1].port}")
@@ -94,7 +94,7 @@ def _live() -> int:
                 servers.append(start_local_server(Path(tmp) / name, "--nf", "firewall",
                                                   "--backend", backend, "--netns", ns,
                                                   password=password))
-                _edit(servers[-1], firewall_policy(gateways=name == "a"))
+                servers[-1].edit(firewall_policy(gateways=name == "a"))
                 print(f"firewall {name.upper()}: {backend} in namespace {ns}, NETCONF on "
                       f"127.0.0.1:{servers[-1].port}")
             return move_live_stream(bed, *servers)
@@ -102,11 +102,3 @@ def _live() -> int:
             for server in servers:
                 server.stop()
 
-
-def _edit(server: LocalServer, body: str) -> None:
-    client = NatClient("127.0.0.1", server.port, server.user, server.password,
-                       hostkey_verify=False)
-    try:
-        client.edit(body)
-    finally:
-        client.close()

@@ -10,6 +10,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .netconf import NatClient
 
 
 @dataclass
@@ -20,6 +24,25 @@ class LocalServer:
     password: str
     state_dir: Path
     log: Path
+
+    @property
+    def url(self) -> str:
+        return f"netconf://{self.user}@127.0.0.1:{self.port}"
+
+    def client(self) -> NatClient:
+        """A NETCONF session to it (host key not checked: it is this host's own child)."""
+        from .netconf import NatClient
+
+        return NatClient("127.0.0.1", self.port, self.user, self.password,
+                         hostkey_verify=False)
+
+    def edit(self, body: str) -> None:
+        """edit-config of running with ``body``'s top-level nodes, in a session of its own."""
+        client = self.client()
+        try:
+            client.edit(body)
+        finally:
+            client.close()
 
     def alive(self) -> bool:
         return self.process.poll() is None

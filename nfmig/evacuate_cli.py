@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from nfmig.migrate_cli import _emit, add_auth_arguments, credentials_from
+from nfmig.migrate_cli import add_auth_arguments, credentials_from, emit_report
 from nfmig.server.option_table import number
 
 EPILOG = """\
@@ -121,13 +121,7 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
         report = evacuation.run()
     finally:
         display.close()
-    text = report.to_json()
-    if args.report_file:
-        try:
-            args.report_file.write_text(text + "\n")
-        except OSError as exc:
-            print(f"nfmig: cannot write {args.report_file}: {exc.strerror}", file=sys.stderr)
-    _emit(text if args.json else report.summary())
+    emit_report(args, report.to_json(), report.summary())
     if report.ok:
         return 0
     failed = report.totals()["failed"]

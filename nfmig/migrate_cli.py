@@ -227,17 +227,22 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
-    text = report.to_json()
+    emit_report(args, report.to_json(), report.summary())
+    if report.ok:
+        return 0
+    print(f"nfmig: migration {report.result}: {report.reason}", file=sys.stderr)
+    return 1 if report.cleanup_complete else 3
+
+
+def emit_report(args: argparse.Namespace, text: str, summary: str) -> None:
+    """A command's report (JSON ``text``): into --report-file, and on stdout as JSON with
+    --json, else its ``summary`` for a person."""
     if args.report_file:
         try:
             args.report_file.write_text(text + "\n")
         except OSError as exc:
             print(f"nfmig: cannot write {args.report_file}: {exc.strerror}", file=sys.stderr)
-    _emit(text if args.json else report.summary())
-    if report.ok:
-        return 0
-    print(f"nfmig: migration {report.result}: {report.reason}", file=sys.stderr)
-    return 1 if report.cleanup_complete else 3
+    _emit(text if args.json else summary)
 
 
 def _emit(text: str) -> None:

@@ -28,7 +28,6 @@ if os.geteuid() != 0:
 
 from nfmig.client.demo_firewall import firewall_policy  # noqa: E402
 from nfmig.client.local import LocalServer, start_local_server  # noqa: E402
-from nfmig.client.netconf import NatClient  # noqa: E402
 
 from nfmig.testbed import TestBed  # noqa: E402
 from nfmig.testbed_ovs import without_checksum_offload  # noqa: E402
@@ -54,22 +53,14 @@ class Firewall:
 
     @property
     def url(self) -> str:
-        return f"netconf://{self.server.user}@127.0.0.1:{self.server.port}"
-
-    def client(self) -> NatClient:
-        return NatClient("127.0.0.1", self.server.port, self.server.user,
-                         self.server.password, hostkey_verify=False)
+        return self.server.url
 
     def edit(self, body: str) -> None:
-        client = self.client()
-        try:
-            client.edit(body)
-        finally:
-            client.close()
+        self.server.edit(body)
 
     def sessions(self) -> list[dict[str, str]]:
         """Every connection, leaf name -> value."""
-        client = self.client()
+        client = self.server.client()
         try:
             text = client.get_sessions()[0]
         finally:
