@@ -43,9 +43,10 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/netconf_bulk.py
 	$(BIN)/python bench/restconf_bulk.py
+	$(BIN)/python bench/evacuate.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/migrator_linux.py --hetero && \
-	  $(BIN)/python bench/standby.py; \
-	else echo "bench/migrator_linux.py and bench/standby.py skipped: network namespaces and conntrack need root"; fi
+	  $(BIN)/python bench/standby.py && $(BIN)/python bench/firewall.py; \
+	else echo "bench/migrator_linux.py, bench/standby.py and bench/firewall.py skipped: network namespaces and conntrack need root"; fi
 
 # The NAT's whole VM live-migrated by QEMU against `nfmig migrate` of its sessions, the same
 # N over the same link (bench/vm_vs_state.py; the VM image is built from Debian packages into
@@ -60,6 +61,8 @@ lint: setup
 	yanglint -p $(YANG) $(MODULES)
 	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.json
 	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/examples/seed-example.xml
+	yanglint -p $(YANG) $(YANG)/nfmig-nat@*.yang $(YANG)/nfmig-firewall@*.yang \
+	  $(YANG)/examples/firewall-example.xml
 	$(BIN)/python -m nfmig.client.typed check client/nat_bindings.py
 
 # The typed objects for scripts (client/typed.py), generated from the model by pyangbind.
