@@ -98,8 +98,19 @@ class FirewallState:
                 self.report.warnings.append(f"{len(entries)} pinholes are still on {s} (and "
                                             "on their target)")
 
-    def _take_back_pinholes(self) -> None:
-        """A failed migration: the pinholes it wrote to targets that lacked them go."""
+    def _take_back_firewall_state(self) -> None:
+        """A failed migration: the pinholes it wrote to targets that lacked them go, and
+        the rule sets it merged into a target's firewall-policy are undone."""
+        for t, before in getattr(self, "_policies_before", {}).items():
+            if t.conn is None:
+                continue
+            try:
+                t.conn.edit_config(before if before else
+                                   f'<firewall-policy xmlns="{FW_NS}" xmlns:nc="{NC_NS}" '
+                                   'nc:operation="remove"/>', "running")
+            except Exception as exc:  # the report says what stayed
+                log.warning("the firewall-policy of %s not put back: %s", t, exc)
+                self.report.warnings.append(f"{t} keeps the rule sets carried to it")
         for t, entries in getattr(self, "_pinholes_written", {}).items():
             if not entries or t.conn is None:
                 continue
@@ -111,12 +122,11 @@ class FirewallState:
 
     def _carry_subscribers(self, t: TargetEnd, source: SourceEnd) -> None:
         """``with_policy``: the source's rule sets of the selected subscribers merged into
-        the target's firewall-policy."""
-        if not self._firewalls:
+        the target's firewall-policy (written in running: a dry run writes nothing)."""
+        if not self._firewalls or self.options.dry_run:
             return
         with self._phase("prepare", source):
-            text = source.conn.get_data("running", f'<subtree-filter><firewall-policy '
-                                                   f'xmlns="{FW_NS}"/></subtree-filter>')
+            text = source.conn.get_data("running", _POLICY)
         root = etree.fromstring(f"<data>{text}</data>".encode(), parser=_PARSER)
         subscribers = [s for s in root.iterfind(f"{{{FW_NS}}}firewall-policy/"
                                                 f"{{{FW_NS}}}subscriber")
@@ -127,6 +137,10 @@ class FirewallState:
         policy = etree.Element(f"{{{FW_NS}}}firewall-policy", nsmap={None: FW_NS})
         policy.extend(subscribers)
         with self._phase("edit", t):
+            if not hasattr(self, "_policies_before"):
+                self._policies_before: dict[TargetEnd, str] = {}
+            if t not in self._policies_before:  # what a failure puts back
+                self._policies_before[t] = _replacing(t.conn.get_data("running", _POLICY))
             t.conn.edit_config(etree.tostring(policy, encoding="unicode"), "running")
 
     def _selected_address(self, address: str, prefix: bool = False) -> bool:
@@ -157,6 +171,18 @@ class FirewallState:
 
 
 _FILTER = f'<subtree-filter><pinhole xmlns="{FW_NS}"/></subtree-filter>'
+_POLICY = f'<subtree-filter><firewall-policy xmlns="{FW_NS}"/></subtree-filter>'
+
+
+def _replacing(data_text: str) -> str:
+    """The firewall-policy of a get-data reply as an edit that puts it back whole; empty
+    when there is none."""
+    root = etree.fromstring(f"<data>{data_text}</data>".encode(), parser=_PARSER)
+    policy = root.find(f"{{{FW_NS}}}firewall-policy")
+    if policy is None:
+        return ""
+    policy.set(f"{{{NC_NS}}}operation", "replace")
+    return etree.tostring(policy, encoding="unicode")
 
 
 def _pinholes(data_text: str) -> list[etree._Element]:

@@ -536,7 +536,7 @@ class Migration(Checks, Copy, Delta, Recovery, Switching, FirewallState):
                 self.report.cleanup_complete = False
             else:
                 self._rollback()
-                self._take_back_pinholes()
+                self._take_back_firewall_state()
         self._stop_tracking()
         self._unlock()
         self._thaw()

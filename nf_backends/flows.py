@@ -1,6 +1,6 @@
 """Sessions as OpenFlow flow pairs: the one place that knows what a NAT flow looks like.
 
-One session is two flows in table 0 sharing a session id in their cookies::
+One session is two flows in table 1 sharing a session id in their cookies::
 
     cookie = MAGIC (16 bits) | session id (47 bits) | direction (1 bit: 0 out, 1 in)
 

@@ -81,10 +81,11 @@ def test_a_subscriber_moves_with_its_pinholes_and_rules(ends, tmp_path):
             ] == ["6002"]  # another subscriber's stays
 
 
-def test_a_migration_failing_after_the_pinholes_moved_takes_them_back(ends):
+def test_a_migration_failing_after_the_pinholes_moved_takes_them_and_the_rules_back(ends):
     a, b, _ = ends
     with a.connect() as m:
-        m.edit_config(target="running", config=config(pinhole(local="10.0.0.8", port=6100)))
+        m.edit_config(target="running", config=config(
+            POLICY, pinhole(local="10.0.0.8", port=6100)))
 
     def fail_at_confirm(phase: str, _end: str | None) -> None:
         if phase == "confirm":  # after the window's writes, before the commit point
@@ -92,11 +93,13 @@ def test_a_migration_failing_after_the_pinholes_moved_takes_them_back(ends):
 
     report = Migration([url(a)], [url(b)], options=Options(
         credentials=Credentials(password=PASSWORD, verify_host_keys=False),
-        on_phase=fail_at_confirm)).run()
+        on_phase=fail_at_confirm, with_policy=True)).run()
     assert report.result == "failed" and report.cleanup_complete, report.reason
     assert report.pinholes_moved == 1
-    assert not contents(b).findall("f:pinhole", NS)
-    assert not contents(b).findall("n:nat-session", NS)
+    left_on_b = contents(b)
+    assert not left_on_b.findall("f:pinhole", NS)
+    assert not left_on_b.findall("n:nat-session", NS)
+    assert left_on_b.find("f:firewall-policy", NS) is None  # the carried rules went too
     assert [p.findtext("f:local-port", namespaces=NS)
             for p in contents(a).findall("f:pinhole", NS)] == ["6100"]
 
@@ -122,3 +125,14 @@ def test_a_standby_firewall_follows_the_connections(ends, tmp_path):
     copied = contents(b).findall("n:nat-session", NS)
     assert len(copied) == 201
     assert not any(s.find("n:translated_address", NS) is not None for s in copied)
+
+
+def test_a_dry_run_writes_nothing_of_the_firewall(ends, tmp_path):
+    a, b, _ = ends
+    with a.connect() as m:
+        m.edit_config(target="running", config=config(POLICY, pinhole(local="10.0.0.9")))
+    code, report, err = migrate(tmp_path, a, b, "--dry-run", "--with-policy")
+    assert code == 0 and report["result"] == "dry-run", err
+    on_b = contents(b)
+    assert on_b.find("f:firewall-policy", NS) is None
+    assert not on_b.findall("f:pinhole", NS) and not on_b.findall("n:nat-session", NS)
