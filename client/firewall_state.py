@@ -58,8 +58,8 @@ class FirewallState:
             return
         for t in self.targets:
             with self._phase("pinholes", t):
-                self._pinholes_there[t] = {_key(e) for e in _pinholes(
-                    t.conn.get_data("running", _FILTER))}
+                self._pinholes_there[t] = {pinhole_key(e) for e in parse_pinholes(
+                    t.conn.get_data("running", PINHOLE_FILTER))}
 
     def _move_pinholes(self) -> None:
         """The selected pinholes of each source, written to the target of their local
@@ -71,18 +71,18 @@ class FirewallState:
         routed: dict[TargetEnd, list[etree._Element]] = {}
         for s in self.sources:
             with self._phase("pinholes", s):
-                entries = [e for e in _pinholes(s.conn.get_data("running", _FILTER))
-                           if self._selected_address(_leaf(e, "local-address"))]
+                entries = [e for e in parse_pinholes(s.conn.get_data("running", PINHOLE_FILTER))
+                           if self._selected_address(pinhole_leaf(e, "local-address"))]
             self._pinholes_read[s] = entries
             for entry in entries:
-                routed.setdefault(self._target_for(_leaf(entry, "local-address")),
+                routed.setdefault(self._target_for(pinhole_leaf(entry, "local-address")),
                                   []).append(entry)
         for t, entries in routed.items():
             there = self._pinholes_there.get(t, set())
             with self._phase("pinholes", t) as record:
-                t.conn.edit_config("".join(_text(e) for e in entries), "running")
+                t.conn.edit_config("".join(pinhole_edit(e) for e in entries), "running")
                 record.detail = f"{len(entries)} pinholes"
-            self._pinholes_written[t] = [e for e in entries if _key(e) not in there]
+            self._pinholes_written[t] = [e for e in entries if pinhole_key(e) not in there]
         self.report.pinholes_moved = sum(map(len, routed.values()))
 
     def _delete_pinholes(self) -> None:
@@ -93,7 +93,7 @@ class FirewallState:
             if not entries:
                 continue
             with self._phase("pinholes", s, fatal=False) as record:
-                s.conn.edit_config("".join(_text(e, "remove") for e in entries), "running")
+                s.conn.edit_config("".join(pinhole_edit(e, "remove") for e in entries), "running")
             if not record.ok:
                 self.report.warnings.append(f"{len(entries)} pinholes are still on {s} (and "
                                             "on their target)")
@@ -115,7 +115,7 @@ class FirewallState:
             if not entries or t.conn is None:
                 continue
             try:
-                t.conn.edit_config("".join(_text(e, "remove") for e in entries), "running")
+                t.conn.edit_config("".join(pinhole_edit(e, "remove") for e in entries), "running")
             except Exception as exc:  # the report says where they are
                 log.warning("pinholes written to %s not taken back: %s", t, exc)
                 self.report.warnings.append(f"{len(entries)} pinholes are also on {t}")
@@ -170,7 +170,7 @@ class FirewallState:
         return target
 
 
-_FILTER = f'<subtree-filter><pinhole xmlns="{FW_NS}"/></subtree-filter>'
+PINHOLE_FILTER = f'<subtree-filter><pinhole xmlns="{FW_NS}"/></subtree-filter>'
 _POLICY = f'<subtree-filter><firewall-policy xmlns="{FW_NS}"/></subtree-filter>'
 
 
@@ -185,23 +185,23 @@ def _replacing(data_text: str) -> str:
     return etree.tostring(policy, encoding="unicode")
 
 
-def _pinholes(data_text: str) -> list[etree._Element]:
+def parse_pinholes(data_text: str) -> list[etree._Element]:
     root = etree.fromstring(f"<data>{data_text}</data>".encode(), parser=_PARSER)
     return root.findall(f"{{{FW_NS}}}pinhole")
 
 
-def _leaf(entry: etree._Element, name: str) -> str:
+def pinhole_leaf(entry: etree._Element, name: str) -> str:
     return (entry.findtext(f"{{{FW_NS}}}{name}") or "").strip()
 
 
-def _key(entry: etree._Element) -> tuple[str, ...]:
-    return tuple(_leaf(entry, name) for name in _KEY)
+def pinhole_key(entry: etree._Element) -> tuple[str, ...]:
+    return tuple(pinhole_leaf(entry, name) for name in _KEY)
 
 
-def _text(entry: etree._Element, operation: str | None = None) -> str:
+def pinhole_edit(entry: etree._Element, operation: str | None = None) -> str:
     """One pinhole as an edit: whole, or by its key with ``operation``."""
     if operation is None:
         return etree.tostring(entry, encoding="unicode")
-    keys = "".join(f"<{name}>{_leaf(entry, name)}</{name}>" for name in _KEY)
+    keys = "".join(f"<{name}>{pinhole_leaf(entry, name)}</{name}>" for name in _KEY)
     return (f'<pinhole xmlns="{FW_NS}" xmlns:nc="{NC_NS}" nc:operation="{operation}">'
             f"{keys}</pinhole>")

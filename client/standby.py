@@ -23,6 +23,9 @@ source's as of its last report.
 
 Failover (``failover_after``, or client.failover on its own) gives the standby the source's
 gateway addresses, as a migration's switchover does.
+
+A firewall's pinholes, which the feed does not carry, are read from the source every second
+and kept in step the same way (client.standby_pinholes).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 from ncclient.operations.rpc import RPCError
 
 from .endpoints import Connection, Credentials, Endpoint, describe, open_connection
+from .firewall_state import PINHOLE_FILTER, parse_pinholes
+from .negotiate import read_facts
 from .netconf import NAT_NS, NC_NS, TextRpc, take_entry_namespace
 from .push import Change, DeleteSubscription, EstablishSubscription, read_notification
 from .push import subscription_id as read_subscription_id
@@ -50,6 +55,7 @@ from .selection import (
     removal_xml,
     replacement_xml,
 )
+from .standby_pinholes import PinholeFollower, is_firewall
 from .switchover import GatewayAddress, gateway_filter, parse_gateways
 
 log = logging.getLogger(__name__)
@@ -102,6 +108,7 @@ class Standby:
         self.options = options or StandbyOptions()
         self.mirror: dict[tuple, Entry] = {}
         self.mirror_ready = threading.Event()
+        self.pinholes = PinholeFollower()  # a firewall source's (none from a NAT)
         self.lock = threading.Lock()  # the mirror, and handing changes to the appliers
         self.stopping = threading.Event()
         self.appliers = [_Applier(self, t) for t in targets]
@@ -164,6 +171,8 @@ class Standby:
         if not isinstance(conn, Connection):
             raise StandbyError(f"{self.source}: a standby's source is followed over NETCONF")
         self.gateways = parse_gateways(conn.get_data("running", gateway_filter()))
+        self.pinholes.enabled = is_firewall(read_facts(conn).modules)
+        self._follow_pinholes(conn)  # known before a standby compares itself with them
         reply = conn._call(EstablishSubscription, _subtree(self.options.selection),
                            max(1, round(self.options.dampening_ms / 10)), True)
         subscription = read_subscription_id(reply.xml)
@@ -175,7 +184,9 @@ class Standby:
                 if notification is None:
                     if not conn.connected or not conn.session.is_alive():
                         raise StandbyError("the connection was lost")
+                    self._follow_pinholes(conn)
                     continue
+                self._follow_pinholes(conn)
                 update = read_notification(notification.notification_xml)
                 if update is None or update.subscription != subscription:
                     continue
@@ -189,6 +200,12 @@ class Standby:
                     conn._call(DeleteSubscription, subscription)
                 except Exception:  # the session ends next, and the subscription with it
                     log.debug("delete-subscription failed", exc_info=True)
+
+    def _follow_pinholes(self, conn: Connection) -> None:
+        edit = self.pinholes.poll(conn)
+        if edit:
+            for applier in self.appliers:
+                applier.offer_pinholes(edit)
 
     def _take(self, changes: list[Change], whole: bool) -> None:
         """Changes into the mirror and to every standby; ``whole``: every selected session
@@ -297,6 +314,7 @@ class _Applier:
         self.standby = standby
         self.endpoint = endpoint
         self.pending: dict[tuple, Change] = {}  # the last change of each session, in order
+        self.pinhole_edits: list[str] = []  # a firewall's, in the order read
         self.cond = threading.Condition()
         self.conn: Connection | None = None
         self.lags: deque[float] = deque(maxlen=_LAGS_KEPT)
@@ -314,6 +332,11 @@ class _Applier:
                 self.pending[c.key] = c
             self.cond.notify()
 
+    def offer_pinholes(self, edit: str) -> None:
+        with self.cond:
+            self.pinhole_edits.append(edit)
+            self.cond.notify()
+
     def wake(self) -> None:
         with self.cond:
             self.cond.notify()
@@ -326,11 +349,12 @@ class _Applier:
                 if not self._connect():
                     stopping.wait(options.retry_pause)
                     continue
-            batch = self._next_batch()
-            if not batch:
-                continue
+            batch: list[Change] = []
             try:
-                self._write(batch)
+                self._write_pinholes()
+                batch = self._next_batch()
+                if batch:
+                    self._write(batch)
             except Exception as exc:
                 self._lost(describe(exc), batch)
         if self.conn is not None:
@@ -373,6 +397,13 @@ class _Applier:
         batch = [Change(k, e, now) for k, e in mirror.items() if _differs(held.get(k), e)]
         batch += [Change(k, None, now) for k in held if k not in mirror]
         self.resyncs += 1
+        if standby.pinholes.enabled:
+            with self.cond:
+                self.pinhole_edits.clear()  # the whole comparison covers them
+            edit = standby.pinholes.whole(parse_pinholes(self.conn.get_data(
+                "running", PINHOLE_FILTER)))
+            if edit:
+                self._edit_pinholes(edit)
         for start in range(0, len(batch), standby.options.batch):
             self._write(batch[start:start + standby.options.batch])
 
@@ -386,6 +417,24 @@ class _Applier:
                 key = next(iter(self.pending))
                 taken.append(self.pending.pop(key))
             return taken
+
+    def _write_pinholes(self) -> None:
+        with self.cond:
+            edits, self.pinhole_edits = self.pinhole_edits, []
+        if edits:
+            try:
+                self._edit_pinholes("".join(edits))
+            except Exception:
+                with self.cond:  # written again once the standby answers
+                    self.pinhole_edits[:0] = edits
+                raise
+
+    def _edit_pinholes(self, edit: str) -> None:
+        try:
+            self.conn.edit_config(edit, "running")
+        except RPCError as exc:  # a standby that is no firewall, say: the sessions go on
+            self.refused += 1
+            self.last_error = describe(exc)
 
     def _write(self, batch: list[Change]) -> None:
         hold = self.standby.options.hold

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from lxml import etree
@@ -17,7 +18,7 @@ from nfmig.client.migrate import Migration, Options
 
 from .conftest import NAT_NS, RunningServer
 from .test_firewall_server import FW_NS, POLICY, pinhole
-from .test_netconf_server import config, get_data, session_xml
+from .test_netconf_server import config, get_data, op_attr, session_xml
 
 NS = {"f": FW_NS, "n": NAT_NS}
 PASSWORD = "p" + "firewall-test-secret"
@@ -112,19 +113,40 @@ def test_a_firewall_does_not_migrate_to_a_nat(ends, tmp_path):
     assert len(contents(a).findall("n:nat-session", NS)) == 200
 
 
-def test_a_standby_firewall_follows_the_connections(ends, tmp_path):
+def test_a_standby_firewall_follows_the_connections_and_the_pinholes(ends, tmp_path):
     a, b, _ = ends
     with a.connect() as m:
-        m.edit_config(target="running", config=config(session_xml("10.9.0.1", 4000)))
-    done = subprocess.run(
-        [sys.executable, "-m", "nfmig", "standby", url(a), url(b), "--for", "3", "--json",
+        m.edit_config(target="running", config=config(
+            session_xml("10.9.0.1", 4000), pinhole(port=6200, timeout=600),
+            pinhole(port=6201, timeout=600)))
+    standby = subprocess.Popen(
+        [sys.executable, "-m", "nfmig", "standby", url(a), url(b), "--for", "5", "--json",
          "--password-file", str(tmp_path / "password"), "--insecure-no-host-key-check"],
-        capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["sessions"] == 201
-    copied = contents(b).findall("n:nat-session", NS)
-    assert len(copied) == 201
-    assert not any(s.find("n:translated_address", NS) is not None for s in copied)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while len(contents(b).findall("f:pinhole", NS)) < 2:
+            assert time.monotonic() < deadline, "the pinholes never reached the standby"
+            time.sleep(0.2)
+        with a.connect() as m:  # one closed, one opened, one renewed for longer
+            m.edit_config(target="running", config=config(
+                pinhole(port=6200, attrs=op_attr("delete")), pinhole(port=6202, timeout=60),
+                pinhole(port=6201, timeout=3000)))
+        out, err = standby.communicate(timeout=60)
+    finally:
+        if standby.poll() is None:
+            standby.kill()
+            standby.wait()
+    assert standby.returncode == 0, err
+    assert json.loads(out)["sessions"] == 201
+    copied = contents(b)
+    sessions = copied.findall("n:nat-session", NS)
+    assert len(sessions) == 201
+    assert not any(s.find("n:translated_address", NS) is not None for s in sessions)
+    timeouts = {p.findtext("f:local-port", namespaces=NS): int(p.findtext(
+        "f:timeout", namespaces=NS)) for p in copied.findall("f:pinhole", NS)}
+    assert set(timeouts) == {"6201", "6202"}
+    assert timeouts["6201"] > 2900 and timeouts["6202"] <= 60
 
 
 def test_a_dry_run_writes_nothing_of_the_firewall(ends, tmp_path):
