@@ -54,18 +54,13 @@ class Nat:
 
     @property
     def url(self) -> str:
-        return f"netconf://{self.server.user}@127.0.0.1:{self.server.port}"
+        return self.server.url
 
     def client(self) -> NatClient:
-        return NatClient("127.0.0.1", self.server.port, self.server.user, self.password,
-                         hostkey_verify=False)
+        return self.server.client()
 
     def edit(self, body: str) -> None:
-        client = self.client()
-        try:
-            client.edit(body)
-        finally:
-            client.close()
+        self.server.edit(body)
 
     def keys(self) -> set[tuple[str, str]]:
         """(protocol, src_port) of every session."""

@@ -482,6 +482,16 @@ def session_diff(migration: Any, limit: int) -> dict[str, str]:
             "after": "".join(line + "\n" for line in after)}
 
 
+def write_report(module: AnsibleModule, data: dict) -> None:
+    """The report into report_file, if the task names one (a warning if it cannot)."""
+    path = module.params["report_file"]
+    if path:
+        try:
+            Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            module.warn(f"cannot write {path}: {exc.strerror}")
+
+
 def run_plan(module: AnsibleModule) -> None:
     """The site evacuation of ``plan``, in this process; exits the module."""
     try:
@@ -512,11 +522,7 @@ def run_plan(module: AnsibleModule) -> None:
         module.fail_json(msg=str(exc))
     report = evacuation.run()
     data = report.to_dict()
-    if p["report_file"]:
-        try:
-            Path(p["report_file"]).write_text(json.dumps(data, indent=2) + "\n")
-        except OSError as exc:
-            module.warn(f"cannot write {p['report_file']}: {exc.strerror}")
+    write_report(module, data)
     totals = data["totals"]
     ran = [n["report"] for n in data["nats"] if n.get("report")]
     selected = sum(r["sessions_selected"] for r in ran)
@@ -605,11 +611,7 @@ def main() -> None:
                              msg="nothing to do: the desired state holds")
     report = migration.run()
     data = report.to_dict()
-    if p["report_file"]:
-        try:
-            Path(p["report_file"]).write_text(json.dumps(data, indent=2) + "\n")
-        except OSError as exc:
-            module.warn(f"cannot write {p['report_file']}: {exc.strerror}")
+    write_report(module, data)
     for warning in report.warnings:
         module.warn(warning)
     would = report.sessions_selected if report.dry_run else report.sessions_moved
