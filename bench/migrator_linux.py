@@ -73,7 +73,7 @@ from conntrackd_ref import add_sync_link, measure_conntrackd
 from floor import measure_floor
 from nfmig.client.demo_linux import gateway_policy
 from nfmig.client.local import start_local_server
-from nfmig.client.netconf import NAT_NS, NatClient
+from nfmig.client.netconf import NAT_NS
 from nfmig.nf_backends.base import Session
 from nfmig.nf_backends.ctnetlink import Conntrack
 from nfmig.server.gc_pause import AGAIN, IDLE
@@ -141,8 +141,7 @@ class End:
             self.server = start_local_server(workdir, "--backend", backend, "--netns", netns,
                                              password=password)
             stack.callback(self.server.stop)
-        self.client = NatClient("127.0.0.1", self.server.port, self.server.user, password,
-                                hostkey_verify=False)
+        self.client = self.server.client()
         stack.callback(self.client.close)
         self.client.edit(policy(active, ipv6))
         self.ct: Conntrack | None = None

@@ -14,15 +14,14 @@ import tempfile
 from pathlib import Path
 
 from nfmig.client.local import start_local_server
-from nfmig.client.netconf import NatClient, timed
+from nfmig.client.netconf import timed
 
 
 def measure(n: int, repeat: int, tmp: Path) -> dict:
     a = start_local_server(tmp / f"a{n}", "--sessions", str(n))
     b = start_local_server(tmp / f"b{n}")
     try:
-        src = NatClient("127.0.0.1", a.port, a.user, a.password, hostkey_verify=False)
-        dst = NatClient("127.0.0.1", b.port, b.user, b.password, hostkey_verify=False)
+        src, dst = a.client(), b.client()
         gets, edits = [], []
         for _ in range(repeat):
             (body, reply_bytes), t = timed(src.get_sessions)

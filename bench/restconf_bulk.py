@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 from nfmig.client.endpoints import Credentials, Endpoint
 from nfmig.client.migrate import Migration, Options
-from nfmig.client.netconf import NatClient, timed
+from nfmig.client.netconf import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.restconf_client import start_with_restconf  # noqa: E402
@@ -56,8 +56,7 @@ def measure(n: int, repeat: int, tmp: Path) -> dict:
         tls = ssl.create_default_context(cafile=str(server.state_dir / "restconf-cert.pem"))
         auth = "Basic " + base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
         base = f"https://127.0.0.1:{port}"
-        nc = NatClient("127.0.0.1", server.port, server.user, server.password,
-                       hostkey_verify=False)
+        nc = server.client()
         gets = []
         for _ in range(repeat):
             (body, nc_bytes), t = timed(nc.get_sessions)

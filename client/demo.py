@@ -10,7 +10,6 @@ from pathlib import Path
 from .endpoints import Credentials, Endpoint
 from .local import LocalServer, start_local_server
 from .migrate import Migration, Options
-from .netconf import NatClient
 from .report import Report
 
 
@@ -41,8 +40,7 @@ def run_demo(sessions: int) -> int:
 def _migrate(a: LocalServer, b: LocalServer, expected: int) -> int:
     report = migrate_between(a, b)
     print(report.summary())
-    src = NatClient("127.0.0.1", a.port, a.user, a.password, hostkey_verify=False)
-    dst = NatClient("127.0.0.1", b.port, b.user, b.password, hostkey_verify=False)
+    src, dst = a.client(), b.client()
     try:
         left_on_a = src.get_sessions()[0].count("<nat-session")
         on_b = dst.get_sessions()[0].count("<nat-session")

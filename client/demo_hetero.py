@@ -17,7 +17,6 @@ from nfmig.testbed_ovs import without_checksum_offload
 
 from .demo_linux import gateway_policy, move_live_stream
 from .local import LocalServer, start_local_server
-from .netconf import NatClient
 
 
 def run_hetero_demo() -> int:
@@ -32,12 +31,7 @@ def run_hetero_demo() -> int:
                 servers.append(start_local_server(Path(tmp) / name, "--backend", backend,
                                                   "--netns", ns, password=password))
                 server = servers[-1]
-                client = NatClient("127.0.0.1", server.port, server.user, server.password,
-                                   hostkey_verify=False)
-                try:
-                    client.edit(gateway_policy(gateways=name == "a"))
-                finally:
-                    client.close()
+                server.edit(gateway_policy(gateways=name == "a"))
                 print(f"NAT {name.upper()}: {backend} in namespace {ns}, NETCONF on "
                       f"127.0.0.1:{server.port}")
             return move_live_stream(bed, *servers)

@@ -17,7 +17,7 @@ from nfmig.testbed import TestBed
 
 from .demo import migrate_between
 from .local import LocalServer
-from .netconf import NAT_NS, NatClient
+from .netconf import NAT_NS
 
 PORT = 5000
 # Echoes what it receives; says which address:port the connection came from (the NAT's).
@@ -81,8 +81,7 @@ def move_live_stream(bed: TestBed, a: LocalServer, b: LocalServer) -> int:
 
 
 def _session_count(server: LocalServer) -> int:
-    client = NatClient("127.0.0.1", server.port, server.user, server.password,
-                       hostkey_verify=False)
+    client = server.client()
     try:
         return client.get_sessions()[0].count("<nat-session")
     finally:
