@@ -46,6 +46,13 @@ def firewall_problems(ends: list[tuple[str, str, Facts]]) -> list[str]:
 class FirewallState:
     """The firewall part of :class:`~nfmig.client.migrate.Migration`."""
 
+    def _init_firewall_state(self) -> None:
+        """What the firewall part remembers of one migration (called by its constructor)."""
+        self._pinholes_there: dict[TargetEnd, set[tuple[str, ...]]] = {}  # before the window
+        self._pinholes_read: dict[SourceEnd, list[etree._Element]] = {}
+        self._pinholes_written: dict[TargetEnd, list[etree._Element]] = {}  # new there
+        self._policies_before: dict[TargetEnd, str] = {}  # what a failure puts back
+
     @property
     def _firewalls(self) -> bool:
         return all(e.facts is not None and FW_MODULE in e.facts.modules for e in self.ends)
@@ -53,7 +60,6 @@ class FirewallState:
     def _survey_pinholes(self) -> None:
         """Before the window: the pinholes each target holds already, which a failed
         migration must leave there."""
-        self._pinholes_there: dict[TargetEnd, set[tuple[str, ...]]] = {}
         if not self._firewalls:
             return
         for t in self.targets:
@@ -64,8 +70,6 @@ class FirewallState:
     def _move_pinholes(self) -> None:
         """The selected pinholes of each source, written to the target of their local
         address (running: their lifetime runs from when they are written)."""
-        self._pinholes_written: dict[TargetEnd, list[etree._Element]] = {}
-        self._pinholes_read: dict[SourceEnd, list[etree._Element]] = {}
         if not self._firewalls:
             return
         routed: dict[TargetEnd, list[etree._Element]] = {}
@@ -89,7 +93,7 @@ class FirewallState:
         """The moved pinholes leave their sources (after the sessions)."""
         if self.options.keep_source:
             return
-        for s, entries in getattr(self, "_pinholes_read", {}).items():
+        for s, entries in self._pinholes_read.items():
             if not entries:
                 continue
             with self._phase("pinholes", s, fatal=False) as record:
@@ -101,7 +105,7 @@ class FirewallState:
     def _take_back_firewall_state(self) -> None:
         """A failed migration: the pinholes it wrote to targets that lacked them go, and
         the rule sets it merged into a target's firewall-policy are undone."""
-        for t, before in getattr(self, "_policies_before", {}).items():
+        for t, before in self._policies_before.items():
             if t.conn is None:
                 continue
             try:
@@ -111,7 +115,7 @@ class FirewallState:
             except Exception as exc:  # the report says what stayed
                 log.warning("the firewall-policy of %s not put back: %s", t, exc)
                 self.report.warnings.append(f"{t} keeps the rule sets carried to it")
-        for t, entries in getattr(self, "_pinholes_written", {}).items():
+        for t, entries in self._pinholes_written.items():
             if not entries or t.conn is None:
                 continue
             try:
@@ -137,8 +141,6 @@ class FirewallState:
         policy = etree.Element(f"{{{FW_NS}}}firewall-policy", nsmap={None: FW_NS})
         policy.extend(subscribers)
         with self._phase("edit", t):
-            if not hasattr(self, "_policies_before"):
-                self._policies_before: dict[TargetEnd, str] = {}
             if t not in self._policies_before:  # what a failure puts back
                 self._policies_before[t] = _replacing(t.conn.get_data("running", _POLICY))
             t.conn.edit_config(etree.tostring(policy, encoding="unicode"), "running")

@@ -123,6 +123,7 @@ class Migration(Checks, Copy, Delta, Recovery, Switching, FirewallState):
         self._freeze_t0: float | None = None
         self.committed = False  # every target confirmed: from here on only forward
         self.left_behind: set[tuple] = set()  # keys a target cannot hold (--partial)
+        self._init_firewall_state()
         # names the targets' confirmed commits: only this migration confirms or cancels them
         self.persist_id = f"{self.migration_id}-{secrets.token_hex(4)}"
 
